@@ -1,0 +1,47 @@
+"""The DreamCache block update, as used in the hot path.
+
+With x the token stream entering the block, a = attn1(norm1(x)) (after to_out) and r the cached tokens::
+
+    a_c = attn_mem(norm2_mem(x), context=r)
+    x   = x + linear_cat(concat([a, a_c], -1))         # instead of x = x + a
+
+K = to_k(r) and V = to_v(r) do not depend on x, so callers compute them once per run
+(:func:`project_memory`) and pass them in.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adapter import LayerAdapter
+
+
+def project_memory(layer: LayerAdapter, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the cached reference tokens (B, T, C); nothing normalises the cache."""
+    return layer.attn_mem.to_k(tokens), layer.attn_mem.to_v(tokens)
+
+
+def memory_attention(layer: LayerAdapter, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attention) -> torch.Tensor:
+    """a_c = to_out(softmax(q kᵀ / √d) v) with q = to_q(norm2_mem(x)); x is the *un-normalised* block input."""
+    q = layer.attn_mem.to_q(layer.norm2_mem(x))
+    return layer.attn_mem.to_out[0](attention(q, k, v, heads, attn_precision=torch.float32))
+
+
+def fuse(layer: LayerAdapter, a: torch.Tensor, a_c: torch.Tensor) -> torch.Tensor:
+    """linear_cat(concat([a, a_c])): the first C input columns multiply a, the last C multiply a_c."""
+    return layer.linear_cat(torch.cat([a, a_c], dim=-1))
+
+
+def mix(a: torch.Tensor, fused: list[torch.Tensor], strengths: list[float]) -> torch.Tensor:
+    """What is added to x. One adapter: lerp(a, fused, s) (s=0 gives a, s=1 gives fused, both exactly).
+    Several: a + Σ sᵢ (fusedᵢ − a)."""
+    if len(fused) == 1:
+        s = strengths[0]
+        if s == 1.0:
+            return fused[0]
+        if s == 0.0:
+            return a
+        return torch.lerp(a, fused[0], s)
+    out = a
+    for f, s in zip(fused, strengths):
+        out = out + s * (f - a)
+    return out

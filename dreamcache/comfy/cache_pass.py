@@ -1,0 +1,120 @@
+"""BuildFeatureCache's one model pass: the reference latent noised to DDPM timestep 1, the empty prompt,
+adapters off, the inputs of the adapter's SpatialTransformers captured, the rest of the U-Net skipped.
+
+The pass goes through ComfyUI's own sampling machinery (a guider and a one-step sampler), so model loading,
+LoRA and hook patches, SDXL's ``y`` vector, v-prediction and wrappers behave exactly as when sampling.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..adapter_io import AdapterFile
+from ..cache import FeatureCache, from_captures
+from ..capture import StopPass, run_and_capture
+from ..errors import DreamCacheError
+from ..image import prepare_reference
+from ..patch import DISABLE_KEY
+from .model import check_adapter_fits, model_family
+
+#: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.
+_STRIP = ("control", "gligen", "area", "mask", "mask_strength", "set_area_to_bounds", "start_percent", "end_percent",
+          "timestep_start", "timestep_end", "hooks", "strength", "control_apply_to_uncond")
+
+
+def pass_sigma(model) -> float:
+    """ComfyUI sigma of DDPM timestep 1 in this model's own schedule (≈0.0413 for SD1/2/XL)."""
+    return float(model.get_model_object("model_sampling").sigma(torch.tensor(1.0)))
+
+
+def plain_conditioning(conditioning) -> list:
+    """First entry of a CONDITIONING, without area/mask/ControlNet/timestep-range extras."""
+    if not conditioning:
+        raise DreamCacheError("The cache pass got an empty CONDITIONING; connect a text encode node or leave the input empty.")
+    tensor, extras = conditioning[0][0], dict(conditioning[0][1])
+    for k in _STRIP:
+        extras.pop(k, None)
+    return [[tensor, extras]]
+
+
+def encode_empty_prompt(clip) -> list:
+    if clip is None:
+        raise DreamCacheError("BuildFeatureCache needs a CLIP to encode the empty prompt; connect the checkpoint's CLIP or a conditioning.")
+    return clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+
+def _one_pass_guider_class():
+    import comfy.samplers
+
+    class OnePassGuider(comfy.samplers.CFGGuider):
+        """Evaluates only the positive cond (no uncond even if a pack disabled the cfg=1 shortcut)."""
+
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
+
+    return OnePassGuider
+
+
+def _one_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    try:
+        model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+    except StopPass:
+        pass
+    return x
+
+
+def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: float, conditioning, layers, seed: int = 0) -> dict:
+    """Run the model once at ``sigma`` on ``latent + sigma * noise`` (ComfyUI's noise scaling) and capture the
+    inputs of ``diffusion_model.<layer.module>``. ``latent`` is a raw VAE latent (``process_latent_in`` is applied
+    by the sampler). Returns ``{LayerRef: (B, C, H, W)}`` on the intermediate device."""
+    import comfy.model_management
+    import comfy.samplers
+
+    m = model.clone()
+    m.model_options["transformer_options"][DISABLE_KEY] = True
+    modules = {}
+    for ref in {r.module: r for r in layers}.values():
+        try:
+            modules[ref.module] = m.get_model_object(f"diffusion_model.{ref.module}")
+        except (AttributeError, IndexError, KeyError):
+            raise DreamCacheError(f"This model has no SpatialTransformer at {ref.module}; the adapter does not fit it.") from None
+    guider = _one_pass_guider_class()(m)
+    guider.inner_set_conds({"positive": conditioning})
+    sigmas = torch.tensor([float(sigma), 0.0])
+    sampler = comfy.samplers.KSAMPLER(_one_step)
+
+    def run():
+        guider.sample(noise, latent, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=True, seed=seed)
+
+    got = run_and_capture(modules, run)
+    dev = comfy.model_management.intermediate_device()
+    return {ref: got[ref.module].to(dev) for ref in layers}
+
+
+def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, clip=None, conditioning=None, seed: int = 0,
+                        resolution: int = 512, fit: str = "pad", per_image: bool = False) -> tuple[FeatureCache, torch.Tensor]:
+    """The whole BuildFeatureCache: prepare the reference, VAE-encode it, one capture pass, pack the cache.
+    Returns the cache and the prepared reference IMAGE (what the model saw)."""
+    import comfy.sample
+
+    if model is None or vae is None:
+        raise DreamCacheError("BuildFeatureCache needs a MODEL and a VAE; connect the checkpoint loader's outputs.")
+    check_adapter_fits(model, adapter)
+    pixels = prepare_reference(images, resolution=resolution, fit=fit)
+    latent = vae.encode(pixels[:, :, :, :3])
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    cond = plain_conditioning(conditioning) if conditioning is not None else encode_empty_prompt(clip)
+    cond = plain_conditioning(cond)
+    sigma = pass_sigma(model)
+    captured = run_capture_pass(model, latent, noise, sigma, cond, adapter.layers, seed=seed)
+    cache = from_captures(
+        captured,
+        per_image=per_image and pixels.shape[0] > 1,
+        model_family=model_family(model),
+        sigma=sigma,
+        seed=int(seed),
+        resolution=(int(pixels.shape[1]), int(pixels.shape[2])),
+        conditioning="custom conditioning" if conditioning is not None else "empty prompt",
+        adapter=adapter.name,
+    )
+    return cache, pixels

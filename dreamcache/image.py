@@ -1,0 +1,74 @@
+"""Reference image preparation for the cache pass (ComfyUI IMAGE layout: [B, H, W, C] float in 0..1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DreamCacheError
+
+FIT_MODES = ("pad", "stretch", "crop")
+
+
+def to_rgb_on_white(images: torch.Tensor) -> torch.Tensor:
+    """RGB in 0..1: alpha (4th channel) is composited over white, grayscale is repeated, values are clamped."""
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
+        raise DreamCacheError(f"Expected an IMAGE tensor [B, H, W, C], got {getattr(images, 'shape', type(images))}.")
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    b, h, w, c = images.shape
+    if b == 0 or h == 0 or w == 0:
+        raise DreamCacheError(f"The reference IMAGE is empty (shape {tuple(images.shape)}); connect a loaded image.")
+    images = images.float()
+    if c == 1:
+        rgb = images.repeat(1, 1, 1, 3)
+    elif c == 2:  # gray + alpha
+        rgb = images[..., :1].repeat(1, 1, 1, 3) * images[..., 1:2] + (1.0 - images[..., 1:2])
+    elif c == 3:
+        rgb = images
+    elif c == 4:
+        alpha = images[..., 3:4].clamp(0, 1)
+        rgb = images[..., :3] * alpha + (1.0 - alpha)
+    else:
+        raise DreamCacheError(f"The reference IMAGE has {c} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA).")
+    return rgb.clamp(0.0, 1.0)
+
+
+def _resize(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    if images.shape[1] == h and images.shape[2] == w:
+        return images
+    x = images.movedim(-1, 1)
+    down = h < x.shape[2] or w < x.shape[3]
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=down)
+    return x.movedim(1, -1).clamp(0.0, 1.0)
+
+
+def prepare_reference(images: torch.Tensor, resolution: int = 512, fit: str = "pad", multiple: int = 8) -> torch.Tensor:
+    """The reference as the cache pass encodes it.
+
+    ``resolution > 0``: a square of that side; ``fit`` = ``pad`` (keep aspect, pad with white, centred),
+    ``stretch`` (resize the whole picture, as the reference inference script does) or ``crop`` (centre crop).
+    ``resolution == 0``: keep the size, rounded down to a multiple of ``multiple`` (the VAE needs 8).
+    """
+    rgb = to_rgb_on_white(images)
+    b, h, w, _ = rgb.shape
+    if fit not in FIT_MODES:
+        raise DreamCacheError(f"Unknown fit mode '{fit}'; use one of {', '.join(FIT_MODES)}.")
+    if resolution == 0:
+        nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
+        if nh < 64 or nw < 64:
+            raise DreamCacheError(f"The reference is {w}x{h} pixels; it must be at least 64x64 (set a resolution to upscale it).")
+        top, left = (h - nh) // 2, (w - nw) // 2
+        return rgb[:, top:top + nh, left:left + nw, :]
+    if resolution < 64 or resolution % multiple:
+        raise DreamCacheError(f"Reference resolution {resolution} must be a multiple of {multiple} and at least 64.")
+    if fit == "stretch":
+        return _resize(rgb, resolution, resolution)
+    if fit == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return _resize(rgb[:, top:top + side, left:left + side, :], resolution, resolution)
+    side = max(h, w)
+    canvas = torch.ones((b, side, side, 3), dtype=rgb.dtype, device=rgb.device)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[:, top:top + h, left:left + w, :] = rgb
+    return _resize(canvas, resolution, resolution)

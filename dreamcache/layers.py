@@ -1,0 +1,92 @@
+"""Where DreamCache adapters sit in a Stable Diffusion U-Net, and how ComfyUI names those places.
+
+A layer is the ``transformer_blocks.<block_index>`` of one SpatialTransformer, written as the
+SpatialTransformer's module path under ``diffusion_model.`` (``output_blocks.4.1``) plus the block index.
+ComfyUI's attention hooks see the same place as ``extra_options["block"] == ("output", 4)`` and
+``extra_options["block_index"] == 0``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import DreamCacheError
+
+_MODULE_RE = re.compile(r"^(?:(input_blocks|output_blocks)\.(\d+)|middle_block)\.(\d+)$")
+_KIND = {"input_blocks": "input", "output_blocks": "output"}
+
+
+@dataclass(frozen=True, order=True)
+class LayerRef:
+    """One patched transformer block: SpatialTransformer module path + index of the block inside it."""
+
+    module: str
+    block_index: int = 0
+
+    def __post_init__(self):
+        if not _MODULE_RE.match(self.module):
+            raise DreamCacheError(
+                f"'{self.module}' is not a SpatialTransformer path of an SD U-Net "
+                "(expected e.g. 'middle_block.1' or 'output_blocks.4.1')."
+            )
+        if self.block_index < 0:
+            raise DreamCacheError(f"Layer {self.module} has a negative transformer block index {self.block_index}.")
+
+    @property
+    def comfy_block(self) -> tuple[str, int]:
+        """ComfyUI's ``transformer_options["block"]`` for this SpatialTransformer."""
+        m = _MODULE_RE.match(self.module)
+        if m.group(1) is None:
+            return ("middle", 0)
+        return (_KIND[m.group(1)], int(m.group(2)))
+
+    @property
+    def hook_key(self) -> tuple[tuple[str, int], int]:
+        """What a ComfyUI attention patch sees: ``(extra["block"], extra["block_index"])``."""
+        return (self.comfy_block, self.block_index)
+
+    @property
+    def key_prefix(self) -> str:
+        """Prefix of this layer's tensors in adapter files (the reference trainer's names)."""
+        return f"diffusion_model.{self.module}.transformer_blocks.{self.block_index}."
+
+    @property
+    def slot(self) -> str:
+        """A name without dots, usable as an ``nn.ModuleDict`` key."""
+        return f"{self.module.replace('.', '_')}__{self.block_index}"
+
+    def __str__(self) -> str:
+        return self.module if self.block_index == 0 else f"{self.module}[{self.block_index}]"
+
+
+def sort_layers(layers) -> list[LayerRef]:
+    """U-Net execution order: input blocks, middle block, output blocks (by id)."""
+    order = {"input": 0, "middle": 1, "output": 2}
+    return sorted(layers, key=lambda r: (order[r.comfy_block[0]], r.comfy_block[1], r.block_index))
+
+
+#: The five layers of the paper and of the released SD 2.1-base adapter (also SD 1.x, same layout).
+SD_LAYERS = tuple(
+    LayerRef(m)
+    for m in ("middle_block.1", "output_blocks.4.1", "output_blocks.6.1", "output_blocks.8.1", "output_blocks.10.1")
+)
+
+#: SDXL is not in the paper. Same rule as SD: the middle transformer plus every second decoder
+#: transformer (SDXL's decoder transformers are output_blocks.0.1 .. 5.1), first block of each.
+SDXL_LAYERS = tuple(LayerRef(m) for m in ("middle_block.1", "output_blocks.1.1", "output_blocks.3.1", "output_blocks.5.1"))
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def default_layers(family: str) -> tuple[LayerRef, ...]:
+    if family in ("sd1", "sd2"):
+        return SD_LAYERS
+    if family == "sdxl":
+        return SDXL_LAYERS
+    raise DreamCacheError(f"No default DreamCache layer set for model family '{family}'; pass the layers explicitly.")
+
+
+def every_second_decoder_layer(decoder_modules: list[str], middle: str | None = "middle_block.1") -> tuple[LayerRef, ...]:
+    """The paper's rule applied to any U-Net: middle transformer + decoder transformers 2, 4, 6, ... (1-based)."""
+    picked = [LayerRef(m) for i, m in enumerate(decoder_modules) if i % 2 == 1]
+    return tuple(([LayerRef(middle)] if middle else []) + picked)

@@ -1,0 +1,281 @@
+"""The DreamCache model patch, written against ComfyUI's transformer-block hook contract (no ComfyUI import).
+
+ComfyUI's BasicTransformerBlock runs, per call and with one shared ``extra`` dict::
+
+    a = attn1(norm1(x));  a = attn1_output_patch...(a, extra);  x = a + x;  x = middle_patch...(x, extra)
+
+No hook sees the un-normalised x next to a. DreamCache needs both (``norm2_mem`` reads the true x), so:
+
+* :class:`OutputHook` (``attn1_output_patch``) stashes ``a`` in ``extra`` and returns a zero, so the block's
+  own residual gives ``0 + x == x`` exactly;
+* :class:`MiddleHook` (``middle_patch``) takes that exact x and the stashed a, and returns
+  ``x + linear_cat([a, attn_mem(norm2_mem(x), r)])`` (or ``x + a`` for rows whose image condition is off).
+
+:class:`ModelWrapper` (a DIFFUSION_MODEL wrapper) plans each model call once: which adapters are active at this
+sigma, which batch rows have the image condition on, the cached K/V for this device and dtype. It also puts the
+output hook last and the middle hook first in their lists, so other packs' hooks see the block exactly as if it
+were ``x + a`` then ``x + linear_cat(...)``. All three objects are shared by every clone (``__deepcopy__``
+returns self) and are immutable apart from the K/V memo.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import DreamCacheAdapter
+from .attention import sdpa_attention
+from .block import fuse, memory_attention, mix, project_memory
+from .cache import FeatureCache
+from .errors import DreamCacheError
+from .layers import LayerRef
+
+#: transformer_options key a guider sets: tuple of bools, image condition on/off per cond position.
+SWITCH_KEY = "dreamcache_image"
+#: transformer_options key that switches every DreamCache patch off (the cache pass sets it).
+DISABLE_KEY = "dreamcache_disable"
+#: transformer_options key under which the wrapper leaves its per-call plan.
+PLAN_KEY = "dreamcache_plan"
+_STASH = "dreamcache_attn1_out"
+
+
+@dataclass(frozen=True, eq=False)
+class PatchEntry:
+    """One adapter + cache applied to the model, with its strength and sigma range (inclusive)."""
+
+    adapter: DreamCacheAdapter
+    cache: FeatureCache
+    strength: float = 1.0
+    sigma_start: float = math.inf
+    sigma_end: float = 0.0
+    name: str = "DreamCache"
+
+    def __post_init__(self):
+        if not math.isfinite(self.strength) or not -1.0 <= self.strength <= 3.0:
+            raise DreamCacheError(f"DreamCache strength {self.strength} is out of range; use a value between -1 and 3 (1 = the method as trained).")
+        missing = [str(r) for r in self.adapter.layers if r not in self.cache.tokens]
+        if missing:
+            raise DreamCacheError(f"The cache has no features for adapter layer(s) {', '.join(missing)}; rebuild the cache with this adapter.")
+        for r in self.adapter.layers:
+            if self.cache.channels(r) != self.adapter.channels[r]:
+                raise DreamCacheError(
+                    f"Cache layer {r} has {self.cache.channels(r)} channels but the adapter's has {self.adapter.channels[r]}; "
+                    "the cache was built with another model family, rebuild it with this model."
+                )
+
+    def active_at(self, sigma: float | None) -> bool:
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
+
+
+class _Work:
+    """What one adapter layer does in one model call."""
+
+    __slots__ = ("layer", "k", "v", "strength")
+
+    def __init__(self, layer, k, v, strength):
+        self.layer, self.k, self.v, self.strength = layer, k, v, strength
+
+
+class CallPlan:
+    __slots__ = ("layers", "rows", "ordered", "zero")
+
+    def __init__(self, layers, rows, ordered, zero):
+        self.layers = layers  # {(block, block_index): [_Work, ...]}
+        self.rows = rows  # None: every row; else LongTensor of the rows with the image condition on
+        self.ordered = ordered  # True when the wrapper put our hooks in place (a 0-d zero is then safe)
+        self.zero = zero
+
+
+_EMPTY = CallPlan({}, None, True, None)
+
+
+class _Shared:
+    """Base of the hook objects: shared across clones, movable by ComfyUI's model_patches_to."""
+
+    def __init__(self, patch: "DreamCachePatch"):
+        self.patch = patch
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def to(self, device_or_dtype):
+        self.patch.to(device_or_dtype)
+        return self
+
+
+class OutputHook(_Shared):
+    """attn1_output_patch: stash a, return zero so the block's residual hands the middle hook the exact x."""
+
+    dreamcache_hook = "output"
+
+    def models(self):
+        return list(self.patch.models_list)
+
+    def __call__(self, a, extra):
+        plan = extra.get(PLAN_KEY)
+        if plan is None:  # called without our wrapper (another pack ran the model directly): plan here
+            plan = self.patch.plan(extra, a.shape[0], a.device, a.dtype, ordered=False)
+            extra[PLAN_KEY] = plan
+        if (extra.get("block"), extra.get("block_index", 0)) not in plan.layers:
+            return a
+        extra[_STASH] = a
+        return plan.zero if plan.ordered else torch.zeros_like(a)
+
+
+class MiddleHook(_Shared):
+    """middle_patch: x + linear_cat([a, attn_mem(norm2_mem(x), r)]) on rows with the image on, x + a elsewhere."""
+
+    dreamcache_hook = "middle"
+
+    def __call__(self, x, extra):
+        a = extra.pop(_STASH, None)
+        if a is None:
+            return x
+        return self.patch.update(x, a, extra)
+
+
+class ModelWrapper(_Shared):
+    """DIFFUSION_MODEL wrapper: plan the call once and order the hooks; never mutates the caller's dicts."""
+
+    dreamcache_hook = "wrapper"
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        to = transformer_options
+        if to.get(DISABLE_KEY):
+            return executor(x, timesteps, context, y, control, to, **kwargs)
+        to = dict(to)
+        to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
+        patches = to.get("patches")
+        if patches:
+            to["patches"] = self.patch.ordered_patches(patches)
+        return executor(x, timesteps, context, y, control, to, **kwargs)
+
+
+class DreamCachePatch:
+    """Everything DreamCache adds to one model: its entries, their K/V memo and the three hook objects."""
+
+    def __init__(self, entries: list[PatchEntry], attention=None, models=()):
+        if not entries:
+            raise DreamCacheError("A DreamCache patch needs at least one adapter and cache.")
+        self.entries = tuple(entries)
+        self.attention = attention or sdpa_attention
+        self.models_list = tuple(models)
+        self.layers: dict[tuple, list[tuple[int, LayerRef]]] = {}
+        for i, e in enumerate(self.entries):
+            for ref in e.adapter.layers:
+                self.layers.setdefault(ref.hook_key, []).append((i, ref))
+        self._kv: dict = {}
+        self._zero: dict = {}
+        self.output_hook = OutputHook(self)
+        self.middle_hook = MiddleHook(self)
+        self.wrapper = ModelWrapper(self)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    # ---- model management -------------------------------------------------------------------------------
+    def to(self, device_or_dtype):
+        """ComfyUI calls this with the load/offload device and the weight dtype (which may be fp8: ignored,
+        everything is cast at use). Moving to another device drops the K/V memo of the old one."""
+        if isinstance(device_or_dtype, (torch.device, str)):
+            dev = torch.device(device_or_dtype)
+            self._kv = {k: v for k, v in self._kv.items() if k[2] == dev}
+            self._zero = {k: v for k, v in self._zero.items() if k[0] == dev}
+        return self
+
+    def kv(self, entry_index: int, ref: LayerRef, device, dtype):
+        key = (entry_index, ref, torch.device(device), dtype)
+        hit = self._kv.get(key)
+        if hit is None:
+            e = self.entries[entry_index]
+            with torch.no_grad():
+                tokens = e.cache.tokens[ref].to(device=device, dtype=dtype)
+                hit = project_memory(e.adapter.layer(ref), tokens)
+            self._kv[key] = hit
+        return hit
+
+    def zero(self, device, dtype):
+        key = (torch.device(device), dtype)
+        z = self._zero.get(key)
+        if z is None:
+            z = self._zero[key] = torch.zeros((), device=device, dtype=dtype)
+        return z
+
+    # ---- per call -----------------------------------------------------------------------------------------
+    def plan(self, to: dict, batch: int, device, dtype, ordered: bool) -> CallPlan:
+        if to.get(DISABLE_KEY):
+            return _EMPTY
+        coc = to.get("cond_or_uncond")
+        switch = to.get(SWITCH_KEY)
+        rows = None
+        if switch is not None and coc:
+            on = [bool(switch[c]) if c < len(switch) else True for c in coc]
+            if not any(on):
+                return _EMPTY
+            if not all(on):
+                per = batch // len(coc)
+                rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)], device=device, dtype=torch.long)
+        sig = to.get("sigmas")
+        sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
+        active = [e.active_at(sigma) for e in self.entries]
+        if not any(active):
+            return _EMPTY
+        n_rows = batch if rows is None else int(rows.numel())
+        chunk = batch // len(coc) if coc else batch
+        layers = {}
+        for key, items in self.layers.items():
+            works = []
+            for i, ref in items:
+                if not active[i]:
+                    continue
+                e = self.entries[i]
+                k, v = self.kv(i, ref, device, dtype)
+                if e.cache.per_image and e.cache.batch > 1:
+                    if chunk != e.cache.batch:
+                        raise DreamCacheError(
+                            f"The cache holds {e.cache.batch} per-image references but the batch has {chunk} latents; "
+                            "use a batch of the same size or build a concatenated cache."
+                        )
+                    idx = torch.arange(batch, device=device) % chunk
+                    if rows is not None:
+                        idx = idx.index_select(0, rows)
+                    k, v = k.index_select(0, idx), v.index_select(0, idx)
+                elif n_rows > 1:
+                    k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
+                works.append(_Work(e.adapter.layer(ref), k, v, e.strength))
+            if works:
+                layers[key] = works
+        return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None)
+
+    def update(self, x: torch.Tensor, a: torch.Tensor, extra: dict) -> torch.Tensor:
+        plan: CallPlan = extra[PLAN_KEY]
+        works = plan.layers[(extra.get("block"), extra.get("block_index", 0))]
+        if a.shape != x.shape:
+            raise DreamCacheError(
+                f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs {tuple(x.shape)}); "
+                "apply that node before ApplyDreamCache or disable it for these layers."
+            )
+        rows = plan.rows
+        xs, as_ = (x, a) if rows is None else (x.index_select(0, rows), a.index_select(0, rows))
+        heads = extra["n_heads"]
+        fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
+        upd = mix(as_, fused, [w.strength for w in works])
+        if rows is None:
+            return x + upd
+        out = x + a
+        out.index_copy_(0, rows, xs + upd)
+        return out
+
+    def ordered_patches(self, patches: dict) -> dict:
+        """A copy of ``patches`` with our output hook last and our middle hook first (others keep their order)."""
+        out = patches
+        lst = patches.get("attn1_output_patch")
+        if lst and lst[-1] is not self.output_hook and any(p is self.output_hook for p in lst):
+            out = dict(out)
+            out["attn1_output_patch"] = [p for p in lst if p is not self.output_hook] + [self.output_hook]
+        lst = patches.get("middle_patch")
+        if lst and lst[0] is not self.middle_hook and any(p is self.middle_hook for p in lst):
+            out = dict(out) if out is patches else out
+            out["middle_patch"] = [self.middle_hook] + [p for p in lst if p is not self.middle_hook]
+        return out

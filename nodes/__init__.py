@@ -1,0 +1,29 @@
+"""The pack's ComfyUI nodes (V3 API). Node ids are permanent: never rename one without adding an alias here."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply import DreamCacheApply
+from .build_cache import DreamCacheBuildFeatureCache
+from .cache_files import DreamCacheCombine, DreamCacheLoad, DreamCacheSave
+from .loader import DreamCacheLoader
+from .paths import register_folders
+from .sampling import DreamCacheDualGuidanceSampler, DreamCacheGuider
+
+register_folders()
+
+NODES: list[type[io.ComfyNode]] = [
+    DreamCacheLoader,
+    DreamCacheBuildFeatureCache,
+    DreamCacheApply,
+    DreamCacheGuider,
+    DreamCacheDualGuidanceSampler,
+    DreamCacheSave,
+    DreamCacheLoad,
+    DreamCacheCombine,
+]
+
+
+class DreamCacheExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,94 @@
+"""DreamCacheSave / DreamCacheLoad / DreamCacheCombine: cache a subject once, reuse and share it."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..dreamcache.cache import concat_caches, load_cache, save_cache
+from ..dreamcache.errors import DreamCacheError
+from . import paths
+from .types import Cache
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+
+
+class DreamCacheSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheSave",
+            display_name="Save DreamCache Cache",
+            category="DreamCache/cache",
+            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata (model family, layers, "
+                        "seed, resolution), so the subject is cached once and reused or shared without the reference image.",
+            inputs=[
+                Cache.Input("cache", tooltip="The cache to save."),
+                io.String.Input("filename_prefix", default="subject", tooltip="File name (may include subfolders) inside "
+                                "models/dreamcache_caches; a counter is appended, nothing is overwritten."),
+                io.Combo.Input("dtype", options=list(_DTYPES), default="fp16",
+                               tooltip="Storage precision: fp16 halves the size (≈6 MB per 512² reference for SD1.5/2.1); keep stores it as computed."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, cache, filename_prefix="subject", dtype="fp16") -> io.NodeOutput:
+        base = folder_paths.get_folder_paths(paths.CACHES)[0]
+        path = paths.safe_output_path(base, filename_prefix)
+        save_cache(cache, path, dtype=_DTYPES[dtype])
+        rel = os.path.relpath(path, base)
+        return io.NodeOutput(ui=ui.PreviewText(f"Saved {rel} ({os.path.getsize(path) / 1e6:.1f} MB). {cache.describe()}"))
+
+
+class DreamCacheLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheLoad",
+            display_name="Load DreamCache Cache",
+            category="DreamCache/cache",
+            description="Loads a saved feature cache from models/dreamcache_caches (its metadata is checked).",
+            inputs=[io.Combo.Input("cache_name", options=folder_paths.get_filename_list(paths.CACHES),
+                                   tooltip="A cache file written by DreamCacheSave, in ComfyUI/models/dreamcache_caches.")],
+            outputs=[Cache.Output(display_name="cache", tooltip="The loaded cache, for ApplyDreamCache.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, cache_name):
+        path = folder_paths.get_full_path(paths.CACHES, cache_name)
+        if path is None:
+            return cache_name
+        st = os.stat(path)
+        return (cache_name, st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def execute(cls, cache_name) -> io.NodeOutput:
+        path = folder_paths.get_full_path(paths.CACHES, cache_name)
+        if path is None:
+            raise DreamCacheError(f"Cache '{cache_name}' was not found in {', '.join(folder_paths.get_folder_paths(paths.CACHES))}; save it with DreamCacheSave first.")
+        return io.NodeOutput(load_cache(path, name=cache_name))
+
+
+class DreamCacheCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheCombine",
+            display_name="Combine DreamCache Caches",
+            category="DreamCache/cache",
+            description="Concatenates the references of two caches of the same subject (built with the same model and adapter), "
+                        "so every generated image attends to both.",
+            inputs=[
+                Cache.Input("cache_a", tooltip="First cache."),
+                Cache.Input("cache_b", tooltip="Second cache (same model family, layers and resolution)."),
+            ],
+            outputs=[Cache.Output(display_name="cache", tooltip="One cache holding the references of both.")],
+        )
+
+    @classmethod
+    def execute(cls, cache_a, cache_b) -> io.NodeOutput:
+        return io.NodeOutput(concat_caches([cache_a, cache_b]))

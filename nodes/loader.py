@@ -1,0 +1,62 @@
+"""DreamCacheLoader: pick an adapter file from models/dreamcache and validate it."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..dreamcache.adapter_io import read_adapter
+from ..dreamcache.errors import DreamCacheError
+from ..dreamcache.layers import FAMILIES
+from . import paths
+from .types import Adapter
+
+FAMILY_CHOICES = ["from file"] + list(FAMILIES)
+
+
+def resolve_adapter_path(name: str) -> str:
+    path = folder_paths.get_full_path(paths.ADAPTERS, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(paths.ADAPTERS))
+        raise DreamCacheError(
+            f"Adapter '{name}' was not found in {folders}; put the adapter there (see the README's model table) and refresh."
+        )
+    return path
+
+
+class DreamCacheLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheLoader",
+            display_name="DreamCache Loader",
+            category="DreamCache/loaders",
+            description="Loads a DreamCache adapter (the pack's .safetensors or the reference .pt) from models/dreamcache. "
+                        "Every key is checked; the layers it patches come from the file.",
+            inputs=[
+                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(paths.ADAPTERS),
+                               tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference cross_attention-199999.pt)."),
+                io.Combo.Input("base_family", options=FAMILY_CHOICES, default="from file", optional=True,
+                               tooltip="Model family the adapter was trained for. 'from file' uses the file's metadata; "
+                                       "set it for a reference .pt (the released one is sd2) to get a clear error on a wrong model."),
+            ],
+            outputs=[Adapter.Output(display_name="adapter", tooltip="The validated adapter, for BuildFeatureCache and ApplyDreamCache.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter_name, base_family="from file"):
+        path = folder_paths.get_full_path(paths.ADAPTERS, adapter_name)
+        if path is None:
+            return adapter_name
+        st = os.stat(path)
+        return (adapter_name, base_family, st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def execute(cls, adapter_name, base_family="from file") -> io.NodeOutput:
+        adapter = read_adapter(resolve_adapter_path(adapter_name), name=adapter_name)
+        if base_family != "from file":
+            if adapter.family is not None and adapter.family != base_family:
+                raise DreamCacheError(f"Adapter '{adapter_name}' says it was trained for {adapter.family}, not {base_family}; set base_family to 'from file'.")
+            adapter.family = base_family
+        return io.NodeOutput(adapter)

@@ -1,0 +1,51 @@
+"""Model folders of the pack, registered through folder_paths so extra_model_paths.yaml entries keep working."""
+from __future__ import annotations
+
+import os
+
+ADAPTERS = "dreamcache"  # models/dreamcache: adapter files
+CACHES = "dreamcache_caches"  # models/dreamcache_caches: saved feature caches
+ADAPTER_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
+CACHE_EXTENSIONS = {".safetensors"}
+
+
+def _register(name: str, extensions: set[str]):
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, name)
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+        return
+    # Already known (an extra_model_paths.yaml entry, or another load of this pack): keep its paths, add ours.
+    folder_paths.add_model_folder_path(name, default)
+    exts = folder_paths.folder_names_and_paths[name][1]
+    if isinstance(exts, set) and exts:
+        exts.update(extensions)
+
+
+def register_folders():
+    _register(ADAPTERS, ADAPTER_EXTENSIONS)
+    _register(CACHES, CACHE_EXTENSIONS)
+
+
+def safe_output_path(base_dir: str, prefix: str, extension: str = ".safetensors") -> str:
+    """A new file path for ``prefix`` inside ``base_dir``. ``prefix`` may name subfolders but never leaves
+    ``base_dir`` (no absolute paths, no '..'); a 5-digit counter keeps earlier files."""
+    from ..dreamcache.errors import DreamCacheError
+
+    raw = (prefix or "").strip().replace("\\", "/")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if not parts or raw.startswith("/") or os.path.isabs(raw) or (len(raw) > 1 and raw[1] == ":") or ".." in parts:
+        raise DreamCacheError(f"File name prefix '{prefix}' must be a relative name inside the caches folder (no '..', no absolute path).")
+    base = os.path.realpath(base_dir)
+    folder = os.path.realpath(os.path.join(base, *parts[:-1]))
+    if os.path.commonpath([base, folder]) != base:
+        raise DreamCacheError(f"File name prefix '{prefix}' points outside the caches folder; use a plain name such as 'my_subject'.")
+    os.makedirs(folder, exist_ok=True)
+    stem = parts[-1]
+    counter = 1
+    while True:
+        path = os.path.join(folder, f"{stem}_{counter:05d}{extension}")
+        if not os.path.exists(path):
+            return path
+        counter += 1

@@ -1,0 +1,113 @@
+"""Test setup.
+
+* The core (``dreamcache``) is importable from the repo root; its tests need only torch and safetensors.
+* ComfyUI integration tests use the ``comfy`` / ``pack`` fixtures. ComfyUI is found through ``COMFYUI_PATH`` or
+  because this pack sits in ``ComfyUI/custom_nodes/<pack>/``. Without it those tests are skipped with the reason
+  shown; with ``COMFYUI_PATH`` set, a ComfyUI that fails to import is an error, never a skip.
+* The golden fixture is looked up in ``DREAMCACHE_FIXTURES``, ``../shared/fixtures`` or ``./shared/fixtures``.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def _find_comfyui() -> Path | None:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser().resolve()
+        if not (p / "comfy" / "model_patcher.py").is_file():
+            raise pytest.UsageError(f"COMFYUI_PATH={env} is not a ComfyUI source tree (no comfy/model_patcher.py).")
+        return p
+    parent = ROOT.parent
+    if parent.name == "custom_nodes" and (parent.parent / "comfy" / "model_patcher.py").is_file():
+        return parent.parent
+    return None
+
+
+def _find_fixtures() -> Path | None:
+    for c in (os.environ.get("DREAMCACHE_FIXTURES"), ROOT.parent / "shared" / "fixtures", ROOT / "shared" / "fixtures"):
+        if c and (Path(c) / "golden_public.safetensors").is_file():
+            return Path(c)
+    return None
+
+
+COMFYUI = _find_comfyui()
+FIXTURES = _find_fixtures()
+NO_COMFY = "ComfyUI not importable: set COMFYUI_PATH to a ComfyUI checkout or install the pack in ComfyUI/custom_nodes/"
+
+# ComfyUI first on sys.path: its top-level `nodes` module must win over this pack's `nodes/` package.
+if COMFYUI is not None and str(COMFYUI) not in sys.path:
+    sys.path.insert(0, str(COMFYUI))
+for p in (str(ROOT), str(TESTS)):
+    if p not in sys.path:
+        sys.path.append(p)
+
+
+def pytest_report_header(config):
+    where = f"ComfyUI at {COMFYUI}" if COMFYUI else NO_COMFY
+    return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}"]
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """Imports ComfyUI in CPU mode and returns its root path (skips the test without ComfyUI)."""
+    if COMFYUI is None:
+        pytest.skip(NO_COMFY)
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.disable_api_nodes = True
+    import comfy.model_management  # noqa: F401  (after args.cpu)
+    import comfy.samplers  # noqa: F401
+    import nodes  # noqa: F401  (ComfyUI's nodes.py)
+
+    assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    return COMFYUI
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def pack(comfy, models_dir):
+    """This pack loaded by ComfyUI's own custom-node loader (as a user's install would be), with the model folders
+    pointed at a temporary directory. Returns the loaded package module (its ``.dreamcache`` is the core it uses)."""
+    import folder_paths
+    import nodes
+
+    folder_paths.models_dir = str(models_dir)
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    ok = asyncio.run(nodes.load_custom_node(str(ROOT), ignore=set(), module_parent="custom_nodes"))
+    assert ok, "ComfyUI failed to load the pack (see the log above)"
+    module = sys.modules[str(ROOT).replace(".", "_x_")]
+    module.loaded_node_ids = sorted(set(nodes.NODE_CLASS_MAPPINGS) - before) or sorted(
+        k for k, v in nodes.NODE_CLASS_MAPPINGS.items() if getattr(v, "RELATIVE_PYTHON_MODULE", "").endswith(ROOT.name)
+    )
+    return module
+
+
+@pytest.fixture(scope="session")
+def golden_path():
+    if FIXTURES is None:
+        pytest.skip("golden fixture not found (set DREAMCACHE_FIXTURES or keep shared/fixtures beside the repo)")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def golden(golden_path):
+    from safetensors import safe_open
+
+    with safe_open(str(golden_path / "golden_public.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return meta, tensors

@@ -1,0 +1,76 @@
+"""Helpers for the ComfyUI integration tests."""
+from __future__ import annotations
+
+
+def node(node_id: str):
+    """A registered node class by id (ComfyUI's NODE_CLASS_MAPPINGS)."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def run_node(node_id: str, **kwargs):
+    """Execute a node as ComfyUI does (class clone, inference mode) and return its outputs tuple."""
+    import torch
+
+    cls = node(node_id)
+    with torch.inference_mode():
+        out = cls.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**kwargs)
+    return out.args if hasattr(out, "args") else out
+
+
+def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_model_options=None):
+    """One model evaluation through ComfyUI's sampling path (guider -> calc_cond_batch -> wrappers -> patches).
+
+    ``x`` is the noisy latent in ComfyUI's sigma space, ``sigma`` a float or a per-sample tensor. Returns the
+    denoised prediction of the positive cond (and of the negative if given, evaluated in the same call).
+    """
+    import torch
+    import comfy.samplers
+
+    conds = {"positive": positive}
+    if negative is not None:
+        conds["negative"] = negative
+    sig = torch.as_tensor(sigma, dtype=torch.float32)
+    if sig.dim() == 0:
+        sig = sig.repeat(x.shape[0])
+    got = {}
+
+    class Guider(comfy.samplers.CFGGuider):
+        def predict_noise(self, xx, timestep, model_options={}, seed=None):
+            mo = model_options
+            if switch is not None or extra_model_options:
+                mo = dict(model_options)
+                to = dict(mo.get("transformer_options", {}))
+                if switch is not None:
+                    to["dreamcache_image"] = tuple(switch)
+                to.update((extra_model_options or {}).get("transformer_options", {}))
+                mo["transformer_options"] = to
+            keys = ["positive"] + (["negative"] if negative is not None else [])
+            out = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[k] for k in keys], xx, timestep, mo)
+            got["out"] = out
+            return out[0]
+
+    class OneCall(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+            model_wrap(noise, sig.to(noise.device), **extra_args)
+            return noise
+
+    g = Guider(model)
+    g.inner_set_conds(conds)
+    with torch.inference_mode():
+        g.sample(x, torch.zeros_like(x), OneCall(), torch.tensor([float(sig.max()), 0.0]), disable_pbar=True, seed=0)
+    out = [o.cpu() for o in got["out"]]
+    return out if negative is not None else out[0]
+
+
+def eps_from_denoised(x, denoised, sigma):
+    import torch
+
+    s = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+    return (x - denoised) / s
+
+
+def cond(tensor, **extra):
+    """A CONDITIONING list with one entry."""
+    return [[tensor, dict(extra)]]
