@@ -74,3 +74,20 @@ def eps_from_denoised(x, denoised, sigma):
 def cond(tensor, **extra):
     """A CONDITIONING list with one entry."""
     return [[tensor, dict(extra)]]
+
+
+def random_adapter(core, model, seed: int = 0, layers=None, family=None, scale: float = 1.0):
+    """An AdapterFile with seeded random weights that fits ``model`` (default: the family's layer set)."""
+    import torch
+
+    fam = family or core.comfy.model.model_family(model)
+    layers = layers or core.layers.default_layers(fam)
+    channels = {ref: core.comfy.model.model_channels_at(model, ref) for ref in layers}
+    module = core.adapter.DreamCacheAdapter(channels)
+    module.reset_reference_init(seed)
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.mul_(scale)
+    tensors = {ref: {k: v.clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
+    return core.adapter_io.AdapterFile(name=f"random-{fam}-{seed}", channels=channels, tensors=tensors, family=fam)
