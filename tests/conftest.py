@@ -111,3 +111,23 @@ def golden(golden_path):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return meta, tensors
+
+
+@pytest.fixture(scope="session")
+def sd1(pack):
+    """Tiny SD1 model, CLIP and VAE, a random adapter that fits, and a cache built with BuildFeatureCache."""
+    from types import SimpleNamespace
+
+    import torch
+    from helpers import random_adapter, run_node
+    from tiny_models import make_clip, make_model, make_vae
+
+    ns = SimpleNamespace(core=pack.dreamcache, model=make_model("sd1"), clip=make_clip("sd1"), vae=make_vae())
+    ns.adapter = random_adapter(ns.core, ns.model, seed=0)
+    g = torch.Generator().manual_seed(5)
+    ns.image = torch.rand(1, 64, 64, 3, generator=g)
+    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image, clip=ns.clip,
+                                      adapter=ns.adapter, seed=0, resolution=64, fit="pad", batch_mode="concat")
+    ns.positive = run_node("CLIPTextEncode", clip=ns.clip, text="a photo of a dog")[0]
+    ns.negative = run_node("CLIPTextEncode", clip=ns.clip, text="")[0]
+    return ns

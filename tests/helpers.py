@@ -3,10 +3,24 @@ from __future__ import annotations
 
 
 def node(node_id: str):
-    """A registered node class by id (ComfyUI's NODE_CLASS_MAPPINGS)."""
+    """A registered node class by id (ComfyUI's NODE_CLASS_MAPPINGS, plus core extras loaded on demand)."""
     import nodes
 
+    if node_id not in nodes.NODE_CLASS_MAPPINGS:
+        load_core_extras()
     return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+
+def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py")):
+    """Register a few of ComfyUI's comfy_extras node modules (the ones the tests combine with ours)."""
+    import asyncio
+    import os
+
+    import nodes
+
+    extras = os.path.join(os.path.dirname(nodes.__file__), "comfy_extras")
+    for n in names:
+        asyncio.run(nodes.load_custom_node(os.path.join(extras, n), module_parent="comfy_extras"))
 
 
 def run_node(node_id: str, **kwargs):
@@ -15,8 +29,10 @@ def run_node(node_id: str, **kwargs):
 
     cls = node(node_id)
     with torch.inference_mode():
-        out = cls.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**kwargs)
-    return out.args if hasattr(out, "args") else out
+        if hasattr(cls, "PREPARE_CLASS_CLONE"):  # V3 node
+            out = cls.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**kwargs)
+            return out.args
+        return getattr(cls(), cls.FUNCTION)(**kwargs)  # V1 node
 
 
 def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_model_options=None):
@@ -91,3 +107,10 @@ def random_adapter(core, model, seed: int = 0, layers=None, family=None, scale: 
                 p.mul_(scale)
     tensors = {ref: {k: v.clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
     return core.adapter_io.AdapterFile(name=f"random-{fam}-{seed}", channels=channels, tensors=tensors, family=fam)
+
+
+def core_module(core, name: str):
+    """A submodule of the pack's core as ComfyUI loaded it (e.g. ``core_module(pack.dreamcache, "reference")``)."""
+    import importlib
+
+    return importlib.import_module(f"{core.__name__}.{name}")

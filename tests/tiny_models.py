@@ -28,7 +28,7 @@ def unet_config(family: str) -> dict:
     elif family == "sd2":
         cfg.update(context_dim=48, use_linear_in_transformer=True, adm_in_channels=None, num_heads=-1, num_head_channels=16)
     elif family == "sdxl":
-        cfg.update(context_dim=64, use_linear_in_transformer=True, adm_in_channels=SDXL_POOLED + 1536, num_heads=-1, num_head_channels=16,
+        cfg.update(context_dim=64, use_linear_in_transformer=True, adm_in_channels=SDXL_POOLED + 1536, num_classes="sequential", num_heads=-1, num_head_channels=16,
                    channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
                    transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=2)
     else:
