@@ -91,8 +91,10 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
             # position 1 (a negative) alone, image off: e(∅,∅)
             e_00 = self._calc([None, neg], x, timestep, with_switch(model_options, (True, False)))[1]
         e_it, e_i0 = self._pre_cfg([pos, neg], [e_it, e_i0], x, timestep, mo_on)
+        # e(c_I,∅) + s_T (e(c_I,c_T) − e(c_I,∅)) through ComfyUI's cfg_function (so sampler_cfg_function and
+        # post-CFG hooks apply to the text term), then e(∅,∅) + s_I (e(c_I,∅) − e(∅,∅)) − e(c_I,∅) added back.
         text = comfy.samplers.cfg_function(self.inner_model, e_it, e_i0, s_t, x, timestep, model_options=mo_on, cond=pos, uncond=neg)
-        return text + s_i * (e_i0 - e_00)
+        return text + (s_i - 1.0) * (e_i0 - e_00)
 
 
 def make_guider(model, positive, negative, text_scale: float, image_scale: float, mode: str = "combined") -> DreamCacheGuider:
