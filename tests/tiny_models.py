@@ -130,3 +130,19 @@ def golden_model(path: str, dtype=torch.float32):
     patcher = make_model("sd2", unet=cfg, dtype=dtype)
     patcher.model.diffusion_model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     return patcher
+
+
+def make_controlnet(family: str = "sd1", seed: int = 7):
+    """A tiny ControlNet (ComfyUI's cldm module) matching the tiny U-Net of the family, seeded (non-zero convs)."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+    import comfy.ops
+
+    cfg = unet_config(family)
+    cfg.pop("out_channels")
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"))
+    control_model = comfy.cldm.cldm.ControlNet(**cfg)
+    seeded_init_(control_model, seed, scale=2.0)
+    control_model.requires_grad_(False)
+    return comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device(), manual_cast_dtype=None)
