@@ -157,11 +157,13 @@ def _load_torch(path: str, name: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DreamCacheError(
-            f"'{name}' contains objects other than tensors, which are never unpickled (torch.load weights_only refused: {first[:160]}); "
-            "use a plain tensor .pt or a .safetensors adapter."
-        ) from None
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if glob:
+            raise DreamCacheError(
+                f"'{name}' contains a Python object ({glob.group(1)}) besides tensors, and such objects are never unpickled; "
+                "use a plain tensor .pt or a .safetensors adapter."
+            ) from None
+        raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file (not a valid checkpoint); the file is damaged or not an adapter.") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
         raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not an adapter.") from None
     if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict) and next(iter(obj)) in ("state_dict", "model"):

@@ -107,7 +107,7 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"x": Evil()}, f)
-    with pytest.raises(DreamCacheError, match="never unpickled|could not be read"):
+    with pytest.raises(DreamCacheError, match="never unpickled|could not be read as a PyTorch tensor file"):
         read_adapter(str(path))
     assert "this must never run" not in capsys.readouterr().out
 

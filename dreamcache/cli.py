@@ -1,0 +1,99 @@
+"""``python -m dreamcache``: command-line tools that need no ComfyUI (convert, info).
+
+Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from . import __version__
+from .errors import DreamCacheError
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+
+
+def cmd_convert(args) -> int:
+    from .adapter_io import convert_adapter, read_adapter
+
+    dst = args.dst or os.path.splitext(args.src)[0] + ".safetensors"
+    if os.path.abspath(dst) == os.path.abspath(args.src):
+        raise DreamCacheError(f"Refusing to overwrite the source file '{args.src}'; give another output name.")
+    if os.path.exists(dst) and not args.force:
+        raise DreamCacheError(f"'{dst}' already exists; pass --force to overwrite it.")
+    af = convert_adapter(args.src, dst, family=args.family, dtype=DTYPES[args.dtype])
+    written = read_adapter(dst)
+    print(f"wrote {dst}: {len(written.layers)} layers, {written.parameter_count():,} parameters, "
+          f"base family {written.family or 'unknown'}, {os.path.getsize(dst) / 1e6:.1f} MB")
+    if written.family is None:
+        print("note: the base family is unknown (a reference .pt cannot say it); pass --family sd2 for the released SD 2.1-base adapter.")
+    return 0 if af else 1
+
+
+def _is_cache(path: str) -> bool:
+    if not path.lower().endswith((".safetensors", ".sft")):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "dreamcache.cache"
+    except Exception:
+        return False
+
+
+def cmd_info(args) -> int:
+    if _is_cache(args.file):
+        from .cache import load_cache
+
+        c = load_cache(args.file)
+        info = {"kind": "cache", "summary": c.describe(), "layers": {str(r): list(c.tokens[r].shape) for r in c.layers}}
+    else:
+        from .adapter_io import read_adapter
+
+        a = read_adapter(args.file)
+        info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),
+                "layers": {str(r): a.channels[r] for r in a.layers}, "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert a reference .pt adapter to the pack's .safetensors format (lossless, strict)")
+    p.add_argument("src", help="adapter file to read (.pt from the reference code, or .safetensors)")
+    p.add_argument("dst", nargs="?", help="output .safetensors (default: next to src)")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family to record (the released adapter is sd2)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="keep", help="storage precision (fp16 halves the size)")
+    p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="describe an adapter or a cache file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_info)
+
+
+#: name -> function(subparsers) that adds the subcommand. Modules add theirs (see dreamcache/runner.py).
+COMMANDS = {"convert": _add_convert, "info": _add_info}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreamcache", description=f"ComfyUI-DreamCache {__version__} command-line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DreamCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
