@@ -155,9 +155,12 @@ class ModelWrapper(_Shared):
 class DreamCachePatch:
     """Everything DreamCache adds to one model: its entries, their K/V memo and the three hook objects."""
 
-    def __init__(self, entries: list[PatchEntry], attention=None, models=()):
+    def __init__(self, entries: list[PatchEntry], attention=None, models=(), trainable: bool = False):
+        """``trainable=True`` (training): K/V are recomputed every call with autograd on, so gradients reach
+        ``to_k``/``to_v``; the default memoises them per device and dtype without gradients (sampling)."""
         if not entries:
             raise DreamCacheError("A DreamCache patch needs at least one adapter and cache.")
+        self.trainable = trainable
         self.entries = tuple(entries)
         self.attention = attention or sdpa_attention
         self.models_list = tuple(models)
@@ -185,6 +188,9 @@ class DreamCachePatch:
         return self
 
     def kv(self, entry_index: int, ref: LayerRef, device, dtype):
+        if self.trainable:
+            e = self.entries[entry_index]
+            return project_memory(e.adapter.layer(ref), e.cache.tokens[ref].to(device=device, dtype=dtype))
         key = (entry_index, ref, torch.device(device), dtype)
         hit = self._kv.get(key)
         if hit is None:
@@ -201,6 +207,19 @@ class DreamCachePatch:
         if z is None:
             z = self._zero[key] = torch.zeros((), device=device, dtype=dtype)
         return z
+
+    def transformer_options(self, base: dict | None = None) -> dict:
+        """``transformer_options`` carrying this patch, for calling a U-Net's ``forward`` directly (outside a
+        ComfyUI sampler, e.g. in training): the hooks in the patch lists and the model wrapper."""
+        to = dict(base or {})
+        patches = dict(to.get("patches", {}))
+        patches["attn1_output_patch"] = list(patches.get("attn1_output_patch", [])) + [self.output_hook]
+        patches["middle_patch"] = [self.middle_hook] + list(patches.get("middle_patch", []))
+        to["patches"] = patches
+        wrappers = dict(to.get("wrappers", {}))
+        wrappers["diffusion_model"] = {**wrappers.get("diffusion_model", {}), "dreamcache": [self.wrapper]}
+        to["wrappers"] = wrappers
+        return to
 
     # ---- per call -----------------------------------------------------------------------------------------
     def plan(self, to: dict, batch: int, device, dtype, ordered: bool) -> CallPlan:

@@ -349,3 +349,33 @@ def test_combined_guidance_formula():
     s = 2.0
     assert torch.allclose(x - s * reference.combined_guidance(e00, ei0, eit, 5.0, 7.5),
                           reference.combined_guidance(x - s * e00, x - s * ei0, x - s * eit, 5.0, 7.5), atol=1e-4)
+
+
+def test_trainable_patch_lets_gradients_reach_every_adapter_parameter():
+    """Training mode: no K/V memo, autograd through to_k/to_v, norm2_mem, to_q, to_out and linear_cat."""
+    e = make_entry()
+    for p in e.adapter.parameters():
+        p.requires_grad_(True)
+    patch = DreamCachePatch([e], trainable=True)
+    bsd = block_state()
+    x, text = data()
+    out = host_block(patch, x, text, bsd, patch.transformer_options())
+    out.square().mean().backward()
+    for name, p in e.adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert not patch._kv
+    # the same numbers as the sampling path
+    with torch.no_grad():
+        assert torch.allclose(out, host_block(DreamCachePatch([e]), x, text, bsd, {}), atol=1e-6)
+
+
+def test_transformer_options_adds_hooks_without_touching_the_base():
+    e = make_entry()
+    patch = DreamCachePatch([e])
+    other = object()
+    base = {"patches": {"middle_patch": [other]}, "wrappers": {"diffusion_model": {"x": [other]}}}
+    to = patch.transformer_options(base)
+    assert to["patches"]["middle_patch"] == [patch.middle_hook, other]
+    assert to["patches"]["attn1_output_patch"] == [patch.output_hook]
+    assert to["wrappers"]["diffusion_model"] == {"x": [other], "dreamcache": [patch.wrapper]}
+    assert base == {"patches": {"middle_patch": [other]}, "wrappers": {"diffusion_model": {"x": [other]}}}
