@@ -1,0 +1,45 @@
+"""Find and import ComfyUI from a script (trainer, dataset synthesis, benchmarks, the headless runner).
+
+Looks at an explicit path, then ``COMFYUI_PATH``, then the folder that holds this pack when it sits in
+``ComfyUI/custom_nodes/<pack>/``. ComfyUI goes first on ``sys.path`` so its top-level modules (``nodes``,
+``folder_paths``) win over this pack's folders of the same name.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from ..errors import DreamCacheError
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
+    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
+    if PACK_ROOT.parent.name == "custom_nodes":
+        candidates.append(PACK_ROOT.parent.parent)
+    for c in candidates:
+        if c and (Path(c) / "comfy" / "model_patcher.py").is_file():
+            return Path(c).resolve()
+    return None
+
+
+def import_comfyui(explicit: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
+    """Make ComfyUI importable and initialise its model management (CPU mode when no GPU, or when asked)."""
+    root = find_comfyui(explicit)
+    if root is None:
+        raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH.")
+    if str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    import torch
+    from comfy.cli_args import args
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        args.cpu = True
+    import comfy.model_management  # noqa: F401  (reads args on import)
+
+    return root
