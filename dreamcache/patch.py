@@ -82,7 +82,7 @@ class CallPlan:
 
     def __init__(self, layers, rows, ordered, zero):
         self.layers = layers  # {(block, block_index): [_Work, ...]}
-        self.rows = rows  # None: every row; else LongTensor of the rows with the image condition on
+        self.rows = rows  # None: every row; a slice (one run of chunks) or a LongTensor of the rows with the image on
         self.ordered = ordered  # True when the wrapper put our hooks in place (a 0-d zero is then safe)
         self.zero = zero
 
@@ -234,13 +234,17 @@ class DreamCachePatch:
                 return _EMPTY
             if not all(on):
                 per = batch // len(coc)
-                rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)], device=device, dtype=torch.long)
+                first, last = on.index(True), len(on) - 1 - on[::-1].index(True)
+                if all(on[first:last + 1]):  # the usual case: one run of chunks -> a slice, no gather/scatter copies
+                    rows = slice(first * per, (last + 1) * per)
+                else:
+                    rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)], device=device, dtype=torch.long)
         sig = to.get("sigmas")
         sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
         active = [e.active_at(sigma) for e in self.entries]
         if not any(active):
             return _EMPTY
-        n_rows = batch if rows is None else int(rows.numel())
+        n_rows = batch if rows is None else (rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel()))
         chunk = batch // len(coc) if coc else batch
         layers = {}
         for key, items in self.layers.items():
@@ -258,7 +262,7 @@ class DreamCachePatch:
                         )
                     idx = torch.arange(batch, device=device) % chunk
                     if rows is not None:
-                        idx = idx.index_select(0, rows)
+                        idx = idx[rows] if isinstance(rows, slice) else idx.index_select(0, rows)
                     k, v = k.index_select(0, idx), v.index_select(0, idx)
                 elif n_rows > 1:
                     k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
@@ -276,14 +280,22 @@ class DreamCachePatch:
                 "apply that node before ApplyDreamCache or disable it for these layers."
             )
         rows = plan.rows
-        xs, as_ = (x, a) if rows is None else (x.index_select(0, rows), a.index_select(0, rows))
+        if rows is None:
+            xs, as_ = x, a
+        elif isinstance(rows, slice):
+            xs, as_ = x[rows], a[rows]
+        else:
+            xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
         heads = extra["n_heads"]
         fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         upd = mix(as_, fused, [w.strength for w in works])
         if rows is None:
             return x + upd
-        out = x + a
-        out.index_copy_(0, rows, xs + upd)
+        out = x + a  # rows with the image off: exactly the base block (a + x == x + a in IEEE arithmetic)
+        if isinstance(rows, slice):
+            out[rows] = xs + upd
+        else:
+            out.index_copy_(0, rows, xs + upd)
         return out
 
     def ordered_patches(self, patches: dict) -> dict:

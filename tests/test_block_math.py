@@ -379,3 +379,20 @@ def test_transformer_options_adds_hooks_without_touching_the_base():
     assert to["patches"]["attn1_output_patch"] == [patch.output_hook]
     assert to["wrappers"]["diffusion_model"] == {"x": [other], "dreamcache": [patch.wrapper]}
     assert base == {"patches": {"middle_patch": [other]}, "wrappers": {"diffusion_model": {"x": [other]}}}
+
+
+def test_non_contiguous_image_rows_use_the_gather_path():
+    """Chunks [on, off, on]: not one run, so rows are gathered and scattered; same result as row by row."""
+    e = make_entry()
+    bsd = block_state()
+    x, text = data(b=3)
+    to = {"cond_or_uncond": [0, 1, 2], SWITCH_KEY: (True, False, True)}
+    patch = DreamCachePatch([e])
+    plan = patch.plan(to, 3, "cpu", torch.float32, ordered=True)
+    assert isinstance(plan.rows, torch.Tensor) and plan.rows.tolist() == [0, 2]
+    contiguous = patch.plan({"cond_or_uncond": [1, 0, 2], SWITCH_KEY: (True, False, True)}, 3, "cpu", torch.float32, ordered=True)
+    assert contiguous.rows == slice(1, 3)
+    got = host_block(patch, x, text, bsd, to)
+    full = host_block(patch, x, text, bsd, {})
+    base = host_block(patch, x, text, bsd, {"patches": {}})
+    assert torch.equal(got[1], base[1]) and (got[[0, 2]] - full[[0, 2]]).abs().max().item() < 1e-5

@@ -1,0 +1,319 @@
+"""DreamCache cost at full model size with random weights (real architecture, so timings are real).
+
+    python benchmarks/bench.py [--family sd15|sd21|sdxl] [--res 512] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+                               [--warmup 1] [--repeats 3] [--comfyui PATH] [--out bench_out/NAME.json]
+
+Measures, with warm-up and repeats (median, min, max):
+1. one denoiser evaluation: base vs ApplyDreamCache;
+2. one sampling step: plain CFG (2 evaluations) vs DreamCache joint and combined guidance;
+3. the cache pass against one base evaluation;
+4. memory added by the adapter and the cache (CUDA max allocated, or CPU RSS peak);
+5. adapter size on disk (fp16 / fp32) and cache size per subject.
+Prints a markdown table of ratios and writes it as JSON. Needs ComfyUI (COMFYUI_PATH or --comfyui); no weight files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from dreamcache.comfy.env import import_comfyui  # noqa: E402
+
+FAMILIES = {
+    "sd15": dict(model="SD15", context_dim=768, use_linear_in_transformer=False, num_heads=8, num_head_channels=-1),
+    "sd21": dict(model="SD20", context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64),
+    "sdxl": dict(model="SDXL", context_dim=2048, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64),
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def unet_config(family: str) -> dict:
+    f = FAMILIES[family]
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+           "in_channels": 4, "model_channels": 320, "use_temporal_attention": False, "use_temporal_resblock": False,
+           "context_dim": f["context_dim"], "use_linear_in_transformer": f["use_linear_in_transformer"],
+           "num_heads": f["num_heads"], "num_head_channels": f["num_head_channels"]}
+    if family == "sdxl":
+        cfg.update(adm_in_channels=2816, num_classes="sequential", channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+                   transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+    else:
+        cfg.update(adm_in_channels=None, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+                   transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1)
+    return cfg
+
+
+@torch.no_grad()
+def random_init_(module: torch.nn.Module, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            bound = 1.0 / p[0].numel() ** 0.5
+            p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g))
+        elif "norm" in name and name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.zero_()
+
+
+def build_model(family: str, dtype, device):
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    cfg = unet_config(family)
+    mc = getattr(sm, FAMILIES[family]["model"])(cfg)
+    mc.unet_config = dict(cfg)
+    mc.set_inference_dtype(dtype, None)
+    cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+    model = cls(mc, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
+    random_init_(model.diffusion_model)
+    model.diffusion_model.to(dtype)
+    model.requires_grad_(False)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def conditioning(family: str, batch_text: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    dim = FAMILIES[family]["context_dim"]
+    extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
+    return [[torch.randn(1, 77, dim, generator=g), extra]]
+
+
+class PeakRSS:
+    """Samples this process's RSS every 2 ms in a thread (CPU peak memory)."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def measure(guider, latent, sigma, warmup, repeats, device):
+    """Time one model evaluation of ``guider`` (a sampler step's work) ``warmup + repeats`` times inside one
+    guider.sample call, so model loading and cond encoding are outside the timings. Returns (times, peak bytes)."""
+    import comfy.samplers
+
+    times = []
+    peak = {"bytes": 0}
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    class Timing(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+            sig = sigmas[0] * noise.new_ones([noise.shape[0]])
+            for i in range(warmup + repeats):
+                if i == warmup:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    rss = PeakRSS().__enter__() if device.type == "cpu" else None
+                sync()
+                t0 = time.perf_counter()
+                model_wrap(noise, sig, **extra_args)
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak["bytes"] = torch.cuda.max_memory_allocated()
+            else:
+                rss.__exit__()
+                peak["bytes"] = rss.peak
+            return noise
+
+    with torch.inference_mode():
+        guider.sample(latent * sigma, torch.zeros_like(latent), Timing(), torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
+    return times, peak["bytes"]
+
+
+def stats(ts):
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts), "n": len(ts)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=list(FAMILIES), default="sd15")
+    ap.add_argument("--res", type=int, default=512)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on CPU, fp16 on CUDA")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--comfyui")
+    ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
+    args = ap.parse_args(argv)
+    dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
+    dtype = DTYPES[dtype_name]
+    torch.set_num_threads(args.threads)
+    import_comfyui(args.comfyui, cpu=args.device == "cpu")
+
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    from dreamcache.adapter_io import AdapterFile, save_adapter
+    from dreamcache.adapter import DreamCacheAdapter
+    from dreamcache.cache import save_cache
+    from dreamcache.comfy import cache_pass, guidance, patching
+    from dreamcache.comfy.model import model_channels_at
+    from dreamcache.layers import default_layers
+
+    device = mm.get_torch_device()
+    t_start = time.perf_counter()
+    family_core = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[args.family]
+    model = build_model(args.family, dtype, device)
+    layers = default_layers(family_core)
+    channels = {r: model_channels_at(model, r) for r in layers}
+    module = DreamCacheAdapter(channels)
+    module.reset_reference_init(0)
+    adapter = AdapterFile(name="random", channels=channels, family=family_core,
+                          tensors={r: {k: v.clone() for k, v in module.layer(r).state_dict().items()} for r in layers})
+    h = w = args.res // 8
+    latent = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(2))
+    cond, neg = conditioning(args.family, seed=1), conditioning(args.family, seed=3)
+    sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(500.0)))
+    results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name, "threads": args.threads,
+                          "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
+                          "attention": __import__("comfy.ldm.modules.attention", fromlist=["x"]).optimized_attention.__name__}}
+
+    class OneEval(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
+
+    def single(m):
+        g = OneEval(m)
+        g.inner_set_conds({"positive": cond})
+        return g
+
+    def cfg_guider(m):
+        g = comfy.samplers.CFGGuider(m)
+        g.set_conds(cond, neg)
+        g.set_cfg(7.5)
+        return g
+
+    # ---- cache pass ------------------------------------------------------------------------------------------
+    def cache_once():
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        return cache_pass.run_capture_pass(model, latent, noise, cache_pass.pass_sigma(model), cond, layers)
+
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            cache_once()
+        pass_times = []
+        for _ in range(args.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            caps = cache_once()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            pass_times.append(time.perf_counter() - t0)
+    from dreamcache.cache import from_captures
+
+    cache = from_captures({r: c.cpu() for r, c in caps.items()}, model_family=family_core)
+
+    # ---- evaluations and steps -------------------------------------------------------------------------------
+    patched = patching.apply_dreamcache(model, adapter, cache)
+    runs = {}
+    runs["eval_base"] = measure(single(model), latent, sigma, args.warmup, args.repeats, device)
+    runs["eval_dreamcache"] = measure(single(patched), latent, sigma, args.warmup, args.repeats, device)
+    runs["step_cfg"] = measure(cfg_guider(model), latent, sigma, args.warmup, args.repeats, device)
+    runs["step_joint"] = measure(guidance.make_guider(patched, cond, neg, 7.5, 7.5, "joint"), latent, sigma, args.warmup, args.repeats, device)
+    runs["step_combined"] = measure(guidance.make_guider(patched, cond, neg, 7.5, 5.0, "combined"), latent, sigma, args.warmup, args.repeats, device)
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in patching.find_patch(patched)._kv.values())
+
+    # ---- sizes -----------------------------------------------------------------------------------------------
+    with tempfile.TemporaryDirectory() as td:
+        sizes = {}
+        for name, dt in (("adapter_fp32", torch.float32), ("adapter_fp16", torch.float16)):
+            p = os.path.join(td, name + ".safetensors")
+            save_adapter(p, adapter, family=family_core, dtype=dt)
+            sizes[name] = os.path.getsize(p)
+        p = os.path.join(td, "cache.safetensors")
+        save_cache(cache, p, dtype=torch.float16)
+        sizes["cache_fp16"] = os.path.getsize(p)
+
+    base_med = statistics.median(runs["eval_base"][0])
+    cfg_med = statistics.median(runs["step_cfg"][0])
+    results["timings_s"] = {k: stats(v[0]) for k, v in runs.items()} | {"cache_pass": stats(pass_times)}
+    results["peak_memory_bytes"] = {k: v[1] for k, v in runs.items()}
+    results["ratios"] = {
+        "eval_dreamcache / eval_base": statistics.median(runs["eval_dreamcache"][0]) / base_med,
+        "step_joint / step_cfg": statistics.median(runs["step_joint"][0]) / cfg_med,
+        "step_combined / step_cfg": statistics.median(runs["step_combined"][0]) / cfg_med,
+        "cache_pass / eval_base": statistics.median(pass_times) / base_med,
+    }
+    results["memory"] = {
+        "adapter_params": adapter.parameter_count(),
+        "adapter_bytes_in_compute_dtype": adapter.parameter_count() * torch.empty((), dtype=dtype).element_size(),
+        "cache_values": cache.numel(),
+        "cache_bytes_fp16": cache.numel() * 2,
+        "kv_memo_bytes": kv_bytes,
+        "peak_eval_base": runs["eval_base"][1],
+        "peak_eval_dreamcache": runs["eval_dreamcache"][1],
+        "peak_added_by_dreamcache": runs["eval_dreamcache"][1] - runs["eval_base"][1],
+        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (sampled)",
+    }
+    results["sizes_bytes"] = sizes
+    results["wall_s"] = time.perf_counter() - t_start
+
+    print(markdown(results))
+    out = args.out or str(ROOT / "bench_out" / f"{args.family}_{args.res}_{device.type}_{dtype_name}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {out}")
+    return results
+
+
+def markdown(r) -> str:
+    c = r["config"]
+    lines = [f"### {c['family']} {c['res']}² on {c['device']} ({c['dtype']}, {c['threads']} threads, attention {c['attention']}, torch {c['torch']})", "",
+             "| measure | median s | min s | max s |", "|---|---|---|---|"]
+    for k, s in r["timings_s"].items():
+        lines.append(f"| {k} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    targets = {"eval_dreamcache / eval_base": "≤ 1.10", "step_joint / step_cfg": "≤ 1.12", "step_combined / step_cfg": "≤ 1.60", "cache_pass / eval_base": "≤ 1.10"}
+    for k, v in r["ratios"].items():
+        lines.append(f"| {k} | {v:.3f} | {targets[k]} |")
+    m, s = r["memory"], r["sizes_bytes"]
+    lines += ["", "| size / memory | value |", "|---|---|",
+              f"| adapter parameters | {m['adapter_params']:,} |",
+              f"| adapter file fp16 / fp32 | {s['adapter_fp16'] / 1e6:.1f} MB / {s['adapter_fp32'] / 1e6:.1f} MB |",
+              f"| cache per subject (fp16 file) | {s['cache_fp16'] / 1e6:.2f} MB ({m['cache_values']:,} values) |",
+              f"| K/V memo on the device | {m['kv_memo_bytes'] / 1e6:.1f} MB |",
+              f"| peak memory, base eval / DreamCache eval ({m['peak_kind']}) | {m['peak_eval_base'] / 1e9:.2f} GB / {m['peak_eval_dreamcache'] / 1e9:.2f} GB (+{m['peak_added_by_dreamcache'] / 1e6:.0f} MB) |",
+              f"| wall time of this run | {r['wall_s']:.0f} s |"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
