@@ -78,8 +78,14 @@ def _add_info(sub):
     p.set_defaults(func=cmd_info)
 
 
-#: name -> function(subparsers) that adds the subcommand. Modules add theirs (see dreamcache/runner.py).
-COMMANDS = {"convert": _add_convert, "info": _add_info}
+def _add_run(sub):
+    from .runner import add_parser
+
+    add_parser(sub)
+
+
+#: name -> function(subparsers) that adds the subcommand.
+COMMANDS = {"convert": _add_convert, "info": _add_info, "run": _add_run}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..dreamcache.comfy.cache_pass import build_feature_cache
 from ..dreamcache.image import FIT_MODES
 from .types import Adapter, Cache
+from .validation import combo_check
 
 
 class DreamCacheBuildFeatureCache(io.ComfyNode):
@@ -44,6 +45,10 @@ class DreamCacheBuildFeatureCache(io.ComfyNode):
                 io.Image.Output(display_name="reference", tooltip="The reference exactly as it was encoded (after fitting)."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, fit="pad", batch_mode="concat"):
+        return combo_check(cls, fit=fit, batch_mode=batch_mode)
 
     @classmethod
     def execute(cls, model, vae, image, adapter, seed=0, resolution=512, fit="pad", batch_mode="concat", clip=None, conditioning=None) -> io.NodeOutput:

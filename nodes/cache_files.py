@@ -11,6 +11,7 @@ from ..dreamcache.cache import concat_caches, load_cache, save_cache
 from ..dreamcache.errors import DreamCacheError
 from . import paths
 from .types import Cache
+from .validation import combo_check
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
@@ -36,6 +37,10 @@ class DreamCacheSave(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dtype="fp16"):
+        return combo_check(cls, dtype=dtype)
+
+    @classmethod
     def execute(cls, cache, filename_prefix="subject", dtype="fp16") -> io.NodeOutput:
         base = folder_paths.get_folder_paths(paths.CACHES)[0]
         path = paths.safe_output_path(base, filename_prefix)
@@ -56,6 +61,15 @@ class DreamCacheLoad(io.ComfyNode):
                                    tooltip="A cache file written by DreamCacheSave, in ComfyUI/models/dreamcache_caches.")],
             outputs=[Cache.Output(display_name="cache", tooltip="The loaded cache, for ApplyDreamCache.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, cache_name):
+        return combo_check(cls, cache_name=cache_name)
+
+    @classmethod
+    def combo_error(cls, name, value):
+        folders = ", ".join(folder_paths.get_folder_paths(paths.CACHES))
+        return f"Cache '{value}' was not found in {folders}; save it with DreamCacheSave first (or copy the file there) and refresh."
 
     @classmethod
     def fingerprint_inputs(cls, cache_name):

@@ -11,6 +11,7 @@ from ..dreamcache.errors import DreamCacheError
 from ..dreamcache.layers import FAMILIES
 from . import paths
 from .types import Adapter
+from .validation import combo_check
 
 FAMILY_CHOICES = ["from file"] + list(FAMILIES)
 
@@ -43,6 +44,17 @@ class DreamCacheLoader(io.ComfyNode):
             ],
             outputs=[Adapter.Output(display_name="adapter", tooltip="The validated adapter, for BuildFeatureCache and ApplyDreamCache.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name, base_family="from file"):
+        return combo_check(cls, adapter_name=adapter_name, base_family=base_family)
+
+    @classmethod
+    def combo_error(cls, name, value):
+        if name == "adapter_name":
+            folders = ", ".join(folder_paths.get_folder_paths(paths.ADAPTERS))
+            return f"Adapter '{value}' was not found in {folders}; put the adapter there (see the README's model table) and refresh."
+        return None
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name, base_family="from file"):

@@ -9,6 +9,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..dreamcache.comfy.guidance import MODES, make_guider
+from .validation import combo_check
 
 _TEXT_TIP = "s_T: how strongly the prompt steers the image (like CFG). The reference runs use 7.5."
 _IMAGE_TIP = ("s_I: how strongly the cached subject steers the image. The reference demo uses 5.0, its DreamBench runs 0.4; "
@@ -44,6 +45,10 @@ class DreamCacheGuider(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mode="combined"):
+        return combo_check(cls, mode=mode)
+
+    @classmethod
     def execute(cls, model, positive, negative, text_scale=7.5, image_scale=5.0, mode="combined") -> io.NodeOutput:
         return io.NodeOutput(make_guider(model, positive, negative, text_scale, image_scale, mode))
 
@@ -70,6 +75,10 @@ class DreamCacheDualGuidanceSampler(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The denoised latent.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sampler_name, scheduler, mode="combined"):
+        return combo_check(cls, sampler_name=sampler_name, scheduler=scheduler, mode=mode)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, denoise=1.0,

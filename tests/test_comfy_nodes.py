@@ -348,3 +348,31 @@ def test_combine_node(sd1):
     assert both.references == 2
     (patched,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=both)
     assert torch.isfinite(_den(patched, sd1.positive)).all()
+
+
+def test_combo_inputs_are_validated_at_prompt_time(sd1, models_dir):
+    """ComfyUI 0.3.64 does not check V3 combo values itself; our validate_inputs refuses them (run on the locked
+    class clone ComfyUI uses) and leaves min/max checks of the other inputs to ComfyUI."""
+    import inspect
+
+    from helpers import node
+
+    def validate(node_id, **kw):
+        cls = node(node_id).PREPARE_CLASS_CLONE({})
+        return cls.validate_inputs(**kw)
+
+    (models_dir / "dreamcache").mkdir(exist_ok=True)
+    torch.save(sd1.adapter.build().reference_state_dict(), models_dir / "dreamcache" / "valid_for_validation.pt")
+    assert validate("DreamCacheLoader", adapter_name="nope.pt").startswith("Adapter 'nope.pt' was not found in")
+    assert validate("DreamCacheLoader", adapter_name="valid_for_validation.pt", base_family="sd1") is True
+    assert "base_family: 'sd9' is not one of" in validate("DreamCacheLoader", adapter_name="valid_for_validation.pt", base_family="sd9")
+    assert validate("DreamCacheBuildFeatureCache", fit="pad", batch_mode="concat") is True
+    assert "fit: 'zoom' is not one of" in validate("DreamCacheBuildFeatureCache", fit="zoom")
+    assert validate("DreamCacheDualGuidanceSampler", sampler_name="euler", scheduler="normal", mode="joint") is True
+    assert "scheduler: 'weird'" in validate("DreamCacheDualGuidanceSampler", sampler_name="euler", scheduler="weird")
+    assert "mode: 'nested'" in validate("DreamCacheGuider", mode="nested")
+    assert "dtype: 'fp8'" in validate("DreamCacheSave", dtype="fp8")
+    assert validate("DreamCacheLoad", cache_name="missing.safetensors").startswith("Cache 'missing.safetensors' was not found")
+    for node_id in ("DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheDualGuidanceSampler", "DreamCacheGuider", "DreamCacheSave", "DreamCacheLoad"):
+        spec = inspect.getfullargspec(node(node_id).validate_inputs)
+        assert spec.varkw is None, f"{node_id}.validate_inputs must not take **kwargs (ComfyUI would skip its own checks)"

@@ -1,0 +1,133 @@
+"""``python -m dreamcache run WORKFLOW.json``: run a shipped or user workflow headless against a real ComfyUI.
+
+Starts ComfyUI (``--comfyui PATH``, ``COMFYUI_PATH``, or the ComfyUI this pack is installed in) on 127.0.0.1 for
+the run, or uses a running one (``--server http://127.0.0.1:8188``). UI-format workflows are converted through
+the server's ``/object_info``; ``--set NODE.INPUT=VALUE`` overrides inputs; images a LoadImage node needs are
+uploaded from the workflow's folder when the server does not have them. Progress is printed; outputs are saved.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import urllib.parse
+
+from . import workflow as wf
+from .errors import DreamCacheError
+from .server import Client, ComfyServer, ServerError
+
+
+def _log(msg: str):
+    print(msg, flush=True)
+
+
+def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrides: list[str], object_info: dict | None = None) -> dict:
+    object_info = object_info if object_info is not None else client.object_info()
+    if wf.is_ui_workflow(data):
+        prompt = wf.ui_to_api(data, object_info)
+    elif wf.is_api_prompt(data):
+        prompt = data
+    else:
+        raise wf.WorkflowError("This JSON is neither a UI-format workflow nor an API-format prompt.")
+    prompt = wf.apply_overrides(prompt, overrides)
+    available = set(wf.combo_options(object_info.get("LoadImage", {}).get("input", {}).get("required", {}).get("image")))
+    for node in prompt.values():
+        if node["class_type"] in ("LoadImage", "LoadImageMask"):
+            name = node["inputs"].get("image")
+            if isinstance(name, str) and name not in available and workflow_dir:
+                local = os.path.join(workflow_dir, name)
+                if os.path.isfile(local):
+                    node["inputs"]["image"] = client.upload_image(local)
+                    _log(f"uploaded {name}")
+    return prompt
+
+
+def _progress_printer(prompt: dict):
+    state = {"t": time.monotonic()}
+
+    def on_event(msg):
+        kind, data = msg.get("type"), msg.get("data", {})
+        if kind == "executing" and data.get("node") is not None:
+            node = prompt.get(str(data["node"]), {})
+            _log(f"  running {data['node']} {node.get('_meta', {}).get('title', node.get('class_type', ''))}")
+        elif kind == "progress":
+            now = time.monotonic()
+            if now - state["t"] > 1.0 or data.get("value") == data.get("max"):
+                state["t"] = now
+                _log(f"    step {data.get('value')}/{data.get('max')}")
+        elif kind == "execution_cached" and data.get("nodes"):
+            _log(f"  cached: {', '.join(map(str, data['nodes']))}")
+
+    return on_event
+
+
+def save_outputs(client: Client, entry: dict, out_dir: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for node_id, out in (entry.get("outputs") or {}).items():
+        for item in out.get("images", []):  # SaveImage ("output") and PreviewImage ("temp") results alike
+            q = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+            data = client.get_bytes(f"/view?{q}")
+            path = os.path.join(out_dir, f"{node_id}_{os.path.basename(item['filename'])}")
+            with open(path, "wb") as f:
+                f.write(data)
+            paths.append(path)
+        for text in out.get("text", []):
+            _log(f"  node {node_id}: {text}")
+    return paths
+
+
+def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | None = None, server: str | None = None,
+                 output: str = "dreamcache_outputs", timeout: float = 3600, cpu: bool | None = None, base_directory: str | None = None) -> list[str]:
+    data = wf.load(path)
+    workflow_dir = os.path.dirname(os.path.abspath(path))
+    started = None
+    try:
+        if server:
+            client = Client(server)
+        else:
+            from .comfy.env import find_comfyui
+
+            root = find_comfyui(comfyui)
+            if root is None:
+                raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or --server URL.")
+            _log(f"starting ComfyUI from {root} ...")
+            started = ComfyServer(root, base_directory=base_directory, cpu=cpu).start()
+            client = started.client
+            _log(f"ComfyUI is up at {client.url} (log: {started.log_path})")
+        prompt = prepare_prompt(client, data, workflow_dir, overrides or [])
+        prompt_id = client.queue(prompt)
+        _log(f"queued {os.path.basename(path)} as {prompt_id} ({len(prompt)} nodes)")
+        t0 = time.monotonic()
+        entry = client.wait(prompt_id, timeout=timeout, on_event=_progress_printer(prompt))
+        paths = save_outputs(client, entry, output)
+        _log(f"done in {time.monotonic() - t0:.1f} s; {len(paths)} output file(s):")
+        for p in paths:
+            _log(f"  {p}")
+        return paths
+    finally:
+        if started is not None:
+            started.stop()
+
+
+def add_parser(sub):
+    p = sub.add_parser("run", help="run a workflow headless against a real ComfyUI and save its outputs")
+    p.add_argument("workflow", help="workflow JSON (UI format as saved by ComfyUI, or API format)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="override an input; NODE is a node id, title or unique class type (repeatable)")
+    p.add_argument("--comfyui", help="ComfyUI folder to start (default: COMFYUI_PATH or the ComfyUI this pack is in)")
+    p.add_argument("--server", help="use a running ComfyUI instead, e.g. http://127.0.0.1:8188")
+    p.add_argument("--output", default="dreamcache_outputs", help="where to write the output images")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the prompt")
+    p.add_argument("--cpu", action="store_true", default=None, help="start ComfyUI with --cpu")
+    p.add_argument("--base-directory", help="start ComfyUI with this --base-directory (models, input, output)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    try:
+        run_workflow(args.workflow, args.overrides, args.comfyui, args.server, args.output, args.timeout, args.cpu, args.base_directory)
+    except ServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""Test-only ComfyUI nodes (never shipped): tiny random-weight models for the end-to-end server tests.
+
+The e2e tests link this folder into a temporary ComfyUI base directory's custom_nodes and swap the shipped
+workflows' real loaders (CheckpointLoaderSimple, ControlNetLoader, ...) for these nodes, so the workflows run
+on a CPU in seconds with no weight files.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/ (tiny_models), through the symlink
+
+import tiny_models  # noqa: E402
+
+_CACHE = {}
+
+
+def _cached(key, build):
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+class DreamCacheTestTinyCheckpoint:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd1", "sd2", "sdxl"], {"tooltip": "tiny model family"}),
+                             "seed": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "weight seed"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Tiny random-weight checkpoint for tests."
+
+    def load(self, family, seed):
+        return _cached(("ckpt", family, seed), lambda: (tiny_models.make_model(family, seed=seed), tiny_models.make_clip(family, seed=seed + 1), tiny_models.make_vae(seed=seed + 2)))
+
+
+class DreamCacheTestTinyControlNet:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd1", "sd2"], {"tooltip": "tiny model family"})}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Tiny random-weight ControlNet for tests."
+
+    def load(self, family):
+        return (_cached(("cn", family), lambda: tiny_models.make_controlnet(family)),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DreamCacheTestTinyCheckpoint": DreamCacheTestTinyCheckpoint,
+    "DreamCacheTestTinyControlNet": DreamCacheTestTinyControlNet,
+}

@@ -1,0 +1,152 @@
+"""End-to-end against a real ComfyUI server process (127.0.0.1, free port, --cpu, its own base directory).
+
+The pack and a test-only node pack (tiny random-weight models) are linked into the base directory's
+custom_nodes. Protects: /object_info lists every node of the pack with tooltips; graphs run through /prompt to a
+saved image; broken graphs (wrong types, missing adapter file, adapter/model mismatch) get the clear error and the
+server stays up; ``python -m dreamcache run`` works against a running server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+SUBJECT = ROOT / "workflows" / "dreamcache_example_subject.png"
+PERMANENT_IDS = ["DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
+                 "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine"]
+TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64, "output_blocks.10.1": 32}
+
+
+def write_tiny_adapter(path: Path, family: str | None, seed: int = 0):
+    """An adapter whose channels fit the tiny SD1/SD2 models of tests/tiny_models.py."""
+    from dreamcache.adapter import DreamCacheAdapter
+    from dreamcache.adapter_io import save_adapter
+    from dreamcache.layers import LayerRef
+
+    a = DreamCacheAdapter({LayerRef(m): c for m, c in TINY_CHANNELS.items()})
+    a.reset_reference_init(seed)
+    if path.suffix == ".pt":
+        torch.save(a.reference_state_dict(), path)
+    else:
+        save_adapter(str(path), a, family=family)
+
+
+def make_base_dir(base: Path):
+    (base / "custom_nodes").mkdir(parents=True)
+    os.symlink(ROOT, base / "custom_nodes" / "ComfyUI-DreamCache")
+    os.symlink(TESTS / "e2e_nodes", base / "custom_nodes" / "dreamcache_test_nodes")
+    for d in ("dreamcache", "dreamcache_caches", "checkpoints", "loras", "controlnet", "sams"):
+        (base / "models" / d).mkdir(parents=True, exist_ok=True)
+    write_tiny_adapter(base / "models" / "dreamcache" / "tiny_sd1.safetensors", "sd1")
+    write_tiny_adapter(base / "models" / "dreamcache" / "cross_attention-199999.pt", None, seed=1)
+    (base / "input").mkdir()
+    shutil.copy(SUBJECT, base / "input" / SUBJECT.name)
+
+
+@pytest.fixture(scope="module")
+def server(comfy, tmp_path_factory):
+    from dreamcache.server import ComfyServer
+
+    base = tmp_path_factory.mktemp("comfy_base")
+    make_base_dir(base)
+    srv = ComfyServer(comfy, base_directory=str(base), cpu=True, log_path=str(base / "server.log"))
+    srv.start()
+    srv.base = base
+    yield srv
+    srv.stop()
+
+
+def basic_prompt(adapter="tiny_sd1.safetensors", family="sd1", steps=2):
+    return {
+        "1": {"class_type": "DreamCacheTestTinyCheckpoint", "inputs": {"family": family, "seed": 0}},
+        "2": {"class_type": "DreamCacheLoader", "inputs": {"adapter_name": adapter, "base_family": "from file"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
+        "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "clip": ["1", 1],
+                                                                      "adapter": ["2", 0], "seed": 0, "resolution": 64, "fit": "pad", "batch_mode": "concat"}},
+        "5": {"class_type": "DreamCacheApply", "inputs": {"model": ["1", 0], "adapter": ["2", 0], "cache": ["4", 0], "strength": 1.0,
+                                                          "start_percent": 0.0, "end_percent": 1.0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a mug on a beach"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "DreamCacheDualGuidanceSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["8", 0],
+                                                                        "seed": 0, "steps": steps, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
+                                                                        "text_scale": 7.5, "image_scale": 5.0, "mode": "combined"}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "e2e"}},
+    }
+
+
+def test_object_info_lists_every_node_with_tooltips(server):
+    info = server.client.object_info()
+    for node_id in PERMANENT_IDS:
+        assert node_id in info, node_id
+        spec = info[node_id]
+        assert spec["category"].startswith("DreamCache") and spec["description"]
+        for section in ("required", "optional"):
+            for name, s in spec["input"].get(section, {}).items():
+                assert len(s) > 1 and s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    from dreamcache.workflow import combo_options
+
+    assert "tiny_sd1.safetensors" in combo_options(info["DreamCacheLoader"]["input"]["required"]["adapter_name"])
+
+
+def test_graph_runs_to_a_saved_image(server):
+    pid = server.client.queue(basic_prompt())
+    entry = server.client.wait(pid, timeout=600)
+    images = entry["outputs"]["11"]["images"]
+    assert images and (server.base / "output" / images[0]["filename"]).is_file()
+
+
+def _expect_rejection(server, prompt, *needles):
+    from dreamcache.server import ServerError
+
+    with pytest.raises(ServerError) as e:
+        server.client.queue(prompt)
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+    assert server.alive() and server.client.get_json("/system_stats")
+
+
+def test_wrong_types_are_rejected_and_the_server_stays_up(server):
+    p = basic_prompt()
+    p["5"]["inputs"]["model"] = ["1", 2]  # a VAE into Apply's MODEL input
+    _expect_rejection(server, p, "node 5 (DreamCacheApply)", "mismatch")
+
+
+def test_missing_adapter_file_is_rejected(server):
+    p = basic_prompt(adapter="does_not_exist.safetensors")
+    _expect_rejection(server, p, "node 2 (DreamCacheLoader)", "does_not_exist.safetensors")
+
+
+def test_adapter_model_mismatch_fails_with_the_clear_error(server):
+    from dreamcache.server import ServerError
+
+    p = basic_prompt(family="sdxl")
+    pid = server.client.queue(p)
+    with pytest.raises(ServerError) as e:
+        server.client.wait(pid, timeout=600)
+    assert "does not fit this SDXL model" in str(e.value) and "node 4" in str(e.value)
+    assert server.alive() and server.client.get_json("/system_stats")
+
+
+def test_run_command_against_a_running_server(server, tmp_path):
+    wf = tmp_path / "prompt.json"
+    wf.write_text(json.dumps(basic_prompt()))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "9.seed=3",
+                        "--set", "SaveImage.filename_prefix=cli", "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "queued prompt.json" in r.stdout and "done in" in r.stdout
+    saved = list(out.iterdir())
+    assert len(saved) == 1 and saved[0].name.startswith("11_cli")
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "nope.seed=3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "matches 0 nodes" in r.stderr

@@ -1,0 +1,50 @@
+"""Draws the example subject shipped with the workflows (a red mug with a star, on white), so the basic
+workflow opens with a subject loaded. Made by the project: no downloaded image. Re-run to regenerate:
+
+    python tools/make_example_subject.py workflows/dreamcache_example_subject.png
+"""
+import math
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+S = 512
+
+
+def mug(size=S):
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, top, bottom, half = 236, 150, 400, 110
+    body = (np.abs(xx - cx) <= half) & (yy >= top) & (yy <= bottom)
+    # cylinder shading: light from the upper left
+    t = np.clip((xx - (cx - half)) / (2 * half), 0, 1)
+    shade = 0.55 + 0.45 * np.cos((t - 0.3) * math.pi)
+    base = np.array([200, 38, 42], np.float32)
+    rgb = np.array(img, np.float32)
+    rgb[body] = (base[None] * shade[body][:, None]).clip(0, 255)
+    img = Image.fromarray(rgb.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    # rim and inside
+    d.ellipse([cx - half, top - 26, cx + half, top + 26], fill=(150, 24, 28))
+    d.ellipse([cx - half + 12, top - 18, cx + half - 12, top + 18], fill=(70, 14, 16))
+    # bottom curve
+    d.chord([cx - half, bottom - 24, cx + half, bottom + 24], 0, 180, fill=(160, 30, 34))
+    # handle
+    d.arc([cx + half - 62, 205, cx + half + 62, 345], -90, 90, fill=(175, 32, 36), width=26)
+    # a white star decal
+    r1, r2, sx, sy = 46, 19, cx - 10, 275
+    pts = [(sx + (r1 if i % 2 == 0 else r2) * math.sin(i * math.pi / 5), sy - (r1 if i % 2 == 0 else r2) * math.cos(i * math.pi / 5)) for i in range(10)]
+    d.polygon(pts, fill=(250, 244, 230))
+    # soft highlight
+    hl = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(hl).rounded_rectangle([cx - half + 22, top + 40, cx - half + 42, bottom - 40], radius=10, fill=120)
+    hl = hl.filter(ImageFilter.GaussianBlur(8))
+    img = Image.composite(Image.new("RGB", (size, size), (255, 235, 235)), img, hl)
+    return img
+
+
+if __name__ == "__main__":
+    out = sys.argv[1] if len(sys.argv) > 1 else "workflows/dreamcache_example_subject.png"
+    mug().save(out, optimize=True)
+    print("wrote", out)
