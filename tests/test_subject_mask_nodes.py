@@ -170,7 +170,7 @@ def test_user_errors_are_dreamcache_errors(core, tiny_sam):
 # mask mode: SAM never requested, loaded or run
 
 
-def test_check_lazy_status_requests_only_what_the_mode_uses():
+def test_check_lazy_status_requests_only_what_the_mode_uses(pack):
     cls = node("DreamCacheSubjectMask")
     img = photo()
     rgba = torch.cat([img, square_mask()[..., None]], dim=-1)
