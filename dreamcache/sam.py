@@ -6,10 +6,12 @@ it. Pure torch: ComfyUI's device management lives in :mod:`dreamcache.comfy.sam`
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -164,18 +166,55 @@ def _model_dtype(sam) -> torch.dtype:
     return next(sam.image_encoder.parameters()).dtype
 
 
+class EmbeddingCache:
+    """The last few image embeddings of one SAM, keyed by the exact pixels SAM sees (a hash of the uint8 image).
+
+    Changing only the prompts, threshold, grow, feather or layout of SubjectMask then re-runs the cheap mask decoder,
+    not the image encoder (seconds on a CPU). Features are kept on the CPU (256x64x64 fp32: 4 MB each)."""
+
+    def __init__(self, max_items: int = 4):
+        self.max_items = max_items
+        self._items: OrderedDict[tuple, Embedded] = OrderedDict()
+
+    def get(self, key: tuple, device) -> Embedded | None:
+        emb = self._items.get(key)
+        if emb is None:
+            return None
+        self._items.move_to_end(key)
+        return replace(emb, features=emb.features.to(device))
+
+    def put(self, key: tuple, emb: Embedded):
+        self._items[key] = replace(emb, features=emb.features.detach().to("cpu"))
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+    def __len__(self):
+        return len(self._items)
+
+
 @torch.no_grad()
-def embed_image(sam, rgb: torch.Tensor) -> Embedded:
+def embed_image(sam, rgb: torch.Tensor, cache: EmbeddingCache | None = None) -> Embedded:
     """Image embedding of ``rgb [H, W, 3]`` float 0..1, preprocessed exactly like ``SamPredictor.set_image``: uint8,
-    ResizeLongestSide to the encoder size (PIL), normalise and pad."""
+    ResizeLongestSide to the encoder size (PIL), normalise and pad. With a ``cache``, an image seen before is not
+    encoded again."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     h, w = int(rgb.shape[0]), int(rgb.shape[1])
     arr = (rgb[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    key = None
+    if cache is not None:
+        key = (hashlib.sha256(arr.tobytes()).hexdigest(), arr.shape, sam.image_encoder.img_size, str(_model_dtype(sam)))
+        hit = cache.get(key, sam.device)
+        if hit is not None:
+            return hit
     resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(arr)
     x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None].float()
     features = sam.image_encoder(sam.preprocess(x).to(_model_dtype(sam)))
-    return Embedded(features, (int(x.shape[-2]), int(x.shape[-1])), (h, w))
+    emb = Embedded(features, (int(x.shape[-2]), int(x.shape[-1])), (h, w))
+    if cache is not None:
+        cache.put(key, emb)
+    return emb
 
 
 def _to_input_frame(emb: Embedded, xy: torch.Tensor) -> torch.Tensor:
@@ -258,26 +297,27 @@ def predict_prompted(sam, emb: Embedded, points=None, labels=None, box=None) -> 
     return upscale(sam, emb, low[int(iou.argmax())])
 
 
-def predict(sam, rgb: torch.Tensor, mode: str, box=None, points=None, labels=None) -> torch.Tensor:
+def predict(sam, rgb: torch.Tensor, mode: str, box=None, points=None, labels=None, cache: EmbeddingCache | None = None) -> torch.Tensor:
     """Subject probabilities ``[H, W]`` (on the CPU, float32) for one image ``rgb [H, W, 3]`` in 0..1."""
-    emb = embed_image(sam, rgb)
+    if mode not in ("auto", "box", "points"):
+        raise DreamCacheError(f"prompt_mode '{mode}' does not use SAM; use auto, box or points.")
+    if mode == "points" and not any(label == 1 for label in (labels or [])):
+        raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pairs, e.g. 120,80; 200,150.")
+    emb = embed_image(sam, rgb, cache)
     if mode == "auto":
         probs = predict_auto(sam, emb)
-    elif mode in ("box", "points"):
-        if mode == "points" and not any(label == 1 for label in (labels or [])):
-            raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pairs, e.g. 120,80; 200,150.")
-        probs = predict_prompted(sam, emb, points, labels, box if mode == "box" else None)
     else:
-        raise DreamCacheError(f"prompt_mode '{mode}' does not use SAM; use auto, box or points.")
+        probs = predict_prompted(sam, emb, points, labels, box if mode == "box" else None)
     return probs.float().cpu()
 
 
-def predict_batch(sam, images_rgb: torch.Tensor, mode: str, box=None, points=None, labels=None, on_image=None) -> torch.Tensor:
+def predict_batch(sam, images_rgb: torch.Tensor, mode: str, box=None, points=None, labels=None, on_image=None,
+                  cache: EmbeddingCache | None = None) -> torch.Tensor:
     """``[B, H, W]`` probabilities for a batch ``[B, H, W, 3]``; ``on_image(i)`` is called before each image (progress,
     interruption)."""
     out = []
     for i in range(images_rgb.shape[0]):
         if on_image is not None:
             on_image(i)
-        out.append(predict(sam, images_rgb[i], mode, box=box, points=points, labels=labels))
+        out.append(predict(sam, images_rgb[i], mode, box=box, points=points, labels=labels, cache=cache))
     return torch.stack(out)

@@ -4,6 +4,7 @@ Protects: ViT-B/L/H are told apart from tensor shapes alone (built on the meta d
 are not SAM checkpoints (random safetensors, pickles with custom classes, text, wrong depth, extra keys) give one clear
 DreamCacheError and nothing is unpickled; predictions use exactly SamPredictor's preprocessing and prompt transforms
 (parity with segment_anything's own predictor on a tiny seeded SAM); auto mode is deterministic and sized right;
+an image seen before is not encoded again (and gives the same masks);
 the pack's core works, and says what to install, when segment_anything is missing.
 """
 from __future__ import annotations
@@ -179,6 +180,35 @@ def test_auto_mode_is_the_centre_point_refined_by_the_box_of_the_largest_confide
     ours = core_sam.predict(tiny, img, "auto")
     agree = ((ours > 0.5) == (expected > 0.5)).float().mean()
     assert agree > 0.97, agree
+
+
+class EncoderCounter:
+    def __init__(self, sam):
+        self.n = 0
+        self.handle = sam.image_encoder.register_forward_hook(self)
+
+    def __call__(self, *args):
+        self.n += 1
+
+
+def test_embedding_cache_skips_the_encoder_for_an_image_seen_before(tiny):
+    cache = core_sam.EmbeddingCache(max_items=2)
+    imgs = [_photo(40, 56, seed=s) for s in range(3)]
+    count = EncoderCounter(tiny)
+    try:
+        first = core_sam.predict(tiny, imgs[0], "box", box=(4, 4, 50, 30), cache=cache)
+        assert count.n == 1 and len(cache) == 1
+        again = core_sam.predict(tiny, imgs[0].clone(), "points", points=[(20, 20)], labels=[1], cache=cache)
+        assert count.n == 1  # same pixels, other prompt: decoder only
+        assert torch.equal(first, core_sam.predict(tiny, imgs[0], "box", box=(4, 4, 50, 30)))
+        assert torch.equal(again, core_sam.predict(tiny, imgs[0], "points", points=[(20, 20)], labels=[1]))
+        count.n = 0
+        core_sam.predict(tiny, imgs[1], "auto", cache=cache)
+        core_sam.predict(tiny, imgs[2], "auto", cache=cache)  # evicts imgs[0] (two entries kept)
+        core_sam.predict(tiny, imgs[0], "auto", cache=cache)
+        assert count.n == 3 and len(cache) == 2
+    finally:
+        count.handle.remove()
 
 
 def test_points_mode_without_a_positive_point_is_refused(tiny):

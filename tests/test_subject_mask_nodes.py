@@ -4,7 +4,8 @@ Protects: both nodes are registered with descriptions and a tooltip on every inp
 runs the full node path with a tiny seeded SAM (shapes, dtypes, value ranges, batches) and gives the same mask as the
 core SAM with the same prompts; SAM is a ModelPatcher loaded through comfy.model_management only when used; mask mode
 never requests, loads or runs SAM (check_lazy_status, and a real ComfyUI graph whose SAM file is not even a SAM); the
-loader detects and strictly loads a checkpoint from models/sams and refuses a non-SAM file clearly; SubjectMask's
+loader detects and strictly loads a checkpoint from models/sams and refuses a non-SAM file clearly; changing only
+mask options or prompts does not re-run SAM's image encoder; SubjectMask's
 output feeds BuildFeatureCache in a real graph (the cache is built from it); an unchanged graph does not re-run SAM.
 """
 from __future__ import annotations
@@ -139,6 +140,24 @@ def test_batch_images_are_segmented_one_by_one(tiny_sam):
     assert torch.allclose(both[1], second[0], atol=1e-6)  # image 2 of the batch is segmented on its own
     assert not torch.equal(both[0], both[1])  # not one mask broadcast to the batch
     assert ((both > 0) & (both < 1)).any()  # feathered edges
+
+
+def test_changing_only_mask_options_does_not_re_encode_the_image(tiny_sam):
+    """Tweaking threshold, grow, feather, layout or the prompts re-runs the node but not SAM's image encoder."""
+    img = photo(1, seed=11)
+    calls = []
+    handle = tiny_sam.patcher.model.sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        _, m1 = run_node("DreamCacheSubjectMask", image=img, prompt_mode="auto", sam=tiny_sam, threshold=0.5)
+        assert len(calls) == 1
+        _, m2 = run_node("DreamCacheSubjectMask", image=img, prompt_mode="auto", sam=tiny_sam, threshold=0.45, feather=3)
+        run_node("DreamCacheSubjectMask", image=img, prompt_mode="box", sam=tiny_sam, box_x=5, box_y=5, box_width=30, box_height=30)
+        assert len(calls) == 1
+        run_node("DreamCacheSubjectMask", image=photo(1, seed=12), prompt_mode="auto", sam=tiny_sam)
+        assert len(calls) == 2
+    finally:
+        handle.remove()
+    assert not torch.equal(m1, m2)
 
 
 def test_odd_inputs_through_the_node(tiny_sam):

@@ -1,8 +1,10 @@
 """SAM under ComfyUI's model management: the loaded SAM is wrapped in a ModelPatcher and loaded onto the compute
-device only when SubjectMask runs it (ComfyUI offloads it later like any other model)."""
+device only when SubjectMask runs it (ComfyUI offloads it later like any other model). Each loaded SAM keeps the
+embeddings of the last few images it encoded, so re-running SubjectMask with other prompts or mask options on the
+same photo skips the image encoder."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +28,7 @@ class SamModel:
     patcher: object  # comfy.model_patcher.ModelPatcher around a SamHolder
     variant: str
     name: str
+    embeddings: core_sam.EmbeddingCache = field(default_factory=core_sam.EmbeddingCache)  # last images SAM encoded
 
     def __repr__(self):
         return f"SamModel({self.name!r}, {self.variant})"
@@ -77,6 +80,6 @@ def segment(sam: SamModel, images_rgb: torch.Tensor, mode: str, box=None, points
         if i:
             bar.update(1)
 
-    probs = core_sam.predict_batch(module, images_rgb, mode, box=box, points=points, labels=labels, on_image=on_image)
+    probs = core_sam.predict_batch(module, images_rgb, mode, box=box, points=points, labels=labels, on_image=on_image, cache=sam.embeddings)
     bar.update(1)
     return probs.to(mm.intermediate_device())
