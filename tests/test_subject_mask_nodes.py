@@ -241,7 +241,7 @@ def test_loader_detects_loads_and_wraps_in_a_model_patcher(core, tiny_sam, sams_
     assert node("DreamCacheSAMLoader").fingerprint_inputs(sam_name="tiny_sam.pth") != fp
 
 
-def test_loader_refuses_non_sam_and_missing_files(core, sams_dir):
+def test_loader_refuses_non_sam_and_missing_files(core, sams_dir, models_dir):
     from safetensors.torch import save_file
 
     save_file({"weight": torch.randn(3, 3)}, str(sams_dir / "not_sam.safetensors"))
@@ -249,6 +249,11 @@ def test_loader_refuses_non_sam_and_missing_files(core, sams_dir):
         run_node("DreamCacheSAMLoader", sam_name="not_sam.safetensors")
     with pytest.raises(core.errors.DreamCacheError, match="'nope.pth' was not found in .*sams"):
         run_node("DreamCacheSAMLoader", sam_name="nope.pth")
+    # a typed path never leaves the sams folder
+    (models_dir / "outside.pth").write_bytes(b"x")
+    for name in ("../outside.pth", str(models_dir / "outside.pth")):
+        with pytest.raises(core.errors.DreamCacheError, match="was not found in"):
+            run_node("DreamCacheSAMLoader", sam_name=name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
