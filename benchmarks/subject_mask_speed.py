@@ -49,8 +49,11 @@ def main():
     ap.add_argument("--size", type=int, default=1024, help="side of the square test image in pixels")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     sa = core_sam.require_segment_anything()
