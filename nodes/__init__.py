@@ -9,6 +9,7 @@ from .cache_files import DreamCacheCombine, DreamCacheLoad, DreamCacheSave
 from .loader import DreamCacheLoader
 from .paths import register_folders
 from .sampling import DreamCacheDualGuidanceSampler, DreamCacheGuider
+from .subject_mask import DreamCacheSAMLoader, DreamCacheSubjectMask
 
 register_folders()
 
@@ -21,6 +22,8 @@ NODES: list[type[io.ComfyNode]] = [
     DreamCacheSave,
     DreamCacheLoad,
     DreamCacheCombine,
+    DreamCacheSAMLoader,
+    DreamCacheSubjectMask,
 ]
 
 

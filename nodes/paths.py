@@ -5,8 +5,10 @@ import os
 
 ADAPTERS = "dreamcache"  # models/dreamcache: adapter files
 CACHES = "dreamcache_caches"  # models/dreamcache_caches: saved feature caches
+SAMS = "sams"  # models/sams: Segment Anything checkpoints (the folder name other packs use too: shared)
 ADAPTER_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
 CACHE_EXTENSIONS = {".safetensors"}
+SAM_EXTENSIONS = {".pth", ".pt", ".safetensors", ".sft", ".bin", ".ckpt"}
 
 
 def _register(name: str, extensions: set[str]):
@@ -26,6 +28,7 @@ def _register(name: str, extensions: set[str]):
 def register_folders():
     _register(ADAPTERS, ADAPTER_EXTENSIONS)
     _register(CACHES, CACHE_EXTENSIONS)
+    _register(SAMS, SAM_EXTENSIONS)  # kept as is (paths added, extensions merged) when another pack registered it
 
 
 def safe_output_path(base_dir: str, prefix: str, extension: str = ".safetensors") -> str:

@@ -3,3 +3,4 @@ from comfy_api.latest import io
 
 Adapter = io.Custom("DREAMCACHE_ADAPTER")
 Cache = io.Custom("DREAMCACHE_CACHE")
+Sam = io.Custom("DREAMCACHE_SAM")
