@@ -13,6 +13,7 @@ from ..dreamcache.comfy import sam as sam_glue
 from ..dreamcache.errors import DreamCacheError
 from . import paths
 from .types import Sam
+from .validation import combo_check
 
 
 class DreamCacheSAMLoader(io.ComfyNode):
@@ -31,6 +32,15 @@ class DreamCacheSAMLoader(io.ComfyNode):
             ],
             outputs=[Sam.Output(display_name="sam", tooltip="The SAM model, for DreamCacheSubjectMask (loaded on the GPU only when used).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, sam_name):
+        return combo_check(cls, sam_name=sam_name)
+
+    @classmethod
+    def combo_error(cls, name, value):
+        folders = ", ".join(folder_paths.get_folder_paths(paths.SAMS))
+        return f"SAM checkpoint '{value}' was not found in {folders}; put it there (see the README's SAM table) and refresh."
 
     @classmethod
     def fingerprint_inputs(cls, sam_name):
@@ -97,6 +107,10 @@ class DreamCacheSubjectMask(io.ComfyNode):
                 io.Mask.Output(display_name="mask", tooltip="The final subject mask (after threshold, grow and feather) at the input image's size, 1 = subject."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, prompt_mode="auto", layout="train"):
+        return combo_check(cls, prompt_mode=prompt_mode, layout=layout)
 
     @classmethod
     def check_lazy_status(cls, image=None, prompt_mode="auto", **kwargs):

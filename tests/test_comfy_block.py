@@ -13,7 +13,7 @@ from helpers import core_module, random_adapter
 
 PERMANENT_IDS = {
     "DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider", "DreamCacheDualGuidanceSampler",
-    "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine",
+    "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine", "DreamCacheSAMLoader", "DreamCacheSubjectMask",
 }
 
 

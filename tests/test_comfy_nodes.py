@@ -373,6 +373,10 @@ def test_combo_inputs_are_validated_at_prompt_time(sd1, models_dir):
     assert "mode: 'nested'" in validate("DreamCacheGuider", mode="nested")
     assert "dtype: 'fp8'" in validate("DreamCacheSave", dtype="fp8")
     assert validate("DreamCacheLoad", cache_name="missing.safetensors").startswith("Cache 'missing.safetensors' was not found")
-    for node_id in ("DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheDualGuidanceSampler", "DreamCacheGuider", "DreamCacheSave", "DreamCacheLoad"):
+    assert "prompt_mode: 'magic'" in validate("DreamCacheSubjectMask", prompt_mode="magic")
+    assert validate("DreamCacheSubjectMask", prompt_mode="mask", layout="keep") is True
+    assert validate("DreamCacheSAMLoader", sam_name="none.pth").startswith("SAM checkpoint 'none.pth' was not found")
+    for node_id in ("DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheDualGuidanceSampler", "DreamCacheGuider", "DreamCacheSave",
+                    "DreamCacheLoad", "DreamCacheSubjectMask", "DreamCacheSAMLoader"):
         spec = inspect.getfullargspec(node(node_id).validate_inputs)
         assert spec.varkw is None, f"{node_id}.validate_inputs must not take **kwargs (ComfyUI would skip its own checks)"
