@@ -3,7 +3,8 @@
 1. Installs the packages of requirements.txt into *this* Python if they are missing (never torch: ComfyUI
    provides it). Nothing else is downloaded: model files are never fetched automatically.
 2. Creates the model folders: models/dreamcache (adapters), models/dreamcache_caches (saved subject caches),
-   models/sams (SAM checkpoints, shared with other packs).
+   models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ into
+   ComfyUI's input folder (never overwriting), so the example workflows open with their images loaded.
 3. Prints which model files are still missing and where to get them.
 
     python install.py [--comfyui PATH] [--no-install]
@@ -97,6 +98,19 @@ def model_report(models_dir: str) -> list[str]:
     return lines
 
 
+def copy_examples(input_dir: str) -> list[str]:
+    import shutil
+
+    os.makedirs(input_dir, exist_ok=True)
+    copied = []
+    examples = os.path.join(HERE, "workflows")
+    for name in sorted(os.listdir(examples)):
+        if name.startswith("dreamcache_example_") and name.endswith(".png") and not os.path.exists(os.path.join(input_dir, name)):
+            shutil.copyfile(os.path.join(examples, name), os.path.join(input_dir, name))
+            copied.append(name)
+    return copied
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model checklist")
     ap.add_argument("--comfyui", help="ComfyUI directory (default: COMFYUI_PATH or the folder two levels up)")
@@ -124,6 +138,9 @@ def main(argv=None) -> int:
     for name in FOLDERS:
         os.makedirs(os.path.join(models, name), exist_ok=True)
     print(f"[DreamCache] model folders ready under {models}: {', '.join(FOLDERS)}")
+    copied = copy_examples(os.path.join(root, "input"))
+    if copied:
+        print(f"[DreamCache] example images copied to {os.path.join(root, 'input')}: {', '.join(copied)}")
     print("[DreamCache] model files (nothing is downloaded automatically):")
     print("\n".join(model_report(models)))
     return 0

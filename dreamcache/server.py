@@ -108,7 +108,7 @@ class Client:
         deadline = time.monotonic() + timeout
         ws = None
         try:
-            ws = WebSocket(self.url, self.client_id) if on_event else None
+            ws = WebSocket(self.url, f"/ws?clientId={self.client_id}") if on_event else None
         except OSError:
             ws = None
         try:
@@ -150,13 +150,14 @@ def describe_failure(entry: dict) -> str:
 
 
 class WebSocket:
-    """Just enough of RFC 6455 to read ComfyUI's progress messages (text frames; pings answered)."""
+    """Just enough of RFC 6455 for ComfyUI's progress messages and Chromium's DevTools protocol: JSON text frames
+    both ways, pings answered. ``url`` is http(s)/ws base URL; ``path`` the resource (``/ws?clientId=...``)."""
 
-    def __init__(self, url: str, client_id: str, timeout: float = 10):
+    def __init__(self, url: str, path: str, timeout: float = 10):
         u = urllib.parse.urlparse(url)
         self.sock = socket.create_connection((u.hostname, u.port or 80), timeout=timeout)
         key = base64.b64encode(os.urandom(16)).decode()
-        req = (f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        req = (f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n")
         self.sock.sendall(req.encode())
         head = b""
@@ -180,9 +181,19 @@ class WebSocket:
         return out
 
     def _send(self, opcode: int, payload: bytes = b""):
+        n = len(payload)
+        if n < 126:
+            head = bytes([0x80 | opcode, 0x80 | n])
+        elif n < 1 << 16:
+            head = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack(">H", n)
+        else:
+            head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack(">Q", n)
         mask = os.urandom(4)
-        head = bytes([0x80 | opcode, 0x80 | len(payload)])  # control frames only (< 126 bytes)
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        masked = (int.from_bytes(payload, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")).to_bytes(n + 4, "little")[:n] if n else b""
+        self.sock.sendall(head + mask + masked)
+
+    def send_json(self, obj):
+        self._send(1, json.dumps(obj).encode())
 
     def receive(self, timeout: float = 1.0) -> dict | None:
         """The next JSON text message, or None if none arrived within ``timeout``."""

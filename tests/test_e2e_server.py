@@ -48,7 +48,8 @@ def make_base_dir(base: Path):
     write_tiny_adapter(base / "models" / "dreamcache" / "tiny_sd1.safetensors", "sd1")
     write_tiny_adapter(base / "models" / "dreamcache" / "cross_attention-199999.pt", None, seed=1)
     (base / "input").mkdir()
-    shutil.copy(SUBJECT, base / "input" / SUBJECT.name)
+    for img in (ROOT / "workflows").glob("*.png"):
+        shutil.copy(img, base / "input" / img.name)
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,13 @@ def test_object_info_lists_every_node_with_tooltips(server):
     from dreamcache.workflow import combo_options
 
     assert "tiny_sd1.safetensors" in combo_options(info["DreamCacheLoader"]["input"]["required"]["adapter_name"])
+
+
+def test_help_pages_are_served(server):
+    """The frontend's help panel fetches /extensions/<pack folder>/docs/<NodeId>.md."""
+    for node_id in PERMANENT_IDS:
+        served = server.client.get_bytes(f"/extensions/ComfyUI-DreamCache/docs/{node_id}.md")
+        assert served == (ROOT / "web" / "docs" / f"{node_id}.md").read_bytes()
 
 
 def test_graph_runs_to_a_saved_image(server):
@@ -150,3 +158,79 @@ def test_run_command_against_a_running_server(server, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "nope.seed=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "matches 0 nodes" in r.stderr
+
+
+# ---- the shipped workflows ----------------------------------------------------------------------------------------
+
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+SWAPS = {  # real loaders -> test-only tiny ones (same outputs, same order)
+    "CheckpointLoaderSimple": ("DreamCacheTestTinyCheckpoint", {"family": "sd2", "seed": 0}),
+    "DreamCacheSAMLoader": ("DreamCacheTestTinySAM", {"seed": 123}),
+    "ControlNetLoader": ("DreamCacheTestTinyControlNet", {"family": "sd2"}),
+}
+FAST = {  # small and quick on a CPU
+    "DreamCacheDualGuidanceSampler": {"steps": 2},
+    "BasicScheduler": {"steps": 2},
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+    "DreamCacheBuildFeatureCache": {"resolution": 64},
+    "DreamCacheSubjectMask": {"size": 64},
+}
+
+
+def tiny_prompt(workflow: dict, object_info: dict) -> dict:
+    from dreamcache.workflow import ui_to_api
+
+    prompt = ui_to_api(workflow, object_info)
+    for node in prompt.values():
+        if node["class_type"] in SWAPS:
+            node["class_type"], node["inputs"] = SWAPS[node["class_type"]][0], dict(SWAPS[node["class_type"]][1])
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+    return prompt
+
+
+def write_tiny_lora(path: Path):
+    """A kohya-style LoRA for the tiny SD2 U-Net (the LoRA workflow's placeholder file name)."""
+    import comfy.lora
+    from safetensors.torch import save_file
+    from tiny_models import make_model
+
+    model = make_model("sd2")
+    keymap = comfy.lora.model_lora_keys_unet(model.model, {})
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for lkey, wkey in keymap.items():
+        if lkey.startswith("lora_unet_") and ".transformer_blocks.0.attn1.to_" in wkey and wkey.endswith("weight"):
+            w = model.get_model_object(wkey)
+            sd[f"{lkey}.lora_up.weight"] = torch.randn(w.shape[0], 2, generator=g) * 0.3
+            sd[f"{lkey}.lora_down.weight"] = torch.randn(2, w.shape[1], generator=g) * 0.3
+            sd[f"{lkey}.alpha"] = torch.tensor(2.0)
+    assert sd
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def live_info(server):
+    write_tiny_lora(server.base / "models" / "loras" / "your_sd21_lora.safetensors")
+    return server.client.object_info()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_shipped_workflow_runs(server, live_info, path):
+    """Each shipped workflow, converted through the live /object_info, runs to its outputs."""
+    workflow = json.loads(path.read_text())
+    prompt = tiny_prompt(workflow, live_info)
+    entry = server.client.wait(server.client.queue(prompt), timeout=900)
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    if path.stem == "dreamcache_cache_library":
+        # group A saves the subject; then group B (muted in the file) reuses it without the reference image
+        caches = sorted((server.base / "models" / "dreamcache_caches").glob("my_subject_*.safetensors"))
+        assert caches
+        for n in workflow["nodes"]:
+            n["mode"] = 0
+            if n["type"] == "DreamCacheLoad":
+                n["widgets_values"][0] = caches[-1].name
+        info = server.client.object_info()
+        prompt = tiny_prompt(workflow, info)
+        entry = server.client.wait(server.client.queue(prompt), timeout=900)
+        saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file() for img in saved if img["type"] == "output")

@@ -28,6 +28,10 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
         assert (root / "models" / name).is_dir()
     assert r.stdout.count("MISSING") == 3
     assert "drive.google.com" in r.stdout and "dl.fbaipublicfiles.com" in r.stdout
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
+    (root / "input" / "dreamcache_example_subject.png").write_bytes(b"the user's own file")
+    run("--comfyui", root, "--no-install")
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"  # never overwritten
     (root / "models" / "dreamcache" / "cross_attention-199999.pt").write_bytes(b"x")
     r = run("--comfyui", root, "--no-install")
     assert "ok      dreamcache/: cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 2

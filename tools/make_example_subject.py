@@ -1,7 +1,9 @@
-"""Draws the example subject shipped with the workflows (a red mug with a star, on white), so the basic
-workflow opens with a subject loaded. Made by the project: no downloaded image. Re-run to regenerate:
+"""Draws the example images shipped with the workflows, made by the project (no downloaded image):
 
-    python tools/make_example_subject.py workflows/dreamcache_example_subject.png
+* workflows/dreamcache_example_subject.png: a red mug with a star, on white (the basic workflow opens with it);
+* workflows/dreamcache_example_depth.png: a depth map (near = bright) of a mug on a table, the ControlNet example's hint.
+
+    python tools/make_example_subject.py
 """
 import math
 import sys
@@ -44,7 +46,22 @@ def mug(size=S):
     return img
 
 
+def depth(size=S):
+    """Near = bright: a table plane receding upwards and a mug-shaped cylinder standing on it, seen from the left."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    table = np.clip((yy - 0.35 * size) / (0.65 * size), 0, 1) * 150 + 40
+    img = np.where(yy > 0.35 * size, table, 25.0)
+    cx, half, top, bottom = 0.42 * size, 0.16 * size, 0.28 * size, 0.78 * size
+    body = (np.abs(xx - cx) <= half) & (yy >= top) & (yy <= bottom)
+    curv = np.sqrt(np.clip(1 - ((xx - cx) / half) ** 2, 0, 1))
+    img = np.where(body, 170 + 70 * curv, img)
+    handle = (np.abs(np.hypot(xx - (cx + half), yy - 0.52 * size) - 0.085 * size) < 0.022 * size) & (xx > cx + half)
+    img = np.where(handle, 185.0, img)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(2)).convert("RGB")
+
+
 if __name__ == "__main__":
-    out = sys.argv[1] if len(sys.argv) > 1 else "workflows/dreamcache_example_subject.png"
-    mug().save(out, optimize=True)
-    print("wrote", out)
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else "workflows"
+    for name, img in (("dreamcache_example_subject.png", mug()), ("dreamcache_example_depth.png", depth())):
+        img.save(f"{out_dir}/{name}", optimize=True)
+        print("wrote", f"{out_dir}/{name}")

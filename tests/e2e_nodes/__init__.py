@@ -49,7 +49,37 @@ class DreamCacheTestTinyControlNet:
         return (_cached(("cn", family), lambda: tiny_models.make_controlnet(family)),)
 
 
+def _pack_module(name: str):
+    """A submodule of the DreamCache pack as this server loaded it (so its types are the ones the nodes check)."""
+    import importlib
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and os.path.realpath(f) == os.path.join(root, "__init__.py") and hasattr(mod, "comfy_entrypoint"):
+            return importlib.import_module(f"{mod.__name__}.{name}")
+    raise RuntimeError("the DreamCache pack is not loaded in this server")
+
+
+class DreamCacheTestTinySAM:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 123, "min": 0, "max": 1000, "tooltip": "weight seed"})}}
+
+    RETURN_TYPES = ("DREAMCACHE_SAM",)
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Tiny random-weight SAM for tests."
+
+    def load(self, seed):
+        import tiny_sam
+
+        glue = _pack_module("dreamcache.comfy.sam")
+        return (_cached(("sam", seed), lambda: glue.wrap_sam(tiny_sam.make_tiny_sam(seed=seed), "tiny", "tiny-sam")),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "DreamCacheTestTinySAM": DreamCacheTestTinySAM,
     "DreamCacheTestTinyCheckpoint": DreamCacheTestTinyCheckpoint,
     "DreamCacheTestTinyControlNet": DreamCacheTestTinyControlNet,
 }

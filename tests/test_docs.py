@@ -1,0 +1,49 @@
+"""Node help pages (web/docs/<NodeId>.md, shown in the node's help panel) and the README (no ComfyUI needed).
+
+Protects: every node of the pack has a help page that names each of its inputs (checked against the /object_info
+snapshot, so a new input without documentation fails), and the README keeps its promises: the test command CI runs,
+every node id, the model files of the shipped workflows, a dated changelog.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+INFO = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").read_text())["object_info"]
+OUR_NODES = sorted(k for k in INFO if k.startswith("DreamCache"))
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("node_id", OUR_NODES)
+def test_help_page_documents_every_input(node_id):
+    page = ROOT / "web" / "docs" / f"{node_id}.md"
+    assert page.is_file(), f"{page} is missing"
+    text = page.read_text()
+    assert text.startswith("# ") and len(text) > 300
+    for section in ("required", "optional"):
+        for name in INFO[node_id]["input"].get(section, {}):
+            assert f"`{name}`" in text, f"{node_id}'s help page does not explain input '{name}'"
+
+
+def test_readme_lists_every_node_and_the_test_command():
+    for node_id in OUR_NODES:
+        assert f"`{node_id}`" in README, f"README's node reference lacks {node_id}"
+    ci = (ROOT / ".ci" / "run").read_text()
+    command = re.search(r"^python -m pytest.*$", ci, re.M).group(0)
+    assert f"\n{command}\n" in README, "the README must give the exact test command .ci/run runs"
+    assert "python -m dreamcache run workflows/dreamcache_basic.json" in README
+
+
+def test_readme_names_the_model_files_of_the_workflows():
+    for wf in (ROOT / "workflows").glob("*.json"):
+        for m in json.loads(wf.read_text())["models"]:
+            assert m["name"] in README, f"{m['name']} ({wf.name}) is not in the README's model table"
+
+
+def test_changelog_is_dated():
+    log = README.split("## Changelog", 1)[1]
+    assert re.search(r"^### \d+\.\d+\.\d+ — \d{4}-\d{2}-\d{2}$", log, re.M)

@@ -1,0 +1,385 @@
+"""Builds the example workflows in workflows/ (UI format 0.4, as the ComfyUI frontend saves them).
+
+    python tools/build_workflows.py          # rewrite workflows/*.json from the definitions below
+
+Widget values, input/output sockets and their order come from the /object_info snapshot in tests/data (refreshed by
+tools/snapshot_object_info.py), so a generated file is what the frontend itself would save for these nodes. The
+thumbnails (same name, .jpg) are screenshots of each workflow in a real browser: tools/screenshot_workflows.py.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dreamcache import __version__  # noqa: E402
+from dreamcache.workflow import input_specs, widget_slots  # noqa: E402
+
+SNAPSHOT = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").read_text())
+INFO = SNAPSHOT["object_info"]
+COMFY_VERSION = SNAPSHOT["comfyui_version"]
+
+CKPT = {"name": "v2-1_512-ema-pruned.safetensors", "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
+        "directory": "checkpoints"}
+ADAPTER = {"name": "cross_attention-199999.pt", "url": "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K", "directory": "dreamcache"}
+SAM = {"name": "sam_vit_b_01ec64.pth", "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "directory": "sams"}
+#: Any SD 2.x LoRA works, and there is no one public file to point at, so it is a placeholder name (not in the
+#: workflow's models list, whose entries the frontend requires to carry a download url).
+LORA_PLACEHOLDER = "your_sd21_lora.safetensors"
+CONTROLNET = {"name": "control_v11p_sd21_depth.safetensors", "url": "https://huggingface.co/thibaud/controlnet-sd21/resolve/main/control_v11p_sd21_depth.safetensors",
+              "directory": "controlnet"}
+SUBJECT = "dreamcache_example_subject.png"
+DEPTH = "dreamcache_example_depth.png"
+OFFICIAL_NEGATIVE = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
+NEGATIVE = "blurry, low quality, deformed, watermark, text"
+
+
+VIEW_SCALE = 0.7
+
+
+def bounding_box(nodes: list[dict], groups: list[dict]) -> tuple[float, float, float, float]:
+    """Canvas box around every node (title bar included) and group of a UI-format workflow."""
+    boxes = [(d["pos"][0], d["pos"][1] - 30, d["pos"][0] + d["size"][0], d["pos"][1] + d["size"][1]) for d in nodes]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2], g["bounding"][1] + g["bounding"][3]) for g in groups]
+    return min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)
+
+
+class Node:
+    def __init__(self, wf, nid, kind, pos, widgets, title=None, mode=0, models=None, size=None, color=None):
+        self.wf, self.id, self.kind, self.pos, self.title, self.mode = wf, nid, kind, list(pos), title, mode
+        self.widgets, self.models, self.size, self.color = dict(widgets or {}), models, size, color
+        self.inputs = {}  # name -> link id
+        self.outputs = {}  # slot -> [link ids]
+
+    def out(self, name_or_slot) -> tuple["Node", int]:
+        if isinstance(name_or_slot, int):
+            return self, name_or_slot
+        names = INFO[self.kind].get("output_name") or INFO[self.kind]["output"]
+        return self, list(names).index(name_or_slot)
+
+
+class Workflow:
+    def __init__(self, name):
+        self.name, self.nodes, self.links, self.groups = name, [], [], []
+
+    def add(self, kind, pos, widgets=None, **kw) -> Node:
+        if kind not in ("Note", "MarkdownNote") and kind not in INFO:
+            raise KeyError(f"{kind} is not in the object_info snapshot")
+        n = Node(self, len(self.nodes) + 1, kind, pos, widgets, **kw)
+        self.nodes.append(n)
+        return n
+
+    def note(self, text, pos, size=(360, 160), color="#432"):
+        return self.add("MarkdownNote", pos, {"text": text}, size=size, color=color)
+
+    def link(self, src, dst: Node, input_name: str):
+        node, slot = src if isinstance(src, tuple) else src.out(0)
+        lid = len(self.links) + 1
+        out_type = (INFO[node.kind]["output"])[slot]
+        self.links.append([lid, node.id, slot, dst.id, input_name, out_type])
+        node.outputs.setdefault(slot, []).append(lid)
+        dst.inputs[input_name] = lid
+
+    def group(self, title, bounding, color="#3f789e"):
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color, "font_size": 24, "flags": {}})
+
+    # ---- serialisation ---------------------------------------------------------------------------------------
+    def _node_json(self, n: Node, order: int, slots: dict) -> dict:
+        if n.kind in ("Note", "MarkdownNote"):
+            return {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size), "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+                    "properties": {}, "widgets_values": [n.widgets["text"]], "color": n.color, "bgcolor": "#653"}
+        info = INFO[n.kind]
+        inputs, values = [], []
+        for name, spec, section in input_specs(info):
+            is_widget, extra = widget_slots(spec)
+            typ = spec[0] if isinstance(spec[0], str) else "COMBO"
+            if is_widget:
+                if name not in n.widgets:
+                    default = spec[1].get("default") if len(spec) > 1 and isinstance(spec[1], dict) else None
+                    if default is None and typ == "COMBO":
+                        opts = spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
+                        default = opts[0] if opts else None
+                    if default is None:
+                        raise KeyError(f"{n.kind}.{name} needs a value in workflow {self.name}")
+                    n.widgets[name] = default
+                values.append(n.widgets[name])
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if opts.get("control_after_generate"):
+                    values.append("fixed")
+                for k, v in opts.items():
+                    if k.endswith("_upload") and v is True:
+                        values.append(k.split("_")[0])
+                if name in n.inputs:
+                    slots[(n.id, name)] = len(inputs)
+                    inputs.append({"name": name, "type": typ, "widget": {"name": name}, "link": n.inputs[name]})
+            else:
+                if name in n.inputs or section == "required":
+                    slots[(n.id, name)] = len(inputs)
+                    inputs.append({"name": name, "type": typ, "link": n.inputs.get(name)})
+        unknown = set(n.widgets) - {name for name, _s, _sec in input_specs(info)}
+        if unknown:
+            raise KeyError(f"{n.kind} has no inputs {unknown} (workflow {self.name})")
+        names = info.get("output_name") or info["output"]
+        outputs = [{"name": names[i], "type": t, "links": n.outputs.get(i, []), "slot_index": i} for i, t in enumerate(info["output"])]
+        pack = n.kind.startswith("DreamCache")
+        props = {"Node name for S&R": n.kind, "cnr_id": "comfyui-dreamcache" if pack else "comfy-core", "ver": __version__ if pack else COMFY_VERSION}
+        if n.models:
+            props["models"] = n.models
+        height = 46 + 24 * (len(inputs) + len(values) + len(outputs))
+        d = {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size or (320, height)), "flags": {}, "order": order, "mode": n.mode,
+             "inputs": inputs, "outputs": outputs, "properties": props, "widgets_values": values}
+        if n.title:
+            d["title"] = n.title
+        if n.color:
+            d["color"] = n.color
+        return d
+
+    def to_json(self, models) -> dict:
+        # execution order: a topological order of the links (the frontend stores one in "order")
+        deps = {n.id: {self.links[l - 1][1] for l in n.inputs.values()} for n in self.nodes}
+        order, done = [], set()
+        while len(order) < len(self.nodes):
+            ready = [n.id for n in self.nodes if n.id not in done and deps[n.id] <= done]
+            order += ready
+            done |= set(ready)
+        slots = {}
+        nodes = {n.id: self._node_json(n, order.index(n.id), slots) for n in self.nodes}
+        links = [[lid, o, os_, t, slots[(t, name)], typ] for lid, o, os_, t, name, typ in self.links]
+        # open at a readable zoom (the frontend drops node text below ~0.6) with the top-left of the graph in view
+        x0, y0, _x1, _y1 = bounding_box(list(nodes.values()), self.groups)
+        ds = {"scale": VIEW_SCALE, "offset": [round(40 - x0), round(40 - y0)]}
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-dreamcache/{self.name}")),
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": [nodes[n.id] for n in self.nodes],
+            "links": links,
+            "groups": self.groups,
+            "config": {},
+            "extra": {"ds": ds, "frontendVersion": "1.27.10"},
+            "models": models,
+            "version": 0.4,
+        }
+
+
+# ---- shared pieces ----------------------------------------------------------------------------------------------
+
+def checkpoint(wf, pos=(0, 0)):
+    return wf.add("CheckpointLoaderSimple", pos, {"ckpt_name": CKPT["name"]}, models=[CKPT])
+
+
+def subject_chain(wf, ckpt, x=0, y=260, with_mask=True):
+    """LoadImage -> (SAM) SubjectMask -> BuildFeatureCache; returns (adapter loader, cache builder)."""
+    adapter = wf.add("DreamCacheLoader", (x, y + 560), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER])
+    image = wf.add("LoadImage", (x, y), {"image": SUBJECT}, title="Subject photo")
+    build = wf.add("DreamCacheBuildFeatureCache", (x + 820, y + 180), {"seed": 0, "resolution": 512, "fit": "pad", "batch_mode": "concat"})
+    if with_mask:
+        sam = wf.add("DreamCacheSAMLoader", (x + 380, y), {"sam_name": SAM["name"]}, models=[SAM])
+        mask = wf.add("DreamCacheSubjectMask", (x + 380, y + 150), {"prompt_mode": "auto", "layout": "train", "size": 512})
+        wf.link(image.out("IMAGE"), mask, "image")
+        wf.link(sam, mask, "sam")
+        wf.link(mask.out(0), build, "image")
+    else:
+        wf.link(image.out("IMAGE"), build, "image")
+    wf.link(ckpt.out("MODEL"), build, "model")
+    wf.link(ckpt.out("VAE"), build, "vae")
+    wf.link(ckpt.out("CLIP"), build, "clip")
+    wf.link(adapter, build, "adapter")
+    return adapter, build
+
+
+def prompts(wf, ckpt, x, y, positive, negative=NEGATIVE):
+    pos = wf.add("CLIPTextEncode", (x, y), {"text": positive}, title="Prompt", size=(400, 160))
+    neg = wf.add("CLIPTextEncode", (x, y + 200), {"text": negative}, title="Negative prompt", size=(400, 130))
+    wf.link(ckpt.out("CLIP"), pos, "clip")
+    wf.link(ckpt.out("CLIP"), neg, "clip")
+    return pos, neg
+
+
+def sample_and_save(wf, model_src, pos, neg, ckpt, x, y, prefix, steps=30, text=7.5, image=5.0, mode="combined", sampler="ddim", scheduler="ddim_uniform",
+                    batch=1, width=512, height=512, seed=42):
+    latent = wf.add("EmptyLatentImage", (x, y + 420), {"width": width, "height": height, "batch_size": batch})
+    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x + 360, y), {"seed": seed, "steps": steps, "sampler_name": sampler, "scheduler": scheduler,
+                                                                          "denoise": 1.0, "text_scale": text, "image_scale": image, "mode": mode})
+    wf.link(model_src, sampler_node, "model")
+    wf.link(pos, sampler_node, "positive")
+    wf.link(neg, sampler_node, "negative")
+    wf.link(latent, sampler_node, "latent_image")
+    decode = wf.add("VAEDecode", (x + 720, y))
+    wf.link(sampler_node, decode, "samples")
+    wf.link(ckpt.out("VAE"), decode, "vae")
+    save = wf.add("SaveImage", (x + 960, y), {"filename_prefix": prefix}, size=(420, 460))
+    wf.link(decode, save, "images")
+    return sampler_node, save
+
+
+SCALES_NOTE = ("### The two scales\n**text_scale** (s_T) is the usual CFG strength of the prompt. **image_scale** (s_I) is how strongly the "
+               "cached subject steers the image: 0 ignores it, the reference demo uses 5.0, its DreamBench runs 0.4. "
+               "`combined` runs three model calls per step; `joint` uses one scale for both (two calls).")
+
+
+# ---- the workflows ----------------------------------------------------------------------------------------------
+
+def basic():
+    wf = Workflow("dreamcache_basic")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0})
+    wf.link(ckpt.out("MODEL"), apply_, "model")
+    wf.link(adapter, apply_, "adapter")
+    wf.link(build, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on a wooden table in a sunny kitchen, high quality")
+    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_basic")
+    preview = wf.add("PreviewImage", (820, 820), title="What the model sees (reference)", size=(320, 340))
+    wf.link(build.out(1), preview, "images")
+    wf.note("### 1 · Subject\nLoad a photo of your subject. **Subject Mask** cuts it out with SAM and lays it out the way the adapter was "
+            "trained: alone on white, centred. Already on white? Use prompt_mode `mask` or wire the image straight to the cache.", (0, -230))
+    wf.note("### 2 · Cache once\n**Build Feature Cache** runs the model one time on the subject (timestep 1, empty prompt) and keeps the "
+            "features the adapter reads. It re-runs only when the subject, model or adapter change.", (820, -60))
+    wf.note("### 3 · Personalise\n**Apply DreamCache** patches a copy of the model; any sampler works with it. **strength** 1 is the method as "
+            "trained, 0 the plain model. Name the subject with a plain word in the prompt (\"a mug\"): no special token is needed.", (1260, -60))
+    wf.note(SCALES_NOTE, (1720, -60), size=(420, 200))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def official_sd21():
+    wf = Workflow("dreamcache_official_sd21")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    build.widgets["fit"] = "stretch"  # the reference scripts resize the whole picture to 512x512
+    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
+    wf.link(ckpt.out("MODEL"), apply_, "model")
+    wf.link(adapter, apply_, "adapter")
+    wf.link(build, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a mug on top of a mirror", OFFICIAL_NEGATIVE)
+    wf.link(neg, build, "conditioning")  # the official scripts build the cache with the negative prompt
+    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_official", steps=50, text=7.5, image=5.0, batch=4)
+    wf.note("### Reference settings (SD 2.1-base)\nAs the authors' demo runs: 50 DDIM steps (eta 0), text_scale 7.5, image_scale 5.0, "
+            "a batch of 4 at 512², the reference resized to 512² (fit `stretch`) and cached with the negative prompt. "
+            "Their DreamBench numbers use image_scale 0.4.", (1260, -60), size=(440, 190))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def lora():
+    wf = Workflow("dreamcache_lora")
+    ckpt = checkpoint(wf, (0, 0))
+    lora_ = wf.add("LoraLoader", (380, -200), {"lora_name": LORA_PLACEHOLDER, "strength_model": 0.8, "strength_clip": 0.8},
+                   title="LoRA (pick any SD 2.x LoRA you have)")
+    wf.link(ckpt.out("MODEL"), lora_, "model")
+    wf.link(ckpt.out("CLIP"), lora_, "clip")
+    adapter, build = subject_chain(wf, ckpt)
+    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
+    wf.link(lora_.out(0), apply_, "model")
+    wf.link(adapter, apply_, "adapter")
+    wf.link(build, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a watercolor painting of a mug, soft colors")
+    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_lora")
+    wf.note("### LoRA + DreamCache\nThe LoRA changes the style, DreamCache keeps the subject. `your_sd21_lora.safetensors` is a placeholder: "
+            "pick any LoRA made for your checkpoint's family (SD 2.x here) from models/loras. It can go before or after Apply DreamCache; "
+            "the cache is built on the plain model.", (820, -260), size=(400, 190))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def controlnet():
+    wf = Workflow("dreamcache_controlnet")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
+    wf.link(ckpt.out("MODEL"), apply_, "model")
+    wf.link(adapter, apply_, "adapter")
+    wf.link(build, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on a marble counter, studio light")
+    cn = wf.add("ControlNetLoader", (1260, 900), {"control_net_name": CONTROLNET["name"]}, models=[CONTROLNET])
+    hint = wf.add("LoadImage", (1260, 1020), {"image": DEPTH}, title="Depth map (any pose/depth/edge hint)")
+    cna = wf.add("ControlNetApplyAdvanced", (1720, 700), {"strength": 0.8, "start_percent": 0.0, "end_percent": 0.8})
+    wf.link(pos, cna, "positive")
+    wf.link(neg, cna, "negative")
+    wf.link(cn, cna, "control_net")
+    wf.link(hint.out("IMAGE"), cna, "image")
+    wf.link(ckpt.out("VAE"), cna, "vae")
+    sample_and_save(wf, apply_.out(0), cna.out(0), cna.out(1), ckpt, 2100, 200, "dreamcache_controlnet")
+    wf.note("### ControlNet + DreamCache\nThe ControlNet fixes the layout (here a depth map), DreamCache the subject, the prompt the rest. "
+            "Use a ControlNet for your checkpoint's family (SD 2.1: e.g. the thibaud/controlnet-sd21 models).", (1720, 420), size=(400, 170))
+    return wf, [CKPT, ADAPTER, SAM, CONTROLNET]
+
+
+def cache_library():
+    wf = Workflow("dreamcache_cache_library")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    save = wf.add("DreamCacheSave", (1260, 330), {"filename_prefix": "my_subject", "dtype": "fp16"})
+    wf.link(build, save, "cache")
+    wf.group("A · Build and save the subject once", (-30, 170, 1720, 800))
+    load = wf.add("DreamCacheLoad", (0, 1200), {"cache_name": "my_subject_00001.safetensors"}, mode=2)
+    adapter2 = wf.add("DreamCacheLoader", (0, 1340), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER], mode=2)
+    apply_ = wf.add("DreamCacheApply", (420, 1200), {"strength": 1.0}, mode=2)
+    wf.link(ckpt.out("MODEL"), apply_, "model")
+    wf.link(adapter2, apply_, "adapter")
+    wf.link(load, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 420, 1450, "a photo of a mug floating in space, stars in the background")
+    for n in (pos, neg):
+        n.mode = 2
+    s, save_img = sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 880, 1200, "dreamcache_library")
+    for n in wf.nodes[-4:]:
+        n.mode = 2
+    wf.group("B · Use a saved subject (no reference image needed)", (-20, 1120, 2280, 800), color="#88a")
+    wf.note("### A library of subjects\nRun once: group A saves `my_subject_00001.safetensors` to models/dreamcache_caches. Then mute group A, "
+            "unmute group B (Ctrl+M) and pick the saved cache: the subject is reused without its photo, SAM or the cache pass. Caches "
+            "are small (≈6 MB per subject in fp16) and can be shared.", (1260, 520), size=(420, 220))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def custom_sampling():
+    wf = Workflow("dreamcache_custom_sampling")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
+    wf.link(ckpt.out("MODEL"), apply_, "model")
+    wf.link(adapter, apply_, "adapter")
+    wf.link(build, apply_, "cache")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug in the snow, golden hour")
+    guider = wf.add("DreamCacheGuider", (1720, 0), {"text_scale": 7.5, "image_scale": 5.0, "mode": "combined"})
+    wf.link(apply_, guider, "model")
+    wf.link(pos, guider, "positive")
+    wf.link(neg, guider, "negative")
+    noise = wf.add("RandomNoise", (1720, 300), {"noise_seed": 42})
+    ks = wf.add("KSamplerSelect", (1720, 420), {"sampler_name": "dpmpp_2m"})
+    sched = wf.add("BasicScheduler", (1720, 540), {"scheduler": "karras", "steps": 30, "denoise": 1.0})
+    wf.link(apply_, sched, "model")
+    latent = wf.add("EmptyLatentImage", (1720, 720), {"width": 512, "height": 512, "batch_size": 1})
+    sca = wf.add("SamplerCustomAdvanced", (2100, 200))
+    wf.link(noise, sca, "noise")
+    wf.link(guider, sca, "guider")
+    wf.link(ks, sca, "sampler")
+    wf.link(sched, sca, "sigmas")
+    wf.link(latent, sca, "latent_image")
+    decode = wf.add("VAEDecode", (2460, 200))
+    wf.link(sca.out(0), decode, "samples")
+    wf.link(ckpt.out("VAE"), decode, "vae")
+    save = wf.add("SaveImage", (2700, 200), {"filename_prefix": "dreamcache_custom"}, size=(420, 460))
+    wf.link(decode, save, "images")
+    wf.note("### Custom sampling\n**DreamCache Guider** gives SamplerCustomAdvanced the same two-scale guidance as Dual Guidance Sampler, "
+            "so any sampler, scheduler or sigma schedule can be used.\n\n" + SCALES_NOTE, (1720, -330), size=(440, 300))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+WORKFLOWS = [basic, official_sd21, lora, controlnet, cache_library, custom_sampling]
+
+
+def main():
+    out_dir = ROOT / "workflows"
+    for make in WORKFLOWS:
+        wf, models = make()
+        data = wf.to_json(models)
+        path = out_dir / f"{wf.name}.json"
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {path.relative_to(ROOT)} ({len(data['nodes'])} nodes, {len(data['links'])} links)")
+
+
+if __name__ == "__main__":
+    main()
