@@ -168,14 +168,17 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--attention", choices=["comfy-default", "pytorch"], default="comfy-default",
+                    help="ComfyUI's attention for the whole model (ours uses the same): its default for the device, or --use-pytorch-cross-attention")
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
     dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(args.threads)
-    import_comfyui(args.comfyui, cpu=args.device == "cpu")
+    import_comfyui(args.comfyui, cpu=args.device == "cpu", **({"use_pytorch_cross_attention": True} if args.attention == "pytorch" else {}))
 
+    import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management as mm
     import comfy.samplers
 
@@ -202,7 +205,7 @@ def main(argv=None):
     sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(500.0)))
     results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name, "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
-                          "attention": __import__("comfy.ldm.modules.attention", fromlist=["x"]).optimized_attention.__name__}}
+                          "attention": comfy_attention.optimized_attention.__name__}}
 
     class OneEval(comfy.samplers.CFGGuider):
         def predict_noise(self, x, timestep, model_options={}, seed=None):
@@ -286,7 +289,7 @@ def main(argv=None):
     results["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
-    out = args.out or str(ROOT / "bench_out" / f"{args.family}_{args.res}_{device.type}_{dtype_name}.json")
+    out = args.out or str(ROOT / "bench_out" / f"{args.family}_{args.res}_{device.type}_{dtype_name}_{results['config']['attention']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)

@@ -102,3 +102,19 @@ def test_real_block_exact_with_norm1_weights_at_zero(pack):
     want = core_module(core, "reference").dreamcache_block(x.double(), text.double(), entry.cache.tokens[ref].double(), sd,
                                            {k: v.double() for k, v in adapter.tensors[ref].items()}, blk.n_heads)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+def test_cpu_uses_the_fused_kernel_where_comfy_falls_back_to_sub_quad(pack, monkeypatch):
+    """The adapter attention follows ComfyUI's choice, except CPU sub-quad/split -> ComfyUI's attention_pytorch."""
+    import comfy.ldm.modules.attention as A
+
+    core = pack.dreamcache
+    calls = []
+    for name in ("attention_pytorch", "attention_sub_quad", "attention_basic"):
+        monkeypatch.setattr(A, name, (lambda n: lambda *a, **k: calls.append(n) or a[0])(name))
+    q = torch.zeros(1, 4, 8)
+    monkeypatch.setattr(A, "optimized_attention", A.attention_sub_quad)
+    core.comfy.patching.comfy_attention(q, q, q, 2)
+    monkeypatch.setattr(A, "optimized_attention", A.attention_basic)
+    core.comfy.patching.comfy_attention(q, q, q, 2)
+    assert calls == ["attention_pytorch", "attention_basic"]

@@ -25,8 +25,9 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def import_comfyui(explicit: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
-    """Make ComfyUI importable and initialise its model management (CPU mode when no GPU, or when asked)."""
+def import_comfyui(explicit: str | os.PathLike | None = None, cpu: bool | None = None, **cli_args) -> Path:
+    """Make ComfyUI importable and initialise its model management (CPU mode when no GPU, or when asked).
+    ``cli_args`` set ComfyUI command-line options first (e.g. ``use_pytorch_cross_attention=True``)."""
     root = find_comfyui(explicit)
     if root is None:
         raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH.")
@@ -40,6 +41,10 @@ def import_comfyui(explicit: str | os.PathLike | None = None, cpu: bool | None =
         cpu = not torch.cuda.is_available()
     if cpu:
         args.cpu = True
+    for k, v in cli_args.items():
+        if not hasattr(args, k):
+            raise DreamCacheError(f"ComfyUI has no command-line option '{k}'.")
+        setattr(args, k, v)
     import comfy.model_management  # noqa: F401  (reads args on import)
 
     return root
