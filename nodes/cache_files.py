@@ -8,11 +8,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..dreamcache.cache import concat_caches, load_cache, save_cache
-from ..dreamcache.errors import DreamCacheError
 from . import paths
 from .types import Cache
 from .validation import combo_check
 
+CACHE_HINT = "save it with DreamCacheSave first (or copy the file there) and refresh."
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
@@ -68,23 +68,15 @@ class DreamCacheLoad(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        folders = ", ".join(folder_paths.get_folder_paths(paths.CACHES))
-        return f"Cache '{value}' was not found in {folders}; save it with DreamCacheSave first (or copy the file there) and refresh."
+        return paths.missing_file_message(paths.CACHES, value, "Cache", CACHE_HINT)
 
     @classmethod
     def fingerprint_inputs(cls, cache_name):
-        path = folder_paths.get_full_path(paths.CACHES, cache_name)
-        if path is None:
-            return cache_name
-        st = os.stat(path)
-        return (cache_name, st.st_mtime_ns, st.st_size)
+        return paths.file_fingerprint(paths.CACHES, cache_name)
 
     @classmethod
     def execute(cls, cache_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(paths.CACHES, cache_name)
-        if path is None:
-            raise DreamCacheError(f"Cache '{cache_name}' was not found in {', '.join(folder_paths.get_folder_paths(paths.CACHES))}; save it with DreamCacheSave first.")
-        return io.NodeOutput(load_cache(path, name=cache_name))
+        return io.NodeOutput(load_cache(paths.resolve_file(paths.CACHES, cache_name, "Cache", CACHE_HINT), name=cache_name))
 
 
 class DreamCacheCombine(io.ComfyNode):

@@ -1,8 +1,6 @@
 """DreamCacheLoader: pick an adapter file from models/dreamcache and validate it."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
@@ -16,14 +14,7 @@ from .validation import combo_check
 FAMILY_CHOICES = ["from file"] + list(FAMILIES)
 
 
-def resolve_adapter_path(name: str) -> str:
-    path = folder_paths.get_full_path(paths.ADAPTERS, name)
-    if path is None:
-        folders = ", ".join(folder_paths.get_folder_paths(paths.ADAPTERS))
-        raise DreamCacheError(
-            f"Adapter '{name}' was not found in {folders}; put the adapter there (see the README's model table) and refresh."
-        )
-    return path
+ADAPTER_HINT = "put the adapter there (see the README's model table) and refresh."
 
 
 class DreamCacheLoader(io.ComfyNode):
@@ -51,22 +42,15 @@ class DreamCacheLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        if name == "adapter_name":
-            folders = ", ".join(folder_paths.get_folder_paths(paths.ADAPTERS))
-            return f"Adapter '{value}' was not found in {folders}; put the adapter there (see the README's model table) and refresh."
-        return None
+        return paths.missing_file_message(paths.ADAPTERS, value, "Adapter", ADAPTER_HINT) if name == "adapter_name" else None
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name, base_family="from file"):
-        path = folder_paths.get_full_path(paths.ADAPTERS, adapter_name)
-        if path is None:
-            return adapter_name
-        st = os.stat(path)
-        return (adapter_name, base_family, st.st_mtime_ns, st.st_size)
+        return paths.file_fingerprint(paths.ADAPTERS, adapter_name, base_family)
 
     @classmethod
     def execute(cls, adapter_name, base_family="from file") -> io.NodeOutput:
-        adapter = read_adapter(resolve_adapter_path(adapter_name), name=adapter_name)
+        adapter = read_adapter(paths.resolve_file(paths.ADAPTERS, adapter_name, "Adapter", ADAPTER_HINT), name=adapter_name)
         if base_family != "from file":
             if adapter.family is not None and adapter.family != base_family:
                 raise DreamCacheError(f"Adapter '{adapter_name}' says it was trained for {adapter.family}, not {base_family}; set base_family to 'from file'.")

@@ -25,6 +25,35 @@ def _register(name: str, extensions: set[str]):
         exts.update(extensions)
 
 
+def missing_file_message(folder: str, name: str, what: str, hint: str) -> str:
+    import folder_paths
+
+    return f"{what} '{name}' was not found in {', '.join(folder_paths.get_folder_paths(folder))}; {hint}"
+
+
+def resolve_file(folder: str, name: str, what: str, hint: str) -> str:
+    """Full path of a file picked in a combo, or one clear error naming the folders searched."""
+    import folder_paths
+
+    from ..dreamcache.errors import DreamCacheError
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise DreamCacheError(missing_file_message(folder, name, what, hint))
+    return path
+
+
+def file_fingerprint(folder: str, name: str, *extra):
+    """Re-run a loader node when its file changes on disk (same name, new content)."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return (name, *extra)
+    st = os.stat(path)
+    return (name, *extra, st.st_mtime_ns, st.st_size)
+
+
 def register_folders():
     _register(ADAPTERS, ADAPTER_EXTENSIONS)
     _register(CACHES, CACHE_EXTENSIONS)

@@ -2,7 +2,6 @@
 (the subject alone on white), and output its MASK. SAM is optional: a MASK from any segmenter works without it."""
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import folder_paths
@@ -10,10 +9,12 @@ from comfy_api.latest import io
 
 from ..dreamcache import subject
 from ..dreamcache.comfy import sam as sam_glue
-from ..dreamcache.errors import DreamCacheError
 from . import paths
 from .types import Sam
 from .validation import combo_check
+
+
+SAM_HINT = "put it there (see the README's SAM table) and refresh."
 
 
 class DreamCacheSAMLoader(io.ComfyNode):
@@ -39,24 +40,15 @@ class DreamCacheSAMLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        folders = ", ".join(folder_paths.get_folder_paths(paths.SAMS))
-        return f"SAM checkpoint '{value}' was not found in {folders}; put it there (see the README's SAM table) and refresh."
+        return paths.missing_file_message(paths.SAMS, value, "SAM checkpoint", SAM_HINT)
 
     @classmethod
     def fingerprint_inputs(cls, sam_name):
-        path = folder_paths.get_full_path(paths.SAMS, sam_name)
-        if path is None:
-            return sam_name
-        st = os.stat(path)
-        return (sam_name, st.st_mtime_ns, st.st_size)
+        return paths.file_fingerprint(paths.SAMS, sam_name)
 
     @classmethod
     def execute(cls, sam_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path(paths.SAMS, sam_name)
-        if path is None:
-            folders = ", ".join(folder_paths.get_folder_paths(paths.SAMS))
-            raise DreamCacheError(f"SAM checkpoint '{sam_name}' was not found in {folders}; put it there (see the README's SAM table) and refresh.")
-        return io.NodeOutput(sam_glue.load_sam_model(path, sam_name))
+        return io.NodeOutput(sam_glue.load_sam_model(paths.resolve_file(paths.SAMS, sam_name, "SAM checkpoint", SAM_HINT), sam_name))
 
 
 class DreamCacheSubjectMask(io.ComfyNode):

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from helpers import cond, denoise_once, random_adapter, run_node
+from helpers import denoise_once, random_adapter, run_node
 
 SIGMA = 3.0
 

@@ -193,6 +193,15 @@ def subject_chain(wf, ckpt, x=0, y=260, with_mask=True):
     return adapter, build
 
 
+def apply_subject(wf, model_src, adapter, cache_src, pos=(1260, 200), mode=0, **widgets):
+    """Apply DreamCache wired to a model, the adapter and a cache."""
+    node = wf.add("DreamCacheApply", pos, {"strength": 1.0, **widgets}, mode=mode)
+    wf.link(model_src, node, "model")
+    wf.link(adapter, node, "adapter")
+    wf.link(cache_src, node, "cache")
+    return node
+
+
 def prompts(wf, ckpt, x, y, positive, negative=NEGATIVE):
     pos = wf.add("CLIPTextEncode", (x, y), {"text": positive}, title="Prompt", size=(400, 160))
     neg = wf.add("CLIPTextEncode", (x, y + 200), {"text": negative}, title="Negative prompt", size=(400, 130))
@@ -229,10 +238,7 @@ def basic():
     wf = Workflow("dreamcache_basic")
     ckpt = checkpoint(wf, (0, 0))
     adapter, build = subject_chain(wf, ckpt)
-    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0})
-    wf.link(ckpt.out("MODEL"), apply_, "model")
-    wf.link(adapter, apply_, "adapter")
-    wf.link(build, apply_, "cache")
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build, start_percent=0.0, end_percent=1.0)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on a wooden table in a sunny kitchen, high quality")
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_basic")
     preview = wf.add("PreviewImage", (820, 820), title="What the model sees (reference)", size=(320, 340))
@@ -252,10 +258,7 @@ def official_sd21():
     ckpt = checkpoint(wf, (0, 0))
     adapter, build = subject_chain(wf, ckpt)
     build.widgets["fit"] = "stretch"  # the reference scripts resize the whole picture to 512x512
-    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
-    wf.link(ckpt.out("MODEL"), apply_, "model")
-    wf.link(adapter, apply_, "adapter")
-    wf.link(build, apply_, "cache")
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a mug on top of a mirror", OFFICIAL_NEGATIVE)
     wf.link(neg, build, "conditioning")  # the official scripts build the cache with the negative prompt
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_official", steps=50, text=7.5, image=5.0, batch=4)
@@ -273,10 +276,7 @@ def lora():
     wf.link(ckpt.out("MODEL"), lora_, "model")
     wf.link(ckpt.out("CLIP"), lora_, "clip")
     adapter, build = subject_chain(wf, ckpt)
-    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
-    wf.link(lora_.out(0), apply_, "model")
-    wf.link(adapter, apply_, "adapter")
-    wf.link(build, apply_, "cache")
+    apply_ = apply_subject(wf, lora_.out(0), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a watercolor painting of a mug, soft colors")
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_lora")
     wf.note("### LoRA + DreamCache\nThe LoRA changes the style, DreamCache keeps the subject. `your_sd21_lora.safetensors` is a placeholder: "
@@ -289,10 +289,7 @@ def controlnet():
     wf = Workflow("dreamcache_controlnet")
     ckpt = checkpoint(wf, (0, 0))
     adapter, build = subject_chain(wf, ckpt)
-    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
-    wf.link(ckpt.out("MODEL"), apply_, "model")
-    wf.link(adapter, apply_, "adapter")
-    wf.link(build, apply_, "cache")
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on a marble counter, studio light")
     cn = wf.add("ControlNetLoader", (1260, 900), {"control_net_name": CONTROLNET["name"]}, models=[CONTROLNET])
     hint = wf.add("LoadImage", (1260, 1020), {"image": DEPTH}, title="Depth map (any pose/depth/edge hint)")
@@ -317,10 +314,7 @@ def cache_library():
     wf.group("A · Build and save the subject once", (-30, 170, 1720, 800))
     load = wf.add("DreamCacheLoad", (0, 1200), {"cache_name": "my_subject_00001.safetensors"}, mode=2)
     adapter2 = wf.add("DreamCacheLoader", (0, 1340), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER], mode=2)
-    apply_ = wf.add("DreamCacheApply", (420, 1200), {"strength": 1.0}, mode=2)
-    wf.link(ckpt.out("MODEL"), apply_, "model")
-    wf.link(adapter2, apply_, "adapter")
-    wf.link(load, apply_, "cache")
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter2, load, pos=(420, 1200), mode=2)
     pos, neg = prompts(wf, ckpt, 420, 1450, "a photo of a mug floating in space, stars in the background")
     for n in (pos, neg):
         n.mode = 2
@@ -338,10 +332,7 @@ def custom_sampling():
     wf = Workflow("dreamcache_custom_sampling")
     ckpt = checkpoint(wf, (0, 0))
     adapter, build = subject_chain(wf, ckpt)
-    apply_ = wf.add("DreamCacheApply", (1260, 200), {"strength": 1.0})
-    wf.link(ckpt.out("MODEL"), apply_, "model")
-    wf.link(adapter, apply_, "adapter")
-    wf.link(build, apply_, "cache")
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug in the snow, golden hour")
     guider = wf.add("DreamCacheGuider", (1720, 0), {"text_scale": 7.5, "image_scale": 5.0, "mode": "combined"})
     wf.link(apply_, guider, "model")
