@@ -197,6 +197,7 @@ def validate_dataset(root: str | os.PathLike, check_files: bool = True, progress
             problems.extend(check_item(it))
     if problems:
         if report:
+            Path(report).parent.mkdir(parents=True, exist_ok=True)
             Path(report).write_text("\n".join(problems) + "\n", encoding="utf-8")
         shown = "; ".join(problems[:_LISTED]) + (f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else "")
         where = f" (full list in {report})" if report else ""

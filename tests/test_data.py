@@ -334,6 +334,7 @@ def test_resume_keeps_the_run_settings():
         T.config_from_args(p.parse_args(["--out", "x.safetensors"]))
     with pytest.raises(DreamCacheError, match="--batch-size 0"):
         T.TrainConfig(batch_size=0)
+    assert "--init-from" in T.build_parser().format_help() and "synth" in D.build_parser().format_help()
     assert T.parse_layer("output_blocks.4.1[1]").block_index == 1 and T.parse_layer("middle_block.1").module == "middle_block.1"
     assert T.checkpoint_path("runs/a.safetensors", 500) == "runs/a-step000500.safetensors"
     assert T.state_path_for("runs/a.safetensors") == "runs/a.state.safetensors"
