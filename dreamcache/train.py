@@ -70,7 +70,7 @@ class TrainConfig:
 
     #: fields that define the optimisation; a resumed run must keep them (else it would not continue the same run)
     IDENTITY = ("data", "batch_size", "accumulate", "lr", "weight_decay", "betas", "adam_eps", "max_grad_norm", "precision",
-                "seed", "resolution", "layers", "init", "init_from", "caption_dropout", "gradient_checkpointing")
+                "seed", "resolution", "layers", "init", "init_from", "caption_dropout")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(g, "--max-grad-norm", "max_grad_norm", type=float, help="clip the gradient norm (default 0: off)")
     _arg(g, "--precision", "precision", choices=PRECISIONS, help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
     _arg(g, "--gradient-checkpointing", "gradient_checkpointing", action="store_true",
-         help="recompute the frozen U-Net's blocks in the backward pass (less memory, about 30%% slower)")
+         help="recompute the frozen U-Net's blocks in the backward pass (less activation memory, slower)")
     _arg(g, "--seed", "seed", type=int, help="seed of everything random (default 0)")
     _arg(g, "--resolution", "resolution", type=int, help="training size (default: 512 for SD1/SD2, 1024 for SDXL)")
     _arg(g, "--caption-dropout", "caption_dropout", type=float, help="probability of training on the empty caption (default 0.07)")

@@ -306,6 +306,18 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
         loading.load_checkpoint(str(junk))
     with pytest.raises(DreamCacheError, match="does not exist"):
         loading.load_checkpoint(str(tmp_path / "missing.safetensors"))
+    from types import SimpleNamespace
+
+    flux_like = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(), diffusion_model=torch.nn.Linear(1, 1)))
+    with pytest.raises(DreamCacheError, match="not a supported U-Net"):
+        loading.check_supported(flux_like, "flux.safetensors")
+    from tiny_models import make_model
+
+    inpaint = make_model("sd1")
+    inpaint.model.concat_keys = ("mask", "masked_image")
+    with pytest.raises(DreamCacheError, match="inpainting"):
+        loading.check_supported(inpaint, "inpaint.safetensors")
+    assert loading.check_supported(sd1[0]) == "sd1"
     (tmp_path / "empty").mkdir()
     with pytest.raises(DreamCacheError, match="holds no items"):
         _trainer(sd1, tmp_path / "empty", tmp_path / "e.safetensors")

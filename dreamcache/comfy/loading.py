@@ -23,7 +23,8 @@ def check_supported(model, name: str = "the model") -> str:
         kind = type(getattr(base, "model_config", base)).__name__
         raise DreamCacheError(
             f"'{name}' is a {kind} model, not a supported U-Net (SD1.x, SD2.x or SDXL); train DreamCache adapters on one of those checkpoints.")
-    if getattr(base, "concat_keys", ()) or (family != "sdxl" and getattr(base, "adm_channels", 0)):
+    extra_inputs = getattr(base.diffusion_model, "in_channels", 4) != base.latent_format.latent_channels
+    if extra_inputs or getattr(base, "concat_keys", ()) or (family != "sdxl" and getattr(base, "adm_channels", 0)):
         raise DreamCacheError(
             f"'{name}' is an inpainting, instruct or unCLIP variant with extra inputs; train DreamCache adapters on a plain text-to-image checkpoint.")
     if base.model_type not in (comfy.model_base.ModelType.EPS, comfy.model_base.ModelType.V_PREDICTION):
