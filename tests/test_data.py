@@ -338,3 +338,24 @@ def test_resume_keeps_the_run_settings():
     assert T.parse_layer("output_blocks.4.1[1]").block_index == 1 and T.parse_layer("middle_block.1").module == "middle_block.1"
     assert T.checkpoint_path("runs/a.safetensors", 500) == "runs/a-step000500.safetensors"
     assert T.state_path_for("runs/a.safetensors") == "runs/a.state.safetensors"
+
+
+def test_sam_masker_runs_the_subjectmask_core(tmp_path, monkeypatch):
+    """With SubjectMask's SAM core present (dreamcache/sam.py), --masks sam loads a SAM file through it and returns
+    boolean subject masks (a tiny seeded SAM stands in for the real checkpoint)."""
+    try:
+        from dreamcache import sam as core_sam
+    except ImportError:
+        pytest.skip("SubjectMask's SAM core (dreamcache/sam.py) is not in this checkout")
+    tiny_sam = pytest.importorskip("tiny_sam")
+    pytest.importorskip("segment_anything")
+    tiny_sam.register_tiny_variant(core_sam, monkeypatch)
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.make_tiny_sam(seed=123).state_dict(), str(path))
+    img = torch.ones(64, 64, 3)
+    img[16:48, 20:44] = torch.tensor([0.8, 0.2, 0.1])
+    for mode, box in (("auto", None), ("box", "0.25,0.2,0.75,0.8")):
+        masker = D.sam_masker(str(path), mode, box)
+        m = masker(img, "a thing")
+        assert m.shape == (64, 64) and m.dtype == torch.bool
+        assert "sam tiny" in masker.describe
