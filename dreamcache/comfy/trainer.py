@@ -1,0 +1,501 @@
+"""The DreamCache training engine: a frozen ComfyUI U-Net, trainable adapters, the reference's objective.
+
+One optimizer step = ``accumulate`` micro-batches; per micro-batch, for each sample position p (all randomness
+seeded by ``(seed, p)``, so batch 4 equals 2 x accumulate 2 and a resumed run continues bit-identically):
+
+1. target and reference pictures -> VAE -> ``process_latent_in`` (no grad);
+2. the cache, under no_grad: the reference latent noised at DDPM t=1 (sigma_1 = ``model_sampling.sigma(1)``),
+   context = the encoded empty prompt, adapters off; the inputs of the adapter layers' SpatialTransformers are
+   captured (:func:`dreamcache.capture.run_and_capture`) and the pass stops there; per-image (reference i for target i);
+3. t uniform in {0..999}, sigma_t = ``model_sampling.sigma(t)``, x = z + sigma_t * eps, and the U-Net is called
+   directly on ``calculate_input(sigma_t, x)`` at ``timestep(sigma_t)`` with the caption's context (dropped to ""
+   with p 0.07) and, for SDXL, the ``y`` vector; the DreamCache patch runs in trainable mode (autograd through
+   attn_mem, K/V and linear_cat);
+4. loss = MSE between the raw U-Net output and its target: eps for eps models, v = sqrt(a)*eps - sqrt(1-a)*x0
+   for v-prediction models, with sqrt(a) = 1/sqrt(1+sigma^2) and sqrt(1-a) = sigma/sqrt(1+sigma^2) (ComfyUI's
+   own V_PREDICTION parameterisation). Only the adapters have gradients.
+
+Adapter parameters stay fp32 (master weights); bf16/fp16 run the frozen U-Net in that dtype under autocast
+(fp16 adds a GradScaler). Gradient checkpointing recomputes every U-Net block in the backward pass.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapter import DreamCacheAdapter
+from ..adapter_io import AdapterFile, read_adapter, save_adapter
+from ..cache import from_captures
+from ..capture import run_and_capture
+from ..data import (AugmentConfig, TrainingData, TargetGeometry, batches, load_mask, load_rgb, mask_bbox, place_on_canvas, subject_on_white,
+                    torch_generator, validate_dataset)
+from ..errors import DreamCacheError
+from ..layers import default_layers, sort_layers
+from ..patch import DreamCachePatch, PatchEntry
+from ..train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
+                     state_path_for)
+from .loading import check_supported
+from .model import FAMILY_NAMES, model_channels_at
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMESTEPS = 1000
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    if precision != "auto":
+        return precision
+    if device_type == "cuda" and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing of the frozen U-Net
+
+
+@contextmanager
+def checkpointed_unet(enabled: bool = True):
+    """While active, every block of ComfyUI's UNetModel (input, middle and output blocks) runs under
+    ``torch.utils.checkpoint`` (non-reentrant): its activations are dropped and recomputed in the backward pass.
+
+    ComfyUI has no option for this in inference code, so the module-level ``forward_timestep_embed`` that
+    ``UNetModel._forward`` calls per block is swapped for the duration (and always restored). Each block gets a
+    snapshot of ``transformer_options`` so the recomputation sees the same block id and patch plan."""
+    if not enabled:
+        yield
+        return
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    original = openaimodel.forward_timestep_embed
+
+    def forward_timestep_embed(ts, x, emb, context=None, transformer_options={}, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(ts, x, emb, context, transformer_options, *args, **kwargs)
+        snapshot = dict(transformer_options)
+        after = {}
+
+        def run(x, emb, context):
+            to = dict(snapshot)
+            out = original(ts, x, emb, context, to, *args, **kwargs)
+            after.clear()
+            after.update(to)
+            return out
+
+        out = torch.utils.checkpoint.checkpoint(run, x, emb, context, use_reentrant=False)
+        transformer_options.update(after)  # e.g. transformer_index, as the plain call would have left it
+        return out
+
+    openaimodel.forward_timestep_embed = forward_timestep_embed
+    try:
+        yield
+    finally:
+        openaimodel.forward_timestep_embed = original
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """One micro-batch, encoded (everything here is constant w.r.t. the adapters)."""
+
+    latents: torch.Tensor  # (B, 4, h, w), process_latent_in applied, on the device, fp32
+    noise: torch.Tensor  # (B, 4, h, w)
+    t: torch.Tensor  # (B,) int64
+    context: torch.Tensor  # (B, T, C)
+    y: torch.Tensor | None  # SDXL's vector conditioning
+    cache: object  # FeatureCache, per image
+    positions: list[int]
+
+
+def _lcm_stack(conds: list[torch.Tensor]) -> torch.Tensor:
+    """Contexts of different token lengths (captions over 77 tokens) repeated to a common length, as ComfyUI does."""
+    lengths = [c.shape[1] for c in conds]
+    if len(set(lengths)) == 1:
+        return torch.cat(conds)
+    m = lengths[0]
+    for n in lengths[1:]:
+        m = m * n // math.gcd(m, n)
+    return torch.cat([c.repeat(1, m // c.shape[1], 1) for c in conds])
+
+
+def adapter_file_of(module: DreamCacheAdapter, family: str | None, name: str = "training") -> AdapterFile:
+    tensors = {ref: {k: v.detach().float().cpu().clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
+    return AdapterFile(name=name, channels=dict(module.channels), tensors=tensors, family=family)
+
+
+class Trainer:
+    """Trains the adapters of ``model`` (a ComfyUI ModelPatcher) with ``clip`` and ``vae``.
+
+    ``data``: a :class:`TrainingData` (default: built from ``config.data``). ``state``: a :class:`TrainState` to
+    resume from (its adapter file is loaded, optimizer, scaler and RNG restored)."""
+
+    def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None, checkpoint_name: str | None = None,
+                 state: TrainState | None = None, log=print):
+        import comfy.model_base
+        import comfy.model_management as mm
+
+        self.log = log
+        self.model, self.clip, self.vae = model, clip, vae
+        self.family = check_supported(model, checkpoint_name or "the model")
+        if clip is None or vae is None:
+            raise DreamCacheError("Training needs the checkpoint's CLIP and VAE as well as its U-Net; load a full checkpoint.")
+        self.device = torch.device(model.load_device)
+        config.precision = resolve_precision(config.precision, self.device.type)
+        if not config.resolution:
+            config.resolution = DEFAULT_RESOLUTION[self.family]
+        if config.checkpoint == "" and checkpoint_name:
+            config.checkpoint = checkpoint_name
+        self.cfg = config
+        self.checkpoint_name = checkpoint_name or os.path.basename(config.checkpoint or "") or None
+        self.base = model.model
+        self.unet = self.base.diffusion_model
+        self.ms = model.get_model_object("model_sampling")
+        self.v_prediction = self.base.model_type == comfy.model_base.ModelType.V_PREDICTION
+        self.autocast_dtype = None if config.precision == "fp32" else WEIGHT_DTYPES[config.precision]
+        mm.load_models_gpu([model], force_full_load=True)
+        self.unet.requires_grad_(False)
+        self.compute_dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+
+        self.adapter = self._build_adapter(state)
+        self.params = [p for _, p in self.adapter.named_parameters()]
+        self.param_names = [n for n, _ in self.adapter.named_parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
+        self.step = 0
+        if data is None:
+            index = validate_dataset(config.data, check_files=config.validate_files, progress=config.progress,
+                                     report=f"{os.path.splitext(config.out)[0]}.dataset-problems.txt")
+            data = TrainingData(index, AugmentConfig(resolution=config.resolution, caption_dropout=config.caption_dropout), seed=config.seed)
+        elif data.cfg.resolution != config.resolution:
+            raise DreamCacheError(f"The data is prepared at {data.cfg.resolution} px but the run trains at {config.resolution} px.")
+        self.data = data
+        self._empty = None
+        self._stream = None
+        if state is not None:
+            self._restore(state)
+
+    # ---- setup ------------------------------------------------------------------------------------------------------
+    def _build_adapter(self, state: TrainState | None) -> DreamCacheAdapter:
+        cfg = self.cfg
+        source = state.adapter_file if state is not None else cfg.init_from
+        refs = cfg.layer_refs()
+        if source:
+            af = read_adapter(source)
+            if refs is not None and set(refs) != set(af.layers):
+                raise DreamCacheError(
+                    f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' ({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
+            from .model import check_adapter_fits
+
+            check_adapter_fits(self.model, af)
+            refs = list(af.layers)
+        elif refs is None:
+            refs = list(default_layers(self.family))
+        channels = {}
+        missing = []
+        for r in refs:
+            c = model_channels_at(self.model, r)
+            if c is None:
+                missing.append(str(r))
+            channels[r] = c
+        if missing:
+            raise DreamCacheError(f"This {FAMILY_NAMES[self.family]} model has no transformer block at {', '.join(missing)}; pick layers it has (--layers).")
+        cfg.layers = layer_names(sort_layers(refs))
+        module = DreamCacheAdapter(channels)
+        if source:
+            module.load_reference_state_dict({r: {k: v.float() for k, v in p.items()} for r, p in af.tensors.items()})
+        else:
+            module.reset_reference_init(cfg.seed)
+            if cfg.init == "identity":
+                module.make_identity()
+        module = module.to(self.device, torch.float32)
+        module.requires_grad_(True)
+        return module.train()
+
+    def _restore(self, state: TrainState):
+        if state.param_names != self.param_names:
+            raise DreamCacheError("The training state's parameters do not match the adapter's; resume with the files of one run.")
+        sd = {"state": state.optimizer["state"],
+              "param_groups": [{**g, "params": list(range(len(self.params)))} for g in state.optimizer["param_groups"]]}
+        self.optimizer.load_state_dict(sd)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        if "torch_cpu" in state.rng:
+            torch.set_rng_state(state.rng["torch_cpu"])
+        if torch.cuda.is_available():
+            cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda.")]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        self.step = state.step
+
+    # ---- encoding -----------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _ensure_loaded(self):
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.model], force_full_load=True)
+
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, list]:
+        conds, pooled = [], []
+        for c in captions:
+            cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(c), return_pooled=True)
+            conds.append(cond.float())
+            pooled.append(pool)
+        return _lcm_stack(conds), pooled
+
+    def empty_prompt(self):
+        if self._empty is None:
+            self._empty = self.encode_text([""])
+        return self._empty
+
+    def vector_cond(self, pooled: list, geometry: list[TargetGeometry] | None, size: int) -> torch.Tensor | None:
+        """SDXL's ``y``: pooled text embedding + size / crop embeddings (None for SD1/SD2)."""
+        if self.base.adm_channels == 0:
+            return None
+        ys = []
+        for i, pool in enumerate(pooled):
+            g = geometry[i] if geometry else TargetGeometry(size, size, 0, 0)
+            ys.append(self.base.encode_adm(pooled_output=pool, width=g.original_width, height=g.original_height, crop_w=g.crop_left,
+                                           crop_h=g.crop_top, target_width=size, target_height=size, device=self.device))
+        return torch.cat(ys).to(self.device, torch.float32)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.base.process_latent_in(self.vae.encode(pixels[..., :3]).float()).to(self.device)
+
+    def unet_call(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y, transformer_options: dict) -> torch.Tensor:
+        """The raw U-Net output (eps or v) at ComfyUI sigma ``sigma`` for the noisy latent ``x``."""
+        xc = self.ms.calculate_input(sigma, x).to(self.compute_dtype)
+        ts = self.ms.timestep(sigma).float()
+        kw = {} if y is None else {"y": y.to(self.compute_dtype)}
+        return self.unet(xc, ts, context=context.to(self.compute_dtype), transformer_options=transformer_options, **kw)
+
+    @torch.no_grad()
+    def build_cache(self, ref_latents: torch.Tensor, ref_noise: torch.Tensor):
+        """Per-image cache: the reference latents noised at t=1, empty prompt, adapters off, pass stopped early."""
+        b = ref_latents.shape[0]
+        sigma1 = self.ms.sigma(torch.ones(b, device=self.device))
+        x = ref_latents + sigma1.view(-1, 1, 1, 1) * ref_noise
+        ctx, pooled = self.empty_prompt()
+        y = self.vector_cond(pooled * b, None, self.cfg.resolution)
+        modules = {r.module: self.unet.get_submodule(r.module) for r in self.adapter.layers}
+        with self._autocast():
+            got = run_and_capture(modules, lambda: self.unet_call(x, sigma1, ctx.repeat(b, 1, 1).to(self.device), y, {}))
+        return from_captures({r: got[r.module] for r in self.adapter.layers}, per_image=True, model_family=self.family, sigma=float(sigma1[0]))
+
+    @torch.no_grad()
+    def prepare(self, batch: dict) -> Prepared:
+        self._ensure_loaded()
+        latents = self.encode_pixels(batch["target"])
+        ref_latents = self.encode_pixels(batch["reference"])
+        noise, ref_noise, ts = [], [], []
+        for p in batch["position"]:
+            g = torch_generator(self.cfg.seed, "noise", p)
+            ts.append(int(torch.randint(0, TIMESTEPS, (1,), generator=g)))
+            noise.append(torch.randn(latents.shape[1:], generator=g))
+            ref_noise.append(torch.randn(latents.shape[1:], generator=g))
+        noise = torch.stack(noise).to(self.device)
+        ref_noise = torch.stack(ref_noise).to(self.device)
+        self._ensure_loaded()
+        cache = self.build_cache(ref_latents, ref_noise)
+        ctx, pooled = self.encode_text(batch["caption"])
+        y = self.vector_cond(pooled, batch.get("geometry"), self.cfg.resolution)
+        return Prepared(latents, noise, torch.tensor(ts, dtype=torch.long), ctx.to(self.device), y, cache, list(batch["position"]))
+
+    # ---- loss and steps ---------------------------------------------------------------------------------------------
+    def loss(self, prep: Prepared) -> torch.Tensor:
+        """MSE between the U-Net's raw output and its eps (or v) target, with gradients into the adapters."""
+        sigma = self.ms.sigma(prep.t.to(self.device).float()).to(torch.float32)
+        s = sigma.view(-1, 1, 1, 1)
+        x = prep.latents + s * prep.noise
+        if self.v_prediction:
+            target = (prep.noise - s * prep.latents) / torch.sqrt(1.0 + s * s)
+        else:
+            target = prep.noise
+        patch = DreamCachePatch([PatchEntry(self.adapter, prep.cache)], trainable=True)
+        with self._autocast(), checkpointed_unet(self.cfg.gradient_checkpointing):
+            out = self.unet_call(x, sigma, prep.context, prep.y, patch.transformer_options())
+        return F.mse_loss(out.float(), target)
+
+    def next_batch(self) -> dict:
+        if self._stream is None:
+            start = self.step * self.cfg.batch_size * self.cfg.accumulate
+            self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=self.cfg.num_workers)
+        return next(self._stream)
+
+    def accumulate(self, micro_batches=None) -> float:
+        """Forward and backward over one step's micro-batches (gradients summed into ``.grad``, each loss divided
+        by the number of micro-batches, so the gradient is that of the mean loss). Returns the mean loss."""
+        n = self.cfg.accumulate if micro_batches is None else len(micro_batches)
+        total = 0.0
+        for i in range(n):
+            batch = self.next_batch() if micro_batches is None else micro_batches[i]
+            prep = batch if isinstance(batch, Prepared) else self.prepare(batch)
+            loss = self.loss(prep) / n
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += float(loss.detach())
+        return total
+
+    def optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return grad_norm
+
+    def train_step(self, micro_batches=None) -> tuple[float, float | None]:
+        try:
+            loss = self.accumulate(micro_batches)
+            if not math.isfinite(loss) and self.scaler is None:
+                raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use --precision fp32/bf16.")
+            return loss, self.optimizer_step()
+        except torch.OutOfMemoryError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DreamCacheError(
+                f"Out of memory at batch size {self.cfg.batch_size} and {self.cfg.resolution} px; lower --batch-size and raise --accumulate "
+                f"(the effective batch is batch x accumulate), add --gradient-checkpointing, or use --precision bf16.") from None
+
+    # ---- files ------------------------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"step": self.step, "config": self.cfg.to_json(), "base_checkpoint": self.checkpoint_name or "",
+                "objective": "v" if self.v_prediction else "eps", "trained_by": "python -m dreamcache.train"}
+
+    def rng_state(self) -> dict:
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda.{i:02d}"] = s
+        return rng
+
+    def save(self, path: str | None = None) -> tuple[str, str]:
+        """Write the adapter (fp32, the pack's format) and its training state; returns both paths."""
+        path = path or checkpoint_path(self.cfg.out, self.step)
+        save_adapter(path, self.adapter, family=self.family, extra_metadata=self.metadata())
+        state = TrainState(step=self.step, config=self.cfg, adapter_file=path, param_names=self.param_names,
+                           optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                           rng=self.rng_state(), extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
+        spath = state_path_for(path)
+        save_state(spath, state)
+        return path, spath
+
+    def _open_log(self):
+        path = log_path(self.cfg.out)
+        rows = []
+        if os.path.exists(path):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        f = open(path, "w", newline="", encoding="utf-8")
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "seconds", "images_per_second"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in w.fieldnames})
+        f.flush()
+        return f, w
+
+    # ---- preview ----------------------------------------------------------------------------------------------------
+    def preview_inputs(self) -> tuple[torch.Tensor, str]:
+        """The fixed preview subject (on white, the training layout: centred, 85% width) and prompt."""
+        cfg = self.cfg
+        first = self.data.index.objects[0][1][0]
+        if cfg.preview_reference:
+            rgb = load_rgb(cfg.preview_reference)
+            mask = load_mask(cfg.preview_mask) if cfg.preview_mask else None
+        else:
+            rgb, mask = load_rgb(first.image), load_mask(first.mask)
+        if mask is not None:
+            if mask.shape != rgb.shape[:2] or not mask.any():
+                raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a matching --preview-mask.")
+            top, left, bottom, right = mask_bbox(mask)
+            rgb = place_on_canvas(subject_on_white(rgb, mask)[top:bottom, left:right], cfg.resolution, 0.85, 0.5, 0.5)
+        image = torch.from_numpy(rgb.copy()).float().div(255.0)[None]
+        prompt = cfg.preview_prompt if cfg.preview_prompt is not None else first.caption.read_text(encoding="utf-8").strip()
+        return image, prompt
+
+    def preview(self, path: str | None = None, seed: int = 0) -> str:
+        """Render the fixed reference and prompt with the current adapter through the pack's inference path
+        (BuildFeatureCache -> ApplyDreamCache -> combined guidance, Euler); writes a PNG."""
+        import comfy.sample
+        import comfy.samplers
+        import numpy as np
+        from PIL import Image
+
+        from .cache_pass import build_feature_cache
+        from .guidance import make_guider
+        from .patching import apply_dreamcache
+
+        path = path or preview_path(self.cfg.out, self.step)
+        image, prompt = self.preview_inputs()
+        af = adapter_file_of(self.adapter, self.family, name=f"step {self.step}")
+        res = self.cfg.resolution
+        with torch.inference_mode():
+            cache, _ = build_feature_cache(self.model, self.vae, image, af, clip=self.clip, seed=seed, resolution=res, fit="pad")
+            patched = apply_dreamcache(self.model, af, cache)
+            pos = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+            neg = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
+            guider = make_guider(patched, pos, neg, self.cfg.preview_text_scale, self.cfg.preview_image_scale)
+            latent = torch.zeros(1, 4, res // 8, res // 8)
+            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
+            noise = comfy.sample.prepare_noise(latent, seed)
+            sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", self.cfg.preview_steps)
+            out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=seed)
+            pixels = self.vae.decode(out.to(torch.float32))[0, ..., :3]
+        self._ensure_loaded()
+        Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().astype(np.uint8)).save(path)
+        return path
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    def run(self, steps: int | None = None) -> list[float]:
+        """Train until ``steps`` (default: ``config.steps``) total optimizer steps, writing checkpoints, the loss log
+        and previews; the final adapter goes to ``config.out``. Returns this call's losses."""
+        cfg = self.cfg
+        total = cfg.steps if steps is None else steps
+        losses = []
+        f, writer = self._open_log()
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < total:
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                dt = time.perf_counter() - t0
+                losses.append(loss)
+                writer.writerow({"step": self.step, "loss": f"{loss:.6g}", "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                 "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
+                                 "images_per_second": f"{cfg.batch_size * cfg.accumulate / dt:.3f}"})
+                f.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
+                    self.save()
+                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                    self.preview()
+        finally:
+            f.close()
+            if bar is not None:
+                bar.close()
+            self._stream = None
+        self.save(cfg.out)
+        return losses
