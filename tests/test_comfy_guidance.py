@@ -60,16 +60,49 @@ class CondUncondIndexer:
         return n, context, value
 
 
-def test_combined_guidance_batched_equals_formula(sd1, patched):
+@pytest.fixture
+def cond_batches(monkeypatch):
+    """The number of conds in each calc_cond_batch call the guider makes."""
+    import comfy.samplers
+
+    seen, real = [], comfy.samplers.calc_cond_batch
+
+    def spy(model, conds, *a, **k):
+        seen.append(len(conds))
+        return real(model, conds, *a, **k)
+
+    monkeypatch.setattr(comfy.samplers, "calc_cond_batch", spy)
+    return seen
+
+
+def test_combined_guidance_batched_equals_formula(sd1, patched, cond_batches, monkeypatch):
+    import comfy.ldm.modules.attention as A
+
+    monkeypatch.setattr(A, "optimized_attention", A.attention_pytorch)  # as with --use-pytorch-cross-attention or on a GPU
     core = sd1.core
     g = core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     assert core.comfy.guidance.only_our_patches(patched.model_options)
     x = _x()
     want, (e_it, e_i0, e_00) = formula(patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    cond_batches.clear()
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
+    assert cond_batches == [3]  # the three branches in one call
     assert (e_i0 - e_00).abs().max() > 1e-4 and (e_it - e_i0).abs().max() > 1e-4  # both terms matter
     # e(∅,∅) is the base model on the negative prompt
     assert torch.equal(e_00, denoise_once(sd1.model, x, SIGMA, sd1.negative))
+
+
+def test_combined_guidance_on_cpu_sub_quad_attention_splits_the_branches(sd1, patched, cond_batches, monkeypatch):
+    """On a CPU with ComfyUI's chunked attention a batch of three is slower than two calls (benchmarks/README.md)."""
+    import comfy.ldm.modules.attention as A
+
+    monkeypatch.setattr(A, "optimized_attention", A.attention_sub_quad)
+    g = sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
+    x = _x()
+    want, _ = formula(patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    cond_batches.clear()
+    assert (guided_once(g, x) - want).abs().max().item() < 1e-4
+    assert cond_batches == [2, 2]  # [positive, negative] with the image, then [None, negative] without
 
 
 def test_combined_guidance_split_with_foreign_patch_equals_formula(sd1, patched):

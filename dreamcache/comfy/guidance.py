@@ -6,7 +6,8 @@ joint:    e = e(∅,∅) + s·(e(c_I,c_T) − e(∅,∅))                       
 The image condition is switched per branch through ``transformer_options[SWITCH_KEY]``, indexed by the cond's
 position in each ``calc_cond_batch`` call. Every call holds at most a positive (index 0) and a negative (index 1),
 so other packs' patches that read ``cond_or_uncond`` as cond/uncond keep working; when the model carries no
-attention patch but ours, the three branches of combined guidance run as one batched call.
+attention patch but ours, the three branches of combined guidance run as one batched call (except where that is
+slower: see :func:`batch_three`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import comfy.samplers
 
 from ..errors import DreamCacheError
 from ..patch import SWITCH_KEY
-from .patching import is_patched
+from .patching import cpu_chunked_attention, is_patched
 
 MODES = ("combined", "joint")
 
@@ -41,6 +42,14 @@ def only_our_patches(model_options: dict) -> bool:
             if getattr(p, "dreamcache_hook", None) is None:
                 return False
     return True
+
+
+def batch_three(model_options: dict, device) -> bool:
+    """Run the three branches of combined guidance as one call: only when no other pack's patch could misread
+    ``cond_or_uncond``, and when batching is not slower. On a CPU with ComfyUI's sub-quadratic/split attention a
+    batch of three costs more than a batch of two plus a single evaluation (SD1.5 512²: 28.2 s against 17.3 + 8.6 s;
+    with PyTorch attention 16.8 s against 11.3 + 6.1 s, see benchmarks/README.md), so there the branches are split."""
+    return only_our_patches(model_options) and not cpu_chunked_attention(device)
 
 
 def check_scales(text_scale: float, image_scale: float, mode: str):
@@ -84,7 +93,7 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
             e_it, e_00 = self._pre_cfg([pos, neg], self._calc([pos, neg], x, timestep, mo), x, timestep, mo)
             return comfy.samplers.cfg_function(self.inner_model, e_it, e_00, s_t, x, timestep, model_options=mo, cond=pos, uncond=neg)
         mo_on = with_switch(model_options, (True, True))
-        if only_our_patches(model_options):
+        if batch_three(model_options, x.device):
             e_it, e_i0, e_00 = self._calc([pos, neg, neg], x, timestep, with_switch(model_options, (True, True, False)))
         else:
             e_it, e_i0 = self._calc([pos, neg], x, timestep, mo_on)

@@ -30,10 +30,16 @@ def comfy_attention(q, k, v, heads, attn_precision=None):
     for 4096x4096 tokens, see benchmarks/README.md), so that variant is used there."""
     from comfy.ldm.modules import attention
 
-    fn = attention.optimized_attention
-    if q.device.type == "cpu" and fn in (attention.attention_sub_quad, attention.attention_split):
-        fn = attention.attention_pytorch
+    fn = attention.attention_pytorch if cpu_chunked_attention(q.device) else attention.optimized_attention
     return fn(q, k, v, heads, attn_precision=attn_precision)
+
+
+def cpu_chunked_attention(device) -> bool:
+    """True when ComfyUI runs its memory-saving sub-quadratic or split attention on this CPU device (its CPU default
+    unless PyTorch attention is enabled)."""
+    from comfy.ldm.modules import attention
+
+    return device.type == "cpu" and attention.optimized_attention in (attention.attention_sub_quad, attention.attention_split)
 
 
 def find_patch(model) -> DreamCachePatch | None:
