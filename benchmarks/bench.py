@@ -1,14 +1,18 @@
 """DreamCache cost at full model size with random weights (real architecture, so timings are real).
 
     python benchmarks/bench.py [--family sd15|sd21|sdxl] [--res 512] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-                               [--warmup 1] [--repeats 3] [--comfyui PATH] [--out bench_out/NAME.json]
+                               [--warmup 1] [--repeats 3] [--attention comfy-default|pytorch] [--flops]
+                               [--comfyui PATH] [--out bench_out/NAME.json]
 
 Measures, with warm-up and repeats (median, min, max):
 1. one denoiser evaluation: base vs ApplyDreamCache;
 2. one sampling step: plain CFG (2 evaluations) vs DreamCache joint and combined guidance;
 3. the cache pass against one base evaluation;
-4. memory added by the adapter and the cache (CUDA max allocated, or CPU RSS peak);
-5. adapter size on disk (fp16 / fp32) and cache size per subject.
+4. memory added by the adapter and the cache: what stays resident (adapter weights, K/V memo, cache; counted from
+   the tensors) and the working memory of one evaluation above what was resident when it started (CUDA max
+   allocated, or the process's RSS sampled every 2 ms on the CPU);
+5. adapter size on disk (fp16 / fp32) and cache size per subject;
+6. with --flops, the FLOPs of one U-Net forward with and without DreamCache (what the overhead cannot go below).
 Prints a markdown table of ratios and writes it as JSON. Needs ComfyUI (COMFYUI_PATH or --comfyui); no weight files.
 """
 from __future__ import annotations
@@ -119,11 +123,12 @@ class PeakRSS:
 
 def measure(guider, latent, sigma, warmup, repeats, device):
     """Time one model evaluation of ``guider`` (a sampler step's work) ``warmup + repeats`` times inside one
-    guider.sample call, so model loading and cond encoding are outside the timings. Returns (times, peak bytes)."""
+    guider.sample call, so model loading and cond encoding are outside the timings. Returns (times, working bytes):
+    the peak memory during the timed calls minus the memory in use when they started."""
     import comfy.samplers
 
     times = []
-    peak = {"bytes": 0}
+    peak = {"bytes": 0, "start": 0}
 
     def sync():
         if device.type == "cuda":
@@ -136,7 +141,10 @@ def measure(guider, latent, sigma, warmup, repeats, device):
                 if i == warmup:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
+                        peak["start"] = torch.cuda.memory_allocated()
                     rss = PeakRSS().__enter__() if device.type == "cpu" else None
+                    if rss is not None:
+                        peak["start"] = rss.peak
                 sync()
                 t0 = time.perf_counter()
                 model_wrap(noise, sig, **extra_args)
@@ -152,7 +160,48 @@ def measure(guider, latent, sigma, warmup, repeats, device):
 
     with torch.inference_mode():
         guider.sample(latent * sigma, torch.zeros_like(latent), Timing(), torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
-    return times, peak["bytes"]
+    return times, peak["bytes"] - peak["start"]
+
+
+def count_flops(model, patch, latent, cond) -> dict:
+    """FLOPs of one U-Net forward, base and with the DreamCache patch (K/V already memoised, so what every sampling
+    step pays), counted by torch.utils.flop_counter. Attention is counted through an explicit matmul softmax, since the
+    counter does not see the fused CPU SDPA kernel; the FLOPs are the same whichever kernel runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import comfy.ldm.modules.attention as A
+    from dreamcache.patch import DreamCachePatch
+
+    def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
+        assert mask is None and not skip_reshape and not skip_output_reshape
+        b, n, c = q.shape
+        d = c // heads
+        q, k, v = (t.expand(b, -1, -1).reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        w = (q @ k.transpose(-1, -2) * d ** -0.5).softmax(-1)
+        return (w @ v).transpose(1, 2).reshape(b, n, c)
+
+    dm = model.model.diffusion_model
+    p = next(dm.parameters())
+    counting = DreamCachePatch(list(patch.entries), attention=explicit)
+    x, ctx = latent.to(p), cond[0][0].to(p)
+    t = torch.full((1,), 500.0, device=p.device)
+    y = {"y": torch.zeros(1, dm.label_emb[0][0].in_features).to(p)} if dm.num_classes is not None else {}  # SDXL's vector
+    saved = A.optimized_attention
+    out = {}
+    try:
+        A.optimized_attention = explicit  # CrossAttention looks the module global up at every call
+        with torch.inference_mode():
+            to = counting.transformer_options({})
+            dm(x, t, context=ctx, transformer_options=to, **y)  # memoises K/V, as the first sampling step does
+            for name, opts in (("base", {}), ("dreamcache", to)):
+                fc = FlopCounterMode(display=False)
+                with fc:
+                    dm(x, t, context=ctx, transformer_options=opts, **y)
+                out[name] = fc.get_total_flops()
+    finally:
+        A.optimized_attention = saved
+    out["added"] = out["dreamcache"] - out["base"]
+    return out
 
 
 def stats(ts):
@@ -170,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--attention", choices=["comfy-default", "pytorch"], default="comfy-default",
                     help="ComfyUI's attention for the whole model (ours uses the same): its default for the device, or --use-pytorch-cross-attention")
+    ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one U-Net forward, base and with DreamCache")
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
@@ -245,12 +295,20 @@ def main(argv=None):
 
     # ---- evaluations and steps -------------------------------------------------------------------------------
     patched = patching.apply_dreamcache(model, adapter, cache)
-    runs = {}
-    runs["eval_base"] = measure(single(model), latent, sigma, args.warmup, args.repeats, device)
-    runs["eval_dreamcache"] = measure(single(patched), latent, sigma, args.warmup, args.repeats, device)
-    runs["step_cfg"] = measure(cfg_guider(model), latent, sigma, args.warmup, args.repeats, device)
-    runs["step_joint"] = measure(guidance.make_guider(patched, cond, neg, 7.5, 7.5, "joint"), latent, sigma, args.warmup, args.repeats, device)
-    runs["step_combined"] = measure(guidance.make_guider(patched, cond, neg, 7.5, 5.0, "combined"), latent, sigma, args.warmup, args.repeats, device)
+    guiders = {
+        "eval_base": single(model),
+        "eval_dreamcache": single(patched),
+        "step_cfg": cfg_guider(model),
+        "step_joint": guidance.make_guider(patched, cond, neg, 7.5, 7.5, "joint"),
+        "step_combined": guidance.make_guider(patched, cond, neg, 7.5, 5.0, "combined"),
+    }
+    # Interleaved rounds (A B C D E, A B C D E, ...): slow drift of the machine (other load, allocator state,
+    # clock) spreads over every measure instead of biasing whichever ran first. Warm-up in the first round only.
+    runs = {k: ([], 0) for k in guiders}
+    for rnd in range(args.repeats):
+        for k, g in guiders.items():
+            ts, peak = measure(g, latent, sigma, args.warmup if rnd == 0 else 0, 1, device)
+            runs[k] = (runs[k][0] + ts, max(runs[k][1], peak))
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in patching.find_patch(patched)._kv.values())
 
     # ---- sizes -----------------------------------------------------------------------------------------------
@@ -267,7 +325,7 @@ def main(argv=None):
     base_med = statistics.median(runs["eval_base"][0])
     cfg_med = statistics.median(runs["step_cfg"][0])
     results["timings_s"] = {k: stats(v[0]) for k, v in runs.items()} | {"cache_pass": stats(pass_times)}
-    results["peak_memory_bytes"] = {k: v[1] for k, v in runs.items()}
+    results["working_memory_bytes"] = {k: v[1] for k, v in runs.items()}
     results["ratios"] = {
         "eval_dreamcache / eval_base": statistics.median(runs["eval_dreamcache"][0]) / base_med,
         "step_joint / step_cfg": statistics.median(runs["step_joint"][0]) / cfg_med,
@@ -280,12 +338,15 @@ def main(argv=None):
         "cache_values": cache.numel(),
         "cache_bytes_fp16": cache.numel() * 2,
         "kv_memo_bytes": kv_bytes,
-        "peak_eval_base": runs["eval_base"][1],
-        "peak_eval_dreamcache": runs["eval_dreamcache"][1],
-        "peak_added_by_dreamcache": runs["eval_dreamcache"][1] - runs["eval_base"][1],
-        "peak_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (sampled)",
+        "cache_bytes_resident": sum(t.numel() * t.element_size() for t in cache.tokens.values()),
+        "working_eval_base": runs["eval_base"][1],
+        "working_eval_dreamcache": runs["eval_dreamcache"][1],
+        "working_added_by_dreamcache": runs["eval_dreamcache"][1] - runs["eval_base"][1],
+        "working_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS (sampled)",
     }
     results["sizes_bytes"] = sizes
+    if args.flops:
+        results["flops"] = count_flops(model, patching.find_patch(patched), latent.to(device), cond)
     results["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
@@ -313,8 +374,13 @@ def markdown(r) -> str:
               f"| adapter file fp16 / fp32 | {s['adapter_fp16'] / 1e6:.1f} MB / {s['adapter_fp32'] / 1e6:.1f} MB |",
               f"| cache per subject (fp16 file) | {s['cache_fp16'] / 1e6:.2f} MB ({m['cache_values']:,} values) |",
               f"| K/V memo on the device | {m['kv_memo_bytes'] / 1e6:.1f} MB |",
-              f"| peak memory, base eval / DreamCache eval ({m['peak_kind']}) | {m['peak_eval_base'] / 1e9:.2f} GB / {m['peak_eval_dreamcache'] / 1e9:.2f} GB (+{m['peak_added_by_dreamcache'] / 1e6:.0f} MB) |",
+              f"| resident: adapter weights ({c['dtype']}) + K/V memo + cache (CPU) | {m['adapter_bytes_in_compute_dtype'] / 1e6:.1f} + {m['kv_memo_bytes'] / 1e6:.1f} + {m['cache_bytes_resident'] / 1e6:.1f} MB |",
+              f"| working memory of one evaluation, base / DreamCache ({m['working_kind']}) | {m['working_eval_base'] / 1e6:.0f} MB / {m['working_eval_dreamcache'] / 1e6:.0f} MB ({m['working_added_by_dreamcache'] / 1e6:+.0f} MB) |",
               f"| wall time of this run | {r['wall_s']:.0f} s |"]
+    if "flops" in r:
+        f = r["flops"]
+        lines.append(f"| FLOPs of one U-Net forward, base / DreamCache | {f['base'] / 1e9:.1f} / {f['dreamcache'] / 1e9:.1f} GFLOP "
+                     f"(+{f['added'] / 1e9:.1f}, {100 * f['added'] / f['base']:.1f}%) |")
     return "\n".join(lines)
 
 
