@@ -97,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse, run the chosen subcommand, and turn a DreamCacheError into one ``error:`` line and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except DreamCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv=None) -> int:
+    return run_main(build_parser(), argv)

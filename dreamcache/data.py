@@ -837,12 +837,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from .cli import run_main
+
+    return run_main(build_parser(), argv)
 
 
 if __name__ == "__main__":
