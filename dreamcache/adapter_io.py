@@ -218,6 +218,10 @@ def adapter_metadata(channels: dict[LayerRef, int], family: str | None, extra: d
     return meta
 
 
+#: Storage precisions offered for saved adapters and caches; "keep" stores the tensors as they are.
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]):
     """Write next to ``path`` then rename, so a crash never leaves half a file under the real name."""
     from safetensors.torch import save_file

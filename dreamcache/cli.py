@@ -9,12 +9,10 @@ import json
 import os
 import sys
 
-import torch
-
 from . import __version__
+from .adapter_io import STORAGE_DTYPES
 from .errors import DreamCacheError
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
 def cmd_convert(args) -> int:
@@ -25,7 +23,7 @@ def cmd_convert(args) -> int:
         raise DreamCacheError(f"Refusing to overwrite the source file '{args.src}'; give another output name.")
     if os.path.exists(dst) and not args.force:
         raise DreamCacheError(f"'{dst}' already exists; pass --force to overwrite it.")
-    af = convert_adapter(args.src, dst, family=args.family, dtype=DTYPES[args.dtype])
+    af = convert_adapter(args.src, dst, family=args.family, dtype=STORAGE_DTYPES[args.dtype])
     written = read_adapter(dst)
     print(f"wrote {dst}: {len(written.layers)} layers, {written.parameter_count():,} parameters, "
           f"base family {written.family or 'unknown'}, {os.path.getsize(dst) / 1e6:.1f} MB")
@@ -67,7 +65,7 @@ def _add_convert(sub):
     p.add_argument("src", help="adapter file to read (.pt from the reference code, or .safetensors)")
     p.add_argument("dst", nargs="?", help="output .safetensors (default: next to src)")
     p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family to record (the released adapter is sd2)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="keep", help="storage precision (fp16 halves the size)")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="keep", help="storage precision (fp16 halves the size)")
     p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     p.set_defaults(func=cmd_convert)
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 import os
 
 import folder_paths
-import torch
 from comfy_api.latest import io, ui
 
+from ..dreamcache.adapter_io import STORAGE_DTYPES
 from ..dreamcache.cache import concat_caches, load_cache, save_cache
 from . import paths
 from .types import Cache
 from .validation import combo_check
 
 CACHE_HINT = "save it with DreamCacheSave first (or copy the file there) and refresh."
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "keep": None}
 
 
 class DreamCacheSave(io.ComfyNode):
@@ -29,7 +28,7 @@ class DreamCacheSave(io.ComfyNode):
                 Cache.Input("cache", tooltip="The cache to save."),
                 io.String.Input("filename_prefix", default="subject", tooltip="File name (may include subfolders) inside "
                                 "models/dreamcache_caches; a counter is appended, nothing is overwritten."),
-                io.Combo.Input("dtype", options=list(_DTYPES), default="fp16",
+                io.Combo.Input("dtype", options=list(STORAGE_DTYPES), default="fp16",
                                tooltip="Storage precision: fp16 halves the size (≈6 MB per 512² reference for SD1.5/2.1); keep stores it as computed."),
             ],
             outputs=[],
@@ -44,7 +43,7 @@ class DreamCacheSave(io.ComfyNode):
     def execute(cls, cache, filename_prefix="subject", dtype="fp16") -> io.NodeOutput:
         base = folder_paths.get_folder_paths(paths.CACHES)[0]
         path = paths.safe_output_path(base, filename_prefix)
-        save_cache(cache, path, dtype=_DTYPES[dtype])
+        save_cache(cache, path, dtype=STORAGE_DTYPES[dtype])
         rel = os.path.relpath(path, base)
         return io.NodeOutput(ui=ui.PreviewText(f"Saved {rel} ({os.path.getsize(path) / 1e6:.1f} MB). {cache.describe()}"))
 
