@@ -235,7 +235,7 @@ def test_an_error_during_sampling_leaves_nothing_patched(sd1, patched):
 
 
 def test_guider_errors(sd1, patched):
-    err = sd1.core.errors.DreamCacheError
+    err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="no DreamCache patch"):
         run_node("DreamCacheGuider", model=sd1.model, positive=sd1.positive, negative=sd1.negative, text_scale=7.5, image_scale=5.0, mode="combined")
     with pytest.raises(err, match="image_scale -1.0 is out of range"):
