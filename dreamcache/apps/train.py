@@ -64,6 +64,14 @@ class TrainConfig:
     preview_steps: int = 20
     preview_text_scale: float = 7.5
     preview_image_scale: float = 5.0
+    eval_every: int = 0  # --eval-every: score the adapter on a small DreamBench subset every N steps (dreamcache.apps.eval)
+    eval_dreambench: str | None = None
+    eval_subjects: list[str] | None = None
+    eval_prompts: int = 2
+    eval_steps: int = 20
+    eval_dino: str | None = None
+    eval_clip: str | None = None
+    eval_masks: str | None = None
     num_workers: int = 2
     validate_files: bool = True
     progress: bool = True
@@ -93,6 +101,8 @@ class TrainConfig:
             problems.append(f"--resolution {self.resolution} must be a multiple of 64")
         if self.save_every < 0 or self.preview_every < 0:
             problems.append("--save-every and --preview-every must not be negative")
+        if self.eval_every < 0 or self.eval_prompts < 1 or self.eval_steps < 1:
+            problems.append("--eval-every must not be negative, --eval-prompts and --eval-steps must be at least 1")
         if problems:
             raise DreamCacheError("Bad training settings: " + "; ".join(problems) + ".")
 
@@ -336,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-validate", dest="validate_files", action="store_false", default=argparse.SUPPRESS,
                    help="only check that every item has its files (skip opening every image before training)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
+    g = p.add_argument_group("evaluation during training (DreamBench subset, see docs/evaluation.md)")
+    _arg(g, "--eval-every", "eval_every", type=int, help="score the adapter every N steps: DINO / CLIP-I / CLIP-T into <out>.eval.csv (default 0 = never)")
+    _arg(g, "--eval-dreambench", "eval_dreambench", help="DreamBench folder (default $DREAMBENCH_PATH)")
+    _arg(g, "--eval-subjects", "eval_subjects", type=lambda s: [x for x in re.split(r"[,\s]+", s) if x],
+         help="comma-separated subjects (default: the first object and the first live subject)")
+    _arg(g, "--eval-prompts", "eval_prompts", type=int, help="prompts per subject, one image each (default 2)")
+    _arg(g, "--eval-steps", "eval_steps", type=int, help="sampling steps of an evaluation image (default 20)")
+    _arg(g, "--eval-dino", "eval_dino", help="folder of facebook/dino-vits16 (default: the Hugging Face cache)")
+    _arg(g, "--eval-clip", "eval_clip", help="folder of openai/clip-vit-base-patch32 (default: the Hugging Face cache)")
+    _arg(g, "--eval-masks", "eval_masks", help="reference masks <subject>/<NN>_mask.png (default: the whole photo)")
     p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' (next to --out)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")

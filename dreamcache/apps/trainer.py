@@ -181,6 +181,11 @@ class Trainer:
         self._stream = None
         if state is not None:
             self._restore(state)
+        self._eval = None
+        if config.eval_every:  # --eval-every: check the DreamBench folder and the metric models before training
+            from .eval.training import TrainingEval
+
+            self._eval = TrainingEval(config)
 
     # ---- setup ------------------------------------------------------------------------------------------------------
     def _build_adapter(self, state: TrainState | None) -> DreamCacheAdapter:
@@ -462,6 +467,12 @@ class Trainer:
         Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().astype(np.uint8)).save(path)
         return path
 
+    def evaluate(self) -> dict:
+        """--eval-every: DINO / CLIP-I / CLIP-T of the current adapter on a small DreamBench subset (dreamcache.apps.eval)."""
+        from .eval.training import evaluate_during_training
+
+        return evaluate_during_training(self)
+
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> list[float]:
         """Train until ``steps`` (default: ``config.steps``) total optimizer steps, writing checkpoints, the loss log
@@ -492,6 +503,8 @@ class Trainer:
                     self.save()
                 if cfg.preview_every and self.step % cfg.preview_every == 0:
                     self.preview()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
         finally:
             f.close()
             if bar is not None:
