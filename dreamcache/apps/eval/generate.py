@@ -77,7 +77,7 @@ class Method:
 
 def to_image(rgb: np.ndarray) -> torch.Tensor:
     """``(H, W, 3)`` uint8 -> ComfyUI IMAGE ``[1, H, W, 3]`` float 0..1 (what LoadImage gives)."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div(255.0)[None]
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).float().div(255.0)[None]
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
