@@ -1,4 +1,5 @@
 """``python -m dreamcache.eval``: entry point of the DreamBench evaluation (dreamcache.apps.eval)."""
+
 import sys
 
 from .apps.eval.cli import main

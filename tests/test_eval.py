@@ -8,10 +8,9 @@ download), the real photos (615² to 2048², EXIF orientation) through SubjectMa
 the paper's Table 2 rows, the grids; and with ComfyUI (tiny models): the generation is the nodes' own path, the
 baseline row, resume generates nothing new, shards whose union is the unsharded run, and the trainer's --eval-every.
 """
+
 from __future__ import annotations
 
-import csv
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,9 @@ from dreamcache.core.errors import DreamCacheError
 
 ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = P.find_dreambench(None, ROOT)
-needs_dreambench = pytest.mark.skipif(DREAMBENCH is None, reason="DreamBench not found (set DREAMBENCH_PATH or keep shared/dreambench beside the repo)")
+needs_dreambench = pytest.mark.skipif(
+    DREAMBENCH is None, reason="DreamBench not found (set DREAMBENCH_PATH or keep shared/dreambench beside the repo)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,7 @@ def _offline(monkeypatch):
 
 
 # ---- protocol -------------------------------------------------------------------------------------------------------
+
 
 def test_protocol_has_the_30_subjects_their_prompts_and_3000_images(proto):
     assert len(proto.subjects) == 30
@@ -82,20 +84,38 @@ def test_subsets_and_reference_choice(proto):
     # the same image has the same seed in the full protocol and in a subset
     full = {it.key: it.seed for it in proto.items(["m"])}
     assert all(full[it.key] == it.seed for it in p.items(["m"]))
-    for bad, match in ((dict(subjects=["nope"]), "no subject 'nope'"), (dict(prompts=30), "between 1 and 25"),
-                       (dict(reference="07"), "no reference image '07'"), (dict(images_per_prompt=0), "at least 1")):
+    for bad, match in (
+        (dict(subjects=["nope"]), "no subject 'nope'"),
+        (dict(prompts=30), "between 1 and 25"),
+        (dict(reference="07"), "no reference image '07'"),
+        (dict(images_per_prompt=0), "at least 1"),
+    ):
         with pytest.raises(DreamCacheError, match=match):
             P.load_protocol(DREAMBENCH, **bad)
 
 
 def test_seeds_are_pinned_and_do_not_depend_on_the_process():
-    assert P.seed_for("dog", "a dog in the jungle", 0) == 1672761659279085  # pinned: old runs resume with the same seeds
+    assert (
+        P.seed_for("dog", "a dog in the jungle", 0) == 1672761659279085
+    )  # pinned: old runs resume with the same seeds
     assert P.seed_for("dog", "a dog in the jungle", 1) != P.seed_for("dog", "a dog in the jungle", 0)
     assert P.seed_for("dog", "a dog in the jungle", 0, base=1) != P.seed_for("dog", "a dog in the jungle", 0)
-    code = "from dreamcache.apps.eval.protocol import seed_for; print([seed_for(s, 'a ' + s, i) for s in ('cat', 'can') for i in range(3)])"
-    outs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": h}).stdout for h in ("1", "2", "random")}
-    assert len(outs) == 1 and outs.pop().strip() == str([P.seed_for(s, "a " + s, i) for s in ("cat", "can") for i in range(3)])
+    code = ("from dreamcache.apps.eval.protocol import seed_for; "
+            "print([seed_for(s, 'a ' + s, i) for s in ('cat', 'can') for i in range(3)])")
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": h},
+        ).stdout
+        for h in ("1", "2", "random")
+    }
+    assert len(outs) == 1 and outs.pop().strip() == str(
+        [P.seed_for(s, "a " + s, i) for s in ("cat", "can") for i in range(3)]
+    )
 
 
 def test_shards_partition_the_images(proto):
@@ -126,6 +146,7 @@ def test_prompts_file_errors(tmp_path):
 
 # ---- metric arithmetic --------------------------------------------------------------------------------------------
 
+
 class FixedEmbedder:
     """Embeds an image as the fixed vector its top-left pixel value selects (and a text by a table)."""
 
@@ -153,9 +174,13 @@ def _img(v, mask_box=None):
 def test_metric_arithmetic_matches_cosines_by_hand():
     from dreamcache.apps.eval.metrics import Scorers, score_images
 
-    dino = FixedEmbedder({1: [1, 0, 0], 2: [1, 1, 0], 3: [0, 2, 2], 10: [1, 2, 3], 20: [0, 0, 5], 255: [4, 4, 1], 7: [3, 0, 4]})
-    clip = FixedEmbedder({1: [0, 1], 2: [1, 1], 3: [3, 4], 10: [1, 0], 20: [-1, 1], 255: [2, 3], 7: [1, -1]},
-                         {"a dog": [1, 2], "a can": [-2, 1]})
+    dino = FixedEmbedder(
+        {1: [1, 0, 0], 2: [1, 1, 0], 3: [0, 2, 2], 10: [1, 2, 3], 20: [0, 0, 5], 255: [4, 4, 1], 7: [3, 0, 4]}
+    )
+    clip = FixedEmbedder(
+        {1: [0, 1], 2: [1, 1], 3: [3, 4], 10: [1, 0], 20: [-1, 1], 255: [2, 3], 7: [1, -1]},
+        {"a dog": [1, 2], "a can": [-2, 1]},
+    )
     gen = [_img(1), _img(2), _img(3)]
     refs = {"dog": _img(10), "can": _img(20)}
     rows = score_images(Scorers(dino, clip), gen, ["a dog", "a dog", "a can"], ["dog", "dog", "can"], refs)
@@ -164,13 +189,15 @@ def test_metric_arithmetic_matches_cosines_by_hand():
         a, b = np.asarray(a, float), np.asarray(b, float)
         return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
-    assert rows[0]["dino"] == pytest.approx(cos([1, 0, 0], [1, 2, 3]), abs=1e-6)      # 0.267261
-    assert rows[1]["dino"] == pytest.approx(cos([1, 1, 0], [1, 2, 3]), abs=1e-6)      # 0.566947
-    assert rows[2]["dino"] == pytest.approx(cos([0, 2, 2], [0, 0, 5]), abs=1e-6)      # 0.707107
-    assert rows[2]["clip_i"] == pytest.approx(cos([3, 4], [-1, 1]), abs=1e-6)         # 0.141421
-    assert rows[0]["clip_t"] == pytest.approx(cos([0, 1], [1, 2]), abs=1e-6)          # 0.894427
-    assert rows[2]["clip_t"] == pytest.approx(cos([3, 4], [-2, 1]), abs=1e-6)         # -0.178885
-    assert rows[0]["dino"] == pytest.approx(0.2672612419, abs=1e-6) and rows[2]["clip_t"] == pytest.approx(-2 / (5 * 5 ** 0.5), abs=1e-6)
+    assert rows[0]["dino"] == pytest.approx(cos([1, 0, 0], [1, 2, 3]), abs=1e-6)  # 0.267261
+    assert rows[1]["dino"] == pytest.approx(cos([1, 1, 0], [1, 2, 3]), abs=1e-6)  # 0.566947
+    assert rows[2]["dino"] == pytest.approx(cos([0, 2, 2], [0, 0, 5]), abs=1e-6)  # 0.707107
+    assert rows[2]["clip_i"] == pytest.approx(cos([3, 4], [-1, 1]), abs=1e-6)  # 0.141421
+    assert rows[0]["clip_t"] == pytest.approx(cos([0, 1], [1, 2]), abs=1e-6)  # 0.894427
+    assert rows[2]["clip_t"] == pytest.approx(cos([3, 4], [-2, 1]), abs=1e-6)  # -0.178885
+    assert rows[0]["dino"] == pytest.approx(0.2672612419, abs=1e-6) and rows[2]["clip_t"] == pytest.approx(
+        -2 / (5 * 5**0.5), abs=1e-6
+    )
     assert "dino_masked" not in rows[0]
     assert dino.calls == [3, 2]  # each distinct reference embedded once
 
@@ -206,13 +233,17 @@ def test_tiny_metric_models_load_from_folders_and_use_cls_and_projections(metric
     c = ClipEmbedder(str(clip_dir), device="cpu", batch_size=2)
     got_d, got_c = d.images(ims), c.images(ims)
     vit = ViTModel.from_pretrained(dino_dir, add_pooling_layer=False).eval()
-    px = AutoImageProcessor.from_pretrained(dino_dir)(images=[Image.fromarray(i) for i in ims], return_tensors="pt")["pixel_values"]
+    px = AutoImageProcessor.from_pretrained(dino_dir)(images=[Image.fromarray(i) for i in ims], return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
         cls = vit(pixel_values=px).last_hidden_state[:, 0]
     assert torch.allclose(got_d, torch.nn.functional.normalize(cls, dim=-1), atol=1e-5)
     assert torch.allclose(got_d.norm(dim=-1), torch.ones(3), atol=1e-6)
     clip = CLIPModel.from_pretrained(clip_dir).eval()
-    px = AutoImageProcessor.from_pretrained(clip_dir)(images=[Image.fromarray(i) for i in ims], return_tensors="pt")["pixel_values"]
+    px = AutoImageProcessor.from_pretrained(clip_dir)(images=[Image.fromarray(i) for i in ims], return_tensors="pt")[
+        "pixel_values"
+    ]
     with torch.no_grad():
         f = clip.get_image_features(pixel_values=px)
         f = f if isinstance(f, torch.Tensor) else f.pooler_output
@@ -237,12 +268,26 @@ def test_missing_metric_model_is_one_clear_sentence(tmp_path, monkeypatch, metri
     with pytest.raises(DreamCacheError, match="--clip '.*dino' does not hold a loadable openai/clip-vit-base-patch32"):
         ClipEmbedder(str(metric_models[0]), device="cpu")
     if DREAMBENCH is not None:  # the command fails before it loads ComfyUI or a checkpoint
-        rc = main(["--checkpoint", "x.safetensors", "--baseline", "--dreambench", str(DREAMBENCH), "--out", str(tmp_path / "o"),
-                   "--dino", str(tmp_path / "no_such_folder"), "--comfyui", str(tmp_path / "no_comfy")])
+        rc = main(
+            [
+                "--checkpoint",
+                "x.safetensors",
+                "--baseline",
+                "--dreambench",
+                str(DREAMBENCH),
+                "--out",
+                str(tmp_path / "o"),
+                "--dino",
+                str(tmp_path / "no_such_folder"),
+                "--comfyui",
+                str(tmp_path / "no_comfy"),
+            ]
+        )
         assert rc == 2
 
 
-# ---- real photos ------------------------------------------------------------------------------------------------------
+# ---- real photos -------------------------------------------------------------------------------------------
+
 
 @needs_dreambench
 def test_real_photos_through_the_reference_preprocessing(tmp_path):
@@ -261,12 +306,16 @@ def test_real_photos_through_the_reference_preprocessing(tmp_path):
     masks = tmp_path / "masks"
     for (w, h), f in sorted(by_size.items()):  # one photo of every size in the set (the CPU is shared)
         m = np.zeros((h, w), np.uint8)
-        m[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 255
+        m[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3] = 255
         (masks / f.parent.name).mkdir(parents=True, exist_ok=True)
         Image.fromarray(m).save(masks / f.parent.name / f"{f.stem}_mask.png")
         ref = prepare_reference(f, f.parent.name, "files", 512, "train", masks)
         assert ref.image.shape == (1, 512, 512, 3) and 0.0 <= float(ref.image.min()) and float(ref.image.max()) <= 1.0
-        assert ref.photo.shape == (h, w, 3) and ref.mask.shape == (h, w) and ref.mask.mean() == pytest.approx(1 / 2 * 1 / 3, abs=0.01)
+        assert (
+            ref.photo.shape == (h, w, 3)
+            and ref.mask.shape == (h, w)
+            and ref.mask.mean() == pytest.approx(1 / 2 * 1 / 3, abs=0.01)
+        )
         # the training layout: white canvas, the subject (taller than wide here) 85% of the side, centred
         img = ref.image[0]
         assert bool((img[:30] == 1.0).all()) and bool((img[-30:] == 1.0).all()) and bool((img[:, :100] == 1.0).all())
@@ -305,18 +354,41 @@ def test_grid_and_markdown_with_the_paper_rows(tmp_path):
 
     red = Image.new("RGB", (64, 64), (255, 0, 0))
     blue = Image.new("RGB", (64, 64), (0, 0, 255))
-    img = report.grid(red, [("a dog in the jungle", [blue, blue]), ("a dog in the snow", [blue, None])], cell=32, path=tmp_path / "g.jpg")
+    img = report.grid(
+        red,
+        [("a dog in the jungle", [blue, blue]), ("a dog in the snow", [blue, None])],
+        cell=32,
+        path=tmp_path / "g.jpg",
+    )
     assert img.width == 3 * 32 and (tmp_path / "g.jpg").is_file()
     px = np.asarray(img)
-    assert px[16, 16, 0] > 200 and px[16, 16, 2] < 60   # reference in the first column
-    assert px[16, 48, 2] > 200 and px[16, 48, 0] < 60   # a generation beside it
+    assert px[16, 16, 0] > 200 and px[16, 16, 2] < 60  # reference in the first column
+    assert px[16, 48, 2] > 200 and px[16, 48, 0] < 60  # a generation beside it
     row2 = img.height // 2 + 16
-    assert abs(int(px[row2, 80, 0]) - 200) < 30          # a missing image is a grey cell
-    assert (px[40:44, 2:60] < 128).any()                  # the prompt is written under the row
-    data = {"protocol": {"subjects": 1, "prompts_per_subject": 2, "images_per_prompt": 2, "reference": ""}, "settings": {"mask_mode": "none"},
-            "completeness": {"expected": 4, "found": 3}, "wall_time": None,
-            "methods": {"baseline": report.tables([{"method": "baseline", "subject": "dog", "kind": "live", "dino": 0.5, "clip_i": 0.25,
-                                                     "clip_t": 0.125}], ["baseline"], ["dog"])["baseline"]}}
+    assert abs(int(px[row2, 80, 0]) - 200) < 30  # a missing image is a grey cell
+    assert (px[40:44, 2:60] < 128).any()  # the prompt is written under the row
+    data = {
+        "protocol": {"subjects": 1, "prompts_per_subject": 2, "images_per_prompt": 2, "reference": ""},
+        "settings": {"mask_mode": "none"},
+        "completeness": {"expected": 4, "found": 3},
+        "wall_time": None,
+        "methods": {
+            "baseline": report.tables(
+                [
+                    {
+                        "method": "baseline",
+                        "subject": "dog",
+                        "kind": "live",
+                        "dino": 0.5,
+                        "clip_i": 0.25,
+                        "clip_t": 0.125,
+                    }
+                ],
+                ["baseline"],
+                ["dog"],
+            )["baseline"]
+        },
+    }
     md = report.markdown(data)
     assert "| baseline | 1 | 0.500 | 0.250 | 0.125 |" in md and "INCOMPLETE" in md
     assert "| DreamCache SD1.5 (paper, Table 2) | 3000 | 0.713 | 0.810 | 0.298 |" in md

@@ -7,6 +7,7 @@ ApplyDreamCache -> DualGuidanceSampler -> VAEDecode) for the same seed; the "no 
 subject; resume (a second run generates and scores nothing, a deleted image comes back identical); settings that
 differ refuse the folder; shards whose union (after --merge) equals the unsharded run; the trainer's --eval-every.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DREAMBENCH = P.find_dreambench(None, ROOT)
 RES = 64
 SUBJECTS = ["backpack", "dog"]
-pytestmark = pytest.mark.skipif(DREAMBENCH is None, reason="DreamBench not found (set DREAMBENCH_PATH or keep shared/dreambench beside the repo)")
+pytestmark = pytest.mark.skipif(
+    DREAMBENCH is None, reason="DreamBench not found (set DREAMBENCH_PATH or keep shared/dreambench beside the repo)"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,7 +63,7 @@ def env(comfy, tmp_path_factory):
         with Image.open(DREAMBENCH / s / "00.jpg") as im:
             w, h = im.size
         m = np.zeros((h, w), np.uint8)
-        m[h // 5: 4 * h // 5, w // 4: 3 * w // 4] = 255
+        m[h // 5 : 4 * h // 5, w // 4 : 3 * w // 4] = 255
         (ns.masks / s).mkdir(parents=True)
         Image.fromarray(m).save(ns.masks / s / "00_mask.png")
     return ns
@@ -74,7 +77,9 @@ def patched(env, monkeypatch):
     from tiny_sam import make_tiny_sam
 
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: (env.model, env.clip, env.vae))
-    monkeypatch.setattr(sam_glue, "load_sam_model", lambda path, name: sam_glue.wrap_sam(make_tiny_sam(seed=0), "tiny", name))
+    monkeypatch.setattr(
+        sam_glue, "load_sam_model", lambda path, name: sam_glue.wrap_sam(make_tiny_sam(seed=0), "tiny", name)
+    )
     calls = []
     real = generate.Generator.sample
 
@@ -87,10 +92,39 @@ def patched(env, monkeypatch):
 
 
 def argv(comfy, env, out, *extra, sam=True):
-    a = ["--checkpoint", "tiny_sd1.safetensors", "--adapter", str(env.adapter), "--baseline", "--dreambench", str(DREAMBENCH),
-         "--out", str(out), "--subjects", ",".join(SUBJECTS), "--prompts", "1", "--images-per-prompt", "2", "--steps", "1",
-         "--resolution", str(RES), "--dino", str(env.dino), "--clip", str(env.clip_dir), "--masks", str(env.masks),
-         "--comfyui", str(comfy), "--no-progress", "--grid-size", "32", *extra]
+    a = [
+        "--checkpoint",
+        "tiny_sd1.safetensors",
+        "--adapter",
+        str(env.adapter),
+        "--baseline",
+        "--dreambench",
+        str(DREAMBENCH),
+        "--out",
+        str(out),
+        "--subjects",
+        ",".join(SUBJECTS),
+        "--prompts",
+        "1",
+        "--images-per-prompt",
+        "2",
+        "--steps",
+        "1",
+        "--resolution",
+        str(RES),
+        "--dino",
+        str(env.dino),
+        "--clip",
+        str(env.clip_dir),
+        "--masks",
+        str(env.masks),
+        "--comfyui",
+        str(comfy),
+        "--no-progress",
+        "--grid-size",
+        "32",
+        *extra,
+    ]
     return a + (["--sam", "tiny_sam.pth"] if sam else [])
 
 
@@ -132,11 +166,18 @@ def test_a_run_writes_images_scores_tables_and_grids(unsharded, env):
     assert len(imgs) == 8 and all(a.shape == (RES, RES, 3) for a in imgs.values())
     rows = rows_of(out)
     proto = P.load_protocol(DREAMBENCH, SUBJECTS, 1, 2)
-    expected = {(it.method, it.subject, it.prompt_index, it.image_index): it for it in proto.items(["baseline", "tinyadapter"])}
+    expected = {
+        (it.method, it.subject, it.prompt_index, it.image_index): it for it in proto.items(["baseline", "tinyadapter"])
+    }
     assert len(rows) == 8
     for r in rows:
         it = expected[(r["method"], r["subject"], int(r["prompt_index"]), int(r["image_index"]))]
-        assert int(r["seed"]) == it.seed and r["file"] == it.file and r["prompt"] == it.prompt and (out / r["file"]).is_file()
+        assert (
+            int(r["seed"]) == it.seed
+            and r["file"] == it.file
+            and r["prompt"] == it.prompt
+            and (out / r["file"]).is_file()
+        )
         assert r["kind"] == ("live" if r["subject"] == "dog" else "object")
         for k in ("dino", "clip_i", "clip_t"):
             assert -1.0 <= float(r[k]) <= 1.0
@@ -151,7 +192,9 @@ def test_a_run_writes_images_scores_tables_and_grids(unsharded, env):
     for m in ("baseline", "tinyadapter"):
         mine = [r for r in rows if r["method"] == m]
         assert data["methods"][m]["overall"]["images"] == 4
-        assert data["methods"][m]["overall"]["dino"] == pytest.approx(np.mean([float(r["dino"]) for r in mine]), abs=1e-6)
+        assert data["methods"][m]["overall"]["dino"] == pytest.approx(
+            np.mean([float(r["dino"]) for r in mine]), abs=1e-6
+        )
         assert data["methods"][m]["subjects"]["dog"]["images"] == 2 and data["methods"][m]["live"]["images"] == 2
     assert [r["dino"] for r in data["paper_table2"]] == [0.713, 0.767, 0.667]
     assert data["settings"]["sampling"]["steps"] == 1 and data["settings"]["mask_mode"] == "files"
@@ -184,7 +227,11 @@ def test_masked_metrics_where_sam_finds_the_subject(unsharded, comfy):
             assert -1.0 <= float(r["dino_masked"]) <= 1.0
     assert found > 0, "the tiny SAM found no subject in any image: this test checks nothing"
     data = json.loads((unsharded / "results.json").read_text())
-    assert data["methods"]["baseline"]["overall"]["dino_masked_images"] + data["methods"]["tinyadapter"]["overall"]["dino_masked_images"] == found
+    assert (
+        data["methods"]["baseline"]["overall"]["dino_masked_images"]
+        + data["methods"]["tinyadapter"]["overall"]["dino_masked_images"]
+        == found
+    )
 
 
 def test_resume_generates_and_scores_nothing_new(unsharded, comfy, env, patched, capsys, tmp_path):
@@ -231,7 +278,9 @@ def test_shards_and_merge_equal_the_unsharded_run(unsharded, comfy, env, patched
     sharded = sorted(first + second, key=key)
     whole = sorted(rows_of(unsharded), key=key)
     for r, w in zip(sharded, whole):
-        assert {k: r[k] for k in ("method", "subject", "prompt", "seed", "file")} == {k: w[k] for k in ("method", "subject", "prompt", "seed", "file")}
+        assert {k: r[k] for k in ("method", "subject", "prompt", "seed", "file")} == {
+            k: w[k] for k in ("method", "subject", "prompt", "seed", "file")
+        }
         for k in ("dino", "clip_i", "clip_t", "dino_masked", "clip_i_masked"):
             assert (r[k] == "") == (w[k] == "") and (r[k] == "" or float(r[k]) == pytest.approx(float(w[k]), abs=1e-5))
     ja, jb = json.loads((out / "results.json").read_text()), json.loads((unsharded / "results.json").read_text())
@@ -250,15 +299,106 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
     it = next(i for i in P.load_protocol(DREAMBENCH, ["dog"], 1, 2).items(["tinyadapter"]) if i.image_index == 1)
     photo = to_image(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
     mask = torch.from_numpy(load_mask(env.masks / "dog" / "00_mask.png")).float()[None]
-    reference, _ = run_node("DreamCacheSubjectMask", image=photo, prompt_mode="mask", mask=mask, layout="train", size=RES)
+    reference, _ = run_node(
+        "DreamCacheSubjectMask", image=photo, prompt_mode="mask", mask=mask, layout="train", size=RES
+    )
     adapter = pack.dreamcache.core.adapter_io.read_adapter(str(env.adapter))
-    cache, _ = run_node("DreamCacheBuildFeatureCache", model=env.model, vae=env.vae, image=reference, clip=env.clip, adapter=adapter,
-                        seed=0, resolution=RES, fit="pad", batch_mode="concat")
+    cache, _ = run_node(
+        "DreamCacheBuildFeatureCache",
+        model=env.model,
+        vae=env.vae,
+        image=reference,
+        clip=env.clip,
+        adapter=adapter,
+        seed=0,
+        resolution=RES,
+        fit="pad",
+        batch_mode="concat",
+    )
     (model,) = run_node("DreamCacheApply", model=env.model, adapter=adapter, cache=cache, strength=1.0)
     (pos,) = run_node("CLIPTextEncode", clip=env.clip, text=it.prompt)
     (neg,) = run_node("CLIPTextEncode", clip=env.clip, text="")
     (latent,) = run_node("EmptyLatentImage", width=RES, height=RES, batch_size=1)
-    (samples,) = run_node("DreamCacheDualGuidanceSampler", model=model, positive=pos, negative=neg, latent_image=latent, seed=it.seed,
-                          steps=1, sampler_name="ddim", scheduler="ddim_uniform", denoise=1.0, text_scale=7.5, image_scale=0.4, mode="combined")
+    (samples,) = run_node(
+        "DreamCacheDualGuidanceSampler",
+        model=model,
+        positive=pos,
+        negative=neg,
+        latent_image=latent,
+        seed=it.seed,
+        steps=1,
+        sampler_name="ddim",
+        scheduler="ddim_uniform",
+        denoise=1.0,
+        text_scale=7.5,
+        image_scale=0.4,
+        mode="combined",
+    )
     (pixels,) = run_node("VAEDecode", samples=samples, vae=env.vae)
     assert np.array_equal(to_uint8(pixels[0]), images_of(unsharded)[it.file])
+
+
+def test_trainer_eval_every_scores_into_its_log_and_leaves_training_unchanged(comfy, env, tmp_path):
+    from dreamcache.apps.eval.training import eval_dir, eval_log_path
+    from dreamcache.apps.train import TrainConfig, build_parser, config_from_args
+    from dreamcache.apps.trainer import Trainer
+    from synthetic_data import make_dataset
+
+    data = make_dataset(tmp_path / "data", objects=2, images=2, size=RES)
+    base = dict(
+        data=str(data),
+        steps=2,
+        batch_size=1,
+        resolution=RES,
+        num_workers=0,
+        progress=False,
+        lr=1e-3,
+        save_every=0,
+        seed=0,
+    )
+    plain = Trainer(
+        env.model, env.clip, env.vae, TrainConfig(out=str(tmp_path / "plain.safetensors"), **base), log=lambda *a: None
+    )
+    plain_losses = plain.run()
+    logged = []
+    cfg = TrainConfig(
+        out=str(tmp_path / "run" / "ev.safetensors"),
+        eval_every=1,
+        eval_dreambench=str(DREAMBENCH),
+        eval_subjects=["dog"],
+        eval_prompts=1,
+        eval_steps=1,
+        eval_dino=str(env.dino),
+        eval_clip=str(env.clip_dir),
+        **base,
+    )
+    t = Trainer(env.model, env.clip, env.vae, cfg, log=logged.append)
+    losses = t.run()
+    assert losses == plain_losses  # evaluating does not touch the training's random state
+    with open(eval_log_path(cfg.out), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(r["images"] == "1" for r in rows)
+    assert all(-1.0 <= float(r[k]) <= 1.0 for r in rows for k in ("dino", "clip_i", "clip_t"))
+    assert rows[0]["dino"] != rows[1]["dino"]  # the adapter moved between the steps, and the scores follow it
+    assert sum(line.startswith("eval at step ") for line in logged) == 2
+    assert (eval_dir(cfg.out, 2) / "grids" / "step000002" / "dog.jpg").is_file()
+    # the command line reaches the config, and a missing DreamBench or metric model fails before training
+    args = build_parser().parse_args(["--eval-every", "5", "--eval-subjects", "dog,can", "--eval-prompts", "3"])
+    got = config_from_args(args, TrainConfig(data="d", out="o"))
+    assert (got.eval_every, got.eval_subjects, got.eval_prompts) == (5, ["dog", "can"], 3)
+    from dreamcache.core.errors import DreamCacheError
+
+    with pytest.raises(DreamCacheError, match="--eval-dino '.*nothing' is not a folder"):
+        Trainer(
+            env.model,
+            env.clip,
+            env.vae,
+            TrainConfig(
+                out=str(tmp_path / "x.safetensors"),
+                eval_every=1,
+                eval_dreambench=str(DREAMBENCH),
+                eval_dino=str(tmp_path / "nothing"),
+                **base,
+            ),
+            log=lambda *a: None,
+        )

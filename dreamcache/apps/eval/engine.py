@@ -14,6 +14,7 @@ Resumable: an image whose file exists is not generated again, a scored image is 
 generated again in this run). Shards (``--shard I/N``) take disjoint sets of prompt groups; ``--merge`` (or an
 unsharded run) writes the tables and grids from every shard's scores.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,24 @@ class Evaluation:
     exists). ``scorers``: :class:`dreamcache.apps.eval.metrics.Scorers` (None: no scoring). ``segmenter``: SAM for
     references in ``sam`` mask mode and for the masked metrics on generated images."""
 
-    def __init__(self, out, protocol: Protocol, methods: list[Method], generator=None, scorers=None, segmenter=None,
-                 shard: tuple[int, int] = (1, 1), mask_mode: str = "none", masks_dir=None, batch_size: int = 1, progress: bool = True,
-                 grid_size: int = 128, grids: bool = True, checkpoint: str = "", log=logging.info):
+    def __init__(
+        self,
+        out,
+        protocol: Protocol,
+        methods: list[Method],
+        generator=None,
+        scorers=None,
+        segmenter=None,
+        shard: tuple[int, int] = (1, 1),
+        mask_mode: str = "none",
+        masks_dir=None,
+        batch_size: int = 1,
+        progress: bool = True,
+        grid_size: int = 128,
+        grids: bool = True,
+        checkpoint: str = "",
+        log=logging.info,
+    ):
         self.out = Path(out)
         self.protocol = protocol
         self.methods = methods
@@ -73,7 +89,9 @@ class Evaluation:
         self.log = log
         names = [m.name for m in methods]
         if len(set(names)) != len(names):
-            raise DreamCacheError(f"Two methods share a name ({', '.join(names)}); give the adapter files different names.")
+            raise DreamCacheError(
+                f"Two methods share a name ({', '.join(names)}); give the adapter files different names."
+            )
         self.items = shard_items(protocol.items(names), shard)
         self._refs: dict[str, Reference] = {}
         self.timing = {"generation_seconds": 0.0, "generated": 0, "scoring_seconds": 0.0, "scored": 0}
@@ -95,9 +113,14 @@ class Evaluation:
         """Write ``run.json``, or check this run against it (same images for the same settings)."""
         path = self.out / RUN_FILE
         mine = self.run_settings()
-        selection = {"dreambench": str(self.protocol.root), "subjects": [s.name for s in self.protocol.subjects],
-                     "prompt_indices": self.protocol.prompt_indices, "images_per_prompt": self.protocol.images_per_prompt,
-                     "seed": self.protocol.seed, "reference": self.protocol.reference}
+        selection = {
+            "dreambench": str(self.protocol.root),
+            "subjects": [s.name for s in self.protocol.subjects],
+            "prompt_indices": self.protocol.prompt_indices,
+            "images_per_prompt": self.protocol.images_per_prompt,
+            "seed": self.protocol.seed,
+            "reference": self.protocol.reference,
+        }
         if path.is_file():
             old = json.loads(path.read_text(encoding="utf-8"))
             clashes = []
@@ -114,8 +137,11 @@ class Evaluation:
                 elif a != b:
                     clashes.append(f"{k} {a!r} (the folder has {b!r})")
             if clashes:
-                raise DreamCacheError(f"'{self.out}' holds images made with other settings: " + "; ".join(clashes) +
-                                      "; use another --out folder, or the same settings to resume.")
+                raise DreamCacheError(
+                    f"'{self.out}' holds images made with other settings: "
+                    + "; ".join(clashes)
+                    + "; use another --out folder, or the same settings to resume."
+                )
             for k in IDENTITY:
                 if mine.get(k) is None:
                     mine[k] = old.get(k)
@@ -133,8 +159,16 @@ class Evaluation:
             size = self.generator.size if self.generator is not None else 512
             layout = self.generator.settings.layout if self.generator is not None else "train"
             threshold = self.generator.settings.threshold if self.generator is not None else 0.5
-            ref = prepare_reference(self.protocol.reference_image(s), subject, self.mask_mode, size, layout, self.masks_dir, self.segmenter,
-                                    threshold)
+            ref = prepare_reference(
+                self.protocol.reference_image(s),
+                subject,
+                self.mask_mode,
+                size,
+                layout,
+                self.masks_dir,
+                self.segmenter,
+                threshold,
+            )
             from .generate import to_uint8
 
             save_png(to_uint8(ref.image[0]), self.out / "references" / f"{subject}.png")
@@ -153,7 +187,9 @@ class Evaluation:
         if not todo:
             return []
         if self.generator is None:
-            raise DreamCacheError(f"{len(todo)} images are missing in '{self.out}' and this run cannot generate; pass --checkpoint.")
+            raise DreamCacheError(
+                f"{len(todo)} images are missing in '{self.out}' and this run cannot generate; pass --checkpoint."
+            )
         by_method = {m.name: m for m in self.methods}
         groups: "OrderedDict[tuple, list[Item]]" = OrderedDict()
         for it in todo:
@@ -172,7 +208,7 @@ class Evaluation:
                     prompts.setdefault(it.prompt_index, []).append(it)
                 for batch_items in prompts.values():
                     for i in range(0, len(batch_items), self.batch_size):
-                        chunk = batch_items[i:i + self.batch_size]
+                        chunk = batch_items[i : i + self.batch_size]
                         images = self.generator.sample(model, method, chunk[0].prompt, [it.seed for it in chunk])
                         for it, rgb in zip(chunk, images):
                             save_png(rgb, self.out / it.file)
@@ -207,7 +243,7 @@ class Evaluation:
         bar = _progress(len(pending), "scoring", self.progress)
         try:
             for i in range(0, len(pending), SCORE_CHUNK):
-                chunk = pending[i:i + SCORE_CHUNK]
+                chunk = pending[i : i + SCORE_CHUNK]
                 for r in self.score_items(chunk):
                     rows[row_key_of(r)] = r
                 report.write_scores(self.scores_path(), list(rows.values()))
@@ -230,13 +266,30 @@ class Evaluation:
         if self.segmenter is not None:
             gen_masks = [self.segmenter.mask(g) for g in generated]
         ref_masks = {s: r.mask for s, r in refs.items() if r.mask is not None}
-        metrics = score_images(self.scorers, generated, [it.prompt for it in items], [it.subject for it in items],
-                               {s: r.photo for s, r in refs.items()}, gen_masks, ref_masks)
+        metrics = score_images(
+            self.scorers,
+            generated,
+            [it.prompt for it in items],
+            [it.subject for it in items],
+            {s: r.photo for s, r in refs.items()},
+            gen_masks,
+            ref_masks,
+        )
         out = []
         for it, m in zip(items, metrics):
-            out.append({"method": it.method, "subject": it.subject, "kind": self.protocol.subject(it.subject).kind,
-                        "prompt_index": it.prompt_index, "prompt": it.prompt, "image_index": it.image_index, "seed": it.seed,
-                        "file": it.file, **m})
+            out.append(
+                {
+                    "method": it.method,
+                    "subject": it.subject,
+                    "kind": self.protocol.subject(it.subject).kind,
+                    "prompt_index": it.prompt_index,
+                    "prompt": it.prompt,
+                    "image_index": it.image_index,
+                    "seed": it.seed,
+                    "file": it.file,
+                    **m,
+                }
+            )
         return out
 
     # ---- the whole run ----------------------------------------------------------------------------------------------
@@ -244,8 +297,10 @@ class Evaluation:
         """Generate what is missing, score what is unscored, and (unsharded) write tables and grids."""
         start = time.perf_counter()
         self.check_run_file()
-        self.log(f"{len(self.items)} images in {'this shard' if self.shard[1] > 1 else 'the protocol'}, "
-                 f"{len(self.missing())} to generate, in '{self.out}'.")
+        self.log(
+            f"{len(self.items)} images in {'this shard' if self.shard[1] > 1 else 'the protocol'}, "
+            f"{len(self.missing())} to generate, in '{self.out}'."
+        )
         generated = self.generate()
         rows = self.score(generated)
         wall = time.perf_counter() - start
@@ -258,9 +313,15 @@ class Evaluation:
     def record_run(self, wall: float):
         path = self.scores_path().with_suffix(".runs.json")
         runs = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
-        runs.append({"finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_seconds": round(wall, 3),
-                     "device": device_name(), "host": platform.node(),
-                     **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.timing.items()}})
+        runs.append(
+            {
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "wall_seconds": round(wall, 3),
+                "device": device_name(),
+                "host": platform.node(),
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.timing.items()},
+            }
+        )
         report.write_json(path, runs)
 
 
@@ -285,22 +346,39 @@ def _wall_time(out: Path) -> dict | None:
     seconds = sum(r["wall_seconds"] for r in runs)
     gen = sum(r.get("generated", 0) for r in runs)
     gen_s = sum(r.get("generation_seconds", 0.0) for r in runs)
-    return {"runs": len(runs), "seconds": seconds, "generated": gen, "generation_seconds": gen_s,
-            "seconds_per_generated_image": gen_s / gen if gen else None,
-            "scoring_seconds": sum(r.get("scoring_seconds", 0.0) for r in runs), "devices": sorted({r.get("device", "") for r in runs})}
+    return {
+        "runs": len(runs),
+        "seconds": seconds,
+        "generated": gen,
+        "generation_seconds": gen_s,
+        "seconds_per_generated_image": gen_s / gen if gen else None,
+        "scoring_seconds": sum(r.get("scoring_seconds", 0.0) for r in runs),
+        "devices": sorted({r.get("device", "") for r in runs}),
+    }
 
 
-def write_report(out, protocol: Protocol | None = None, dreambench=None, grids: bool = True, grid_size: int = 128) -> dict:
+def write_report(
+    out, protocol: Protocol | None = None, dreambench=None, grids: bool = True, grid_size: int = 128
+) -> dict:
     """Tables (``results.md``, ``results.json``) and grids from every shard's scores in ``out``. Without
     ``protocol``, the run's selection in ``run.json`` is used (on ``dreambench`` if given, else the folder it names)."""
     out = Path(out)
     run_path = out / RUN_FILE
     if not run_path.is_file():
-        raise DreamCacheError(f"'{out}' holds no evaluation run ({RUN_FILE} is missing); pass the --out folder of the run.")
+        raise DreamCacheError(
+            f"'{out}' holds no evaluation run ({RUN_FILE} is missing); pass the --out folder of the run."
+        )
     run = json.loads(run_path.read_text(encoding="utf-8"))
     sel = run["selection"]
     if protocol is None:
-        protocol = load_protocol(dreambench or sel["dreambench"], sel["subjects"], sel["prompt_indices"], sel["images_per_prompt"], sel["seed"], sel["reference"])
+        protocol = load_protocol(
+            dreambench or sel["dreambench"],
+            sel["subjects"],
+            sel["prompt_indices"],
+            sel["images_per_prompt"],
+            sel["seed"],
+            sel["reference"],
+        )
     methods = run["methods"]
     expected = protocol.items(methods)
     rows_by_key = report.all_scores(out)
@@ -308,12 +386,21 @@ def write_report(out, protocol: Protocol | None = None, dreambench=None, grids: 
     rows = [r for k, r in rows_by_key.items() if k in keys]
     subjects = [s.name for s in protocol.subjects]
     data = {
-        "protocol": {"dreambench": str(protocol.root), "subjects": len(subjects), "prompts_per_subject": len(protocol.prompts(protocol.subjects[0])),
-                     "images_per_prompt": protocol.images_per_prompt, "seed": protocol.seed, "reference": protocol.reference,
-                     "subject_names": subjects},
+        "protocol": {
+            "dreambench": str(protocol.root),
+            "subjects": len(subjects),
+            "prompts_per_subject": len(protocol.prompts(protocol.subjects[0])),
+            "images_per_prompt": protocol.images_per_prompt,
+            "seed": protocol.seed,
+            "reference": protocol.reference,
+            "subject_names": subjects,
+        },
         "settings": {k: run.get(k) for k in IDENTITY},
-        "completeness": {"expected": len(expected), "found": len(rows),
-                         "missing_examples": [it.file for it in expected if it.key not in rows_by_key][:5]},
+        "completeness": {
+            "expected": len(expected),
+            "found": len(rows),
+            "missing_examples": [it.file for it in expected if it.key not in rows_by_key][:5],
+        },
         "wall_time": _wall_time(out),
         "methods": report.tables(rows, methods, subjects),
         "paper_table2": report.PAPER_TABLE2,

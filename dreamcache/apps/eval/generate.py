@@ -8,6 +8,7 @@ plumbing (:func:`dreamcache.comfy.guidance.make_guider`, ComfyUI's KSampler sigm
 The "no adapter" baseline samples the same checkpoint with ComfyUI's plain CFG guider at s_T.
 Needs ComfyUI imported first (:func:`dreamcache.comfy.env.import_comfyui`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,9 +52,14 @@ class SamplingSettings:
         from ...comfy.guidance import check_scales
 
         if self.sampler not in comfy.samplers.SAMPLER_NAMES:
-            raise DreamCacheError(f"--sampler {self.sampler} is not one of ComfyUI's samplers ({', '.join(comfy.samplers.SAMPLER_NAMES[:8])}, ...).")
+            raise DreamCacheError(
+                f"--sampler {self.sampler} is not one of ComfyUI's samplers "
+                f"({', '.join(comfy.samplers.SAMPLER_NAMES[:8])}, ...)."
+            )
         if self.scheduler not in comfy.samplers.SCHEDULER_NAMES:
-            raise DreamCacheError(f"--scheduler {self.scheduler} is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}.")
+            raise DreamCacheError(
+                f"--scheduler {self.scheduler} is not one of {', '.join(comfy.samplers.SCHEDULER_NAMES)}."
+            )
         if self.steps < 1:
             raise DreamCacheError(f"--steps {self.steps} must be at least 1.")
         if self.resolution and (self.resolution < 64 or self.resolution % 8):
@@ -109,9 +115,13 @@ def resolve_mask_mode(mode: str, masks_dir: str | None, sam: object | None) -> s
     if mode == "auto":
         return "files" if masks_dir else ("sam" if sam is not None else "none")
     if mode == "sam" and sam is None:
-        raise DreamCacheError("--mask-mode sam needs a SAM checkpoint; pass --sam models/sams/sam_vit_b_01ec64.pth (or use --masks DIR).")
+        raise DreamCacheError(
+            "--mask-mode sam needs a SAM checkpoint; pass --sam models/sams/sam_vit_b_01ec64.pth (or use --masks DIR)."
+        )
     if mode == "files" and not masks_dir:
-        raise DreamCacheError("--mask-mode files needs --masks DIR with <subject>/<NN>_mask.png files (white = subject).")
+        raise DreamCacheError(
+            "--mask-mode files needs --masks DIR with <subject>/<NN>_mask.png files (white = subject)."
+        )
     return mode
 
 
@@ -141,8 +151,16 @@ class Reference:
     path: Path
 
 
-def prepare_reference(photo_path: Path, subject: str, mask_mode: str, size: int, layout: str = "train", masks_dir: Path | None = None,
-                      segment: Segmenter | None = None, threshold: float = 0.5) -> Reference:
+def prepare_reference(
+    photo_path: Path,
+    subject: str,
+    mask_mode: str,
+    size: int,
+    layout: str = "train",
+    masks_dir: Path | None = None,
+    segment: Segmenter | None = None,
+    threshold: float = 0.5,
+) -> Reference:
     """The reference as the nodes would make it: LoadImage -> SubjectMask (mask mode or SAM auto) -> IMAGE."""
     from ..data import load_mask, load_rgb
 
@@ -153,8 +171,11 @@ def prepare_reference(photo_path: Path, subject: str, mask_mode: str, size: int,
     if mask_mode == "files":
         f = mask_file_for(Path(masks_dir), subject, photo_path)
         if f is None:
-            raise DreamCacheError(f"No mask for {subject}/{photo_path.name} in '{masks_dir}'; put {subject}/{photo_path.stem}_mask.png there "
-                                  "(white = subject) or use --mask-mode sam / none.")
+            raise DreamCacheError(
+                f"No mask for {subject}/{photo_path.name} in '{masks_dir}'; put "
+                f"{subject}/{photo_path.stem}_mask.png there "
+                "(white = subject) or use --mask-mode sam / none."
+            )
         probs = subject_prep.subject_probabilities(images, "mask", mask=torch.from_numpy(load_mask(f)).float()[None])
     elif mask_mode == "sam":
         probs = subject_prep.subject_probabilities(images, "auto", segment=segment)
@@ -192,8 +213,16 @@ class Generator:
         if method.adapter is None:
             return self.model, None
         s = self.settings
-        cache, pixels = build_feature_cache(self.model, self.vae, reference.image, method.adapter, clip=self.clip, seed=s.cache_seed,
-                                            resolution=self.size, fit="pad")
+        cache, pixels = build_feature_cache(
+            self.model,
+            self.vae,
+            reference.image,
+            method.adapter,
+            clip=self.clip,
+            seed=s.cache_seed,
+            resolution=self.size,
+            fit="pad",
+        )
         return apply_dreamcache(self.model, method.adapter, cache, strength=s.strength), pixels
 
     def guider(self, model, method: Method, prompt: str):
@@ -223,16 +252,40 @@ class Generator:
         noise = torch.cat([comfy.sample.prepare_noise(latent, int(seed)) for seed in seeds])
         latents = latent.repeat(len(seeds), 1, 1, 1)
         guider = self.guider(model, method, prompt)
-        ks = comfy.samplers.KSampler(model, steps=s.steps, device=model.load_device, sampler=s.sampler, scheduler=s.scheduler, denoise=1.0,
-                                     model_options=model.model_options)
+        ks = comfy.samplers.KSampler(
+            model,
+            steps=s.steps,
+            device=model.load_device,
+            sampler=s.sampler,
+            scheduler=s.scheduler,
+            denoise=1.0,
+            model_options=model.model_options,
+        )
         with torch.inference_mode():
-            out = guider.sample(noise, latents, comfy.samplers.sampler_object(s.sampler), ks.sigmas, denoise_mask=None, callback=None,
-                                disable_pbar=True, seed=int(seeds[0]))
+            out = guider.sample(
+                noise,
+                latents,
+                comfy.samplers.sampler_object(s.sampler),
+                ks.sigmas,
+                denoise_mask=None,
+                callback=None,
+                disable_pbar=True,
+                seed=int(seeds[0]),
+            )
             pixels = self.vae.decode(out.to(comfy.model_management.intermediate_device()))
         pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return [to_uint8(p) for p in pixels]
 
 
 def log_settings(settings: SamplingSettings, family: str | None, size: int):
-    logging.info("DreamCache eval: %s model at %d px, %s %d steps (%s), s_T %.2f, s_I %.2f, %s guidance", family, size, settings.sampler,
-                 settings.steps, settings.scheduler, settings.text_scale, settings.image_scale, settings.mode)
+    logging.info(
+        "DreamCache eval: %s model at %d px, %s %d steps (%s), s_T %.2f, s_I %.2f, %s guidance",
+        family,
+        size,
+        settings.sampler,
+        settings.steps,
+        settings.scheduler,
+        settings.text_scale,
+        settings.image_scale,
+        settings.mode,
+    )

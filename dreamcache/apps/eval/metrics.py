@@ -5,6 +5,7 @@ Models come from ``transformers`` (ComfyUI already requires it, so evaluating ad
 model folders users already have, and each model's own image processor and tokenizer come with it). They are read
 from a local folder or the user's Hugging Face cache with ``local_files_only=True``: this module never downloads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,38 +23,52 @@ CLIP_ID = "openai/clip-vit-base-patch32"
 METRICS = ("dino", "clip_i", "clip_t")
 MASKED_METRICS = ("dino_masked", "clip_i_masked")
 ALL_METRICS = METRICS + MASKED_METRICS
-LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino_masked": "DINO (masked)", "clip_i_masked": "CLIP-I (masked)"}
+LABELS = {
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "dino_masked": "DINO (masked)",
+    "clip_i_masked": "CLIP-I (masked)",
+}
 
 
 def _transformers():
     try:
         import transformers
     except ImportError:
-        raise DreamCacheError("The metrics need the 'transformers' package (a ComfyUI requirement); install ComfyUI's "
-                              "requirements.txt in this Python.") from None
+        raise DreamCacheError(
+            "The metrics need the 'transformers' package (a ComfyUI requirement); install ComfyUI's "
+            "requirements.txt in this Python."
+        ) from None
     return transformers
 
 
 def missing_model_message(model_id: str, option: str) -> str:
-    return (f"The metric model {model_id} is not on this machine; download it once elsewhere (huggingface-cli download "
-            f"{model_id}) and pass its folder with {option}, or put it in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); evaluation never downloads.")
+    return (
+        f"The metric model {model_id} is not on this machine; download it once elsewhere (huggingface-cli download "
+        f"{model_id}) and pass its folder with {option}, or put it in the Hugging Face cache "
+        f"({os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}); evaluation never downloads."
+    )
 
 
 def _load(loader, source: str, model_id: str, option: str, **kw):
     """``loader.from_pretrained`` from a local folder, or from the HF cache by id, never from the network."""
     if source != model_id and not os.path.isdir(source):
-        raise DreamCacheError(f"{option} '{source}' is not a folder; pass the folder that holds {model_id}'s config.json "
-                              "and weights, or leave it out to use the Hugging Face cache.")
+        raise DreamCacheError(
+            f"{option} '{source}' is not a folder; pass the folder that holds {model_id}'s config.json "
+            "and weights, or leave it out to use the Hugging Face cache."
+        )
     try:
         return loader.from_pretrained(source, local_files_only=True, **kw)
     except (OSError, ValueError) as e:
         logging.debug("loading %s from %s failed: %s", model_id, source, e)
         if source == model_id:
             raise DreamCacheError(missing_model_message(model_id, option)) from None
-        raise DreamCacheError(f"{option} '{source}' does not hold a loadable {model_id} ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass the folder of the "
-                              "downloaded model (config.json, weights, processor files).") from None
+        raise DreamCacheError(
+            f"{option} '{source}' does not hold a loadable {model_id} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass the folder of the "
+            "downloaded model (config.json, weights, processor files)."
+        ) from None
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -86,7 +101,7 @@ class Embedder:
 
     def _batches(self, seq):
         for i in range(0, len(seq), self.batch_size):
-            yield seq[i:i + self.batch_size]
+            yield seq[i : i + self.batch_size]
 
     @torch.inference_mode()
     def images(self, images: list) -> torch.Tensor:
@@ -103,10 +118,13 @@ class DinoEmbedder(Embedder):
     model_id = DINO_ID
     option = "--dino"
 
-    def __init__(self, source: str | None = None, device=None, batch_size: int = 32, dtype=None):
+    def __init__(
+        self, source: str | None = None, device=None, batch_size: int = 32, dtype=None, option: str | None = None
+    ):
         super().__init__(device, batch_size, dtype)
         tf = _transformers()
         src = source or self.model_id
+        self.option = option or self.option
         self.processor = _load(tf.AutoImageProcessor, src, self.model_id, self.option)
         model = _load(tf.ViTModel, src, self.model_id, self.option, add_pooling_layer=False)
         self.model = model.to(self.device, self.dtype).eval()
@@ -122,10 +140,13 @@ class ClipEmbedder(Embedder):
     model_id = CLIP_ID
     option = "--clip"
 
-    def __init__(self, source: str | None = None, device=None, batch_size: int = 32, dtype=None):
+    def __init__(
+        self, source: str | None = None, device=None, batch_size: int = 32, dtype=None, option: str | None = None
+    ):
         super().__init__(device, batch_size, dtype)
         tf = _transformers()
         src = source or self.model_id
+        self.option = option or self.option
         self.processor = _load(tf.AutoImageProcessor, src, self.model_id, self.option)
         self.tokenizer = _load(tf.AutoTokenizer, src, self.model_id, self.option)
         model = _load(tf.CLIPModel, src, self.model_id, self.option)
@@ -138,11 +159,15 @@ class ClipEmbedder(Embedder):
     @torch.inference_mode()
     def texts(self, texts: list[str]) -> torch.Tensor:
         out = []
-        max_len = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), self.model.config.text_config.max_position_embeddings)
+        max_len = min(
+            int(getattr(self.tokenizer, "model_max_length", 77) or 77),
+            self.model.config.text_config.max_position_embeddings,
+        )
         for chunk in self._batches(list(texts)):
             tok = self.tokenizer(list(chunk), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-            feats = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                 attention_mask=tok["attention_mask"].to(self.device))
+            feats = self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
             out.append(normalize(_features(feats)).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
@@ -168,15 +193,22 @@ def on_white(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 # ---- arithmetic over pairs ------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Scorers:
     dino: DinoEmbedder
     clip: ClipEmbedder
 
 
-def score_images(scorers: Scorers, generated: list[np.ndarray], prompts: list[str], ref_keys: list[str],
-                 references: dict[str, np.ndarray], generated_masks: list | None = None,
-                 reference_masks: dict[str, np.ndarray] | None = None) -> list[dict[str, float]]:
+def score_images(
+    scorers: Scorers,
+    generated: list[np.ndarray],
+    prompts: list[str],
+    ref_keys: list[str],
+    references: dict[str, np.ndarray],
+    generated_masks: list | None = None,
+    reference_masks: dict[str, np.ndarray] | None = None,
+) -> list[dict[str, float]]:
     """Per generated image: DINO and CLIP-I against its reference (``references[ref_keys[i]]``), CLIP-T against its
     prompt, and the masked DINO / CLIP-I (both images reduced to the subject on white) where both masks exist.
     Each distinct reference and prompt is embedded once."""
@@ -188,14 +220,28 @@ def score_images(scorers: Scorers, generated: list[np.ndarray], prompts: list[st
     ref_index = torch.tensor([keys.index(k) for k in ref_keys], dtype=torch.long)
     text_index = torch.tensor([texts.index(p) for p in prompts], dtype=torch.long)
     g_dino, g_clip = scorers.dino.images(generated), scorers.clip.images(generated)
-    r_dino, r_clip = scorers.dino.images([references[k] for k in keys]), scorers.clip.images([references[k] for k in keys])
+    r_dino, r_clip = (
+        scorers.dino.images([references[k] for k in keys]),
+        scorers.clip.images([references[k] for k in keys]),
+    )
     t_clip = scorers.clip.texts(texts)
-    rows = [{"dino": float(d), "clip_i": float(c), "clip_t": float(t)} for d, c, t in zip(
-        cosine_rows(g_dino, r_dino[ref_index]), cosine_rows(g_clip, r_clip[ref_index]), cosine_rows(g_clip, t_clip[text_index]))]
+    rows = [
+        {"dino": float(d), "clip_i": float(c), "clip_t": float(t)}
+        for d, c, t in zip(
+            cosine_rows(g_dino, r_dino[ref_index]),
+            cosine_rows(g_clip, r_clip[ref_index]),
+            cosine_rows(g_clip, t_clip[text_index]),
+        )
+    ]
     if generated_masks is None or not reference_masks:
         return rows
-    todo = [i for i in range(n) if generated_masks[i] is not None and bool(generated_masks[i].any())
-            and reference_masks.get(ref_keys[i]) is not None]
+    todo = [
+        i
+        for i in range(n)
+        if generated_masks[i] is not None
+        and bool(generated_masks[i].any())
+        and reference_masks.get(ref_keys[i]) is not None
+    ]
     if not todo:
         return rows
     mkeys = sorted({ref_keys[i] for i in todo})

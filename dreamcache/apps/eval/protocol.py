@@ -9,6 +9,7 @@ prompts of its kind with the class noun and no unique token ("a dog in the jungl
 Seeds come from (subject, prompt, image index, base seed) through SHA-256, so they are the same in every run,
 process and shard (Python's ``hash()`` is randomised per process and is not used).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -86,7 +87,9 @@ class Protocol:
         for s in self.subjects:
             if s.name == name:
                 return s
-        raise DreamCacheError(f"DreamBench has no subject '{name}'; subjects are {', '.join(s.name for s in self.subjects)}.")
+        raise DreamCacheError(
+            f"DreamBench has no subject '{name}'; subjects are {', '.join(s.name for s in self.subjects)}."
+        )
 
     def reference_image(self, subject: Subject) -> Path:
         return pick_reference(subject, self.reference)
@@ -113,7 +116,9 @@ def fill_prompt(template: str, class_noun: str, unique_token: str = "") -> str:
 
 def seed_for(subject: str, prompt: str, index: int, base: int = 0) -> int:
     """A stable 53-bit seed for one image, from SHA-256 of (subject, prompt, index, base)."""
-    digest = hashlib.sha256(f"dreambench\x1f{subject}\x1f{prompt}\x1f{int(index)}\x1f{int(base)}".encode("utf-8")).digest()
+    digest = hashlib.sha256(
+        f"dreambench\x1f{subject}\x1f{prompt}\x1f{int(index)}\x1f{int(base)}".encode("utf-8")
+    ).digest()
     return int.from_bytes(digest[:8], "big") & ((1 << _SEED_BITS) - 1)
 
 
@@ -156,12 +161,16 @@ def parse_prompts_file(path: str | os.PathLike) -> tuple[dict[str, str], list[st
             if m:
                 lists[section].append(m.group(2))
     if not classes or not lists["object"] or not lists["live"]:
-        raise DreamCacheError(f"'{p}' is not DreamBench's {PROMPTS_FILE} (no subject classes or prompt lists found); "
-                              "use the file from the google/dreambooth repository's dataset/ folder.")
+        raise DreamCacheError(
+            f"'{p}' is not DreamBench's {PROMPTS_FILE} (no subject classes or prompt lists found); "
+            "use the file from the google/dreambooth repository's dataset/ folder."
+        )
     return classes, lists["object"], lists["live"]
 
 
-def find_dreambench(explicit: str | os.PathLike | None = None, repo_root: str | os.PathLike | None = None) -> Path | None:
+def find_dreambench(
+    explicit: str | os.PathLike | None = None, repo_root: str | os.PathLike | None = None
+) -> Path | None:
     """The DreamBench folder: ``explicit``, then ``$DREAMBENCH_PATH``, then ``../shared/dreambench`` and
     ``./shared/dreambench`` beside ``repo_root``."""
     candidates = [explicit, os.environ.get(ENV_VAR)]
@@ -175,14 +184,21 @@ def find_dreambench(explicit: str | os.PathLike | None = None, repo_root: str | 
 
 
 def subject_images(folder: Path) -> tuple[Path, ...]:
-    return tuple(sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and "mask" not in f.stem))
+    return tuple(
+        sorted(
+            f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and "mask" not in f.stem
+        )
+    )
 
 
 def pick_reference(subject: Subject, which: str = "") -> Path:
     """The reference photo: the first image (protocol default, ``00.jpg``), or the one named ``which``
     (a file name, a stem such as ``03``, or an index such as ``2``)."""
     if not subject.images:
-        raise DreamCacheError(f"DreamBench subject '{subject.name}' has no images; put its photos in {subject.name}/ as 00.jpg, 01.jpg, ...")
+        raise DreamCacheError(
+            f"DreamBench subject '{subject.name}' has no images; put its photos in {subject.name}/ as 00.jpg, "
+            f"01.jpg, ..."
+        )
     if not which:
         return subject.images[0]
     for f in subject.images:
@@ -190,16 +206,28 @@ def pick_reference(subject: Subject, which: str = "") -> Path:
             return f
     if which.isdigit() and int(which) < len(subject.images):
         return subject.images[int(which)]
-    raise DreamCacheError(f"Subject '{subject.name}' has no reference image '{which}'; it has {', '.join(f.name for f in subject.images)}.")
+    raise DreamCacheError(
+        f"Subject '{subject.name}' has no reference image '{which}'; it has "
+        f"{', '.join(f.name for f in subject.images)}."
+    )
 
 
-def load_protocol(root: str | os.PathLike, subjects: list[str] | None = None, prompts: list[int] | int | None = None,
-                  images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT, seed: int = 0, reference: str = "") -> Protocol:
+def load_protocol(
+    root: str | os.PathLike,
+    subjects: list[str] | None = None,
+    prompts: list[int] | int | None = None,
+    images_per_prompt: int = DEFAULT_IMAGES_PER_PROMPT,
+    seed: int = 0,
+    reference: str = "",
+) -> Protocol:
     """The protocol on the DreamBench folder ``root``, optionally restricted to some subjects and prompts
     (``prompts``: a count (the first n) or a list of indices into the 25)."""
     root = Path(root)
     if not (root / PROMPTS_FILE).is_file():
-        raise DreamCacheError(f"'{root}' is not a DreamBench folder (no {PROMPTS_FILE}); pass the google/dreambooth repository's dataset/ folder.")
+        raise DreamCacheError(
+            f"'{root}' is not a DreamBench folder (no {PROMPTS_FILE}); pass the google/dreambooth "
+            f"repository's dataset/ folder."
+        )
     classes, object_prompts, live_prompts = parse_prompts_file(root / PROMPTS_FILE)
     if images_per_prompt < 1:
         raise DreamCacheError(f"--images-per-prompt {images_per_prompt} must be at least 1.")
@@ -214,10 +242,15 @@ def load_protocol(root: str | os.PathLike, subjects: list[str] | None = None, pr
     wanted = list(classes) if subjects is None else list(subjects)
     unknown = [s for s in wanted if s not in classes]
     if unknown:
-        raise DreamCacheError(f"DreamBench has no subject {', '.join(repr(u) for u in unknown)}; subjects are {', '.join(classes)}.")
+        raise DreamCacheError(
+            f"DreamBench has no subject {', '.join(repr(u) for u in unknown)}; subjects are {', '.join(classes)}."
+        )
     absent = [s for s in wanted if s in missing]
     if absent:
-        raise DreamCacheError(f"The DreamBench folder '{root}' lacks the subject folder(s) {', '.join(absent)}; copy the full dataset/ folder.")
+        raise DreamCacheError(
+            f"The DreamBench folder '{root}' lacks the subject folder(s) {', '.join(absent)}; copy the full "
+            f"dataset/ folder."
+        )
     by_name = {s.name: s for s in all_subjects}
     chosen = [by_name[s] for s in wanted]
     n = min(len(object_prompts), len(live_prompts))
@@ -237,7 +270,8 @@ def load_protocol(root: str | os.PathLike, subjects: list[str] | None = None, pr
     return proto
 
 
-# ---- shards -------------------------------------------------------------------------------------------------------------
+# ---- shards ------------------------------------------------------------------------------------------------
+
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"2/4"`` -> ``(2, 4)`` (1-based); None -> ``(1, 1)``."""

@@ -1,4 +1,5 @@
 """Score files, the tables (Markdown and JSON, with the paper's Table 2 beside them) and the image grids."""
+
 from __future__ import annotations
 
 import csv
@@ -57,7 +58,11 @@ def read_scores(path: Path) -> list[dict]:
         for r in csv.DictReader(f):
             for k in ALL_METRICS:
                 r[k] = float(r[k]) if r.get(k) not in (None, "") else None
-            r["prompt_index"], r["image_index"], r["seed"] = int(r["prompt_index"]), int(r["image_index"]), int(r["seed"])
+            r["prompt_index"], r["image_index"], r["seed"] = (
+                int(r["prompt_index"]),
+                int(r["image_index"]),
+                int(r["seed"]),
+            )
             rows.append(r)
         return rows
 
@@ -77,6 +82,7 @@ def all_scores(out: Path) -> dict[tuple, dict]:
 
 
 # ---- tables --------------------------------------------------------------------------------------------------------
+
 
 def summarize(rows: list[dict]) -> dict:
     """Mean (and sample std) of each metric over the images: the protocol's mean over generated/reference and
@@ -115,38 +121,61 @@ def markdown(report: dict) -> str:
     rule = "|---|---:|" + "---:|" * len(shown)
     lines = ["# DreamBench evaluation", ""]
     p = report["protocol"]
-    lines.append(f"{p['subjects']} subjects, {p['prompts_per_subject']} prompts each, {p['images_per_prompt']} images per prompt; "
-                 f"reference image {p['reference'] or 'the first (00.jpg)'}; reference mask: {report['settings'].get('mask_mode', '?')}.")
+    lines.append(
+        f"{p['subjects']} subjects, {p['prompts_per_subject']} prompts each, {p['images_per_prompt']} images "
+        f"per prompt; "
+        f"reference image {p['reference'] or 'the first (00.jpg)'}; reference mask: "
+        f"{report['settings'].get('mask_mode', '?')}."
+    )
     s = report["settings"].get("sampling", {})
     if s:
-        lines.append(f"Sampling: {s.get('sampler')} / {s.get('scheduler')}, {s.get('steps')} steps, s_T {s.get('text_scale')}, "
-                     f"s_I {s.get('image_scale')} ({s.get('mode')} guidance), strength {s.get('strength')}, "
-                     f"{report['settings'].get('resolution', '?')} px, checkpoint {report['settings'].get('checkpoint', '?')}.")
+        lines.append(
+            f"Sampling: {s.get('sampler')} / {s.get('scheduler')}, {s.get('steps')} steps, s_T {s.get('text_scale')}, "
+            f"s_I {s.get('image_scale')} ({s.get('mode')} guidance), strength {s.get('strength')}, "
+            f"{report['settings'].get('resolution', '?')} px, checkpoint {report['settings'].get('checkpoint', '?')}."
+        )
     c = report["completeness"]
-    lines.append(f"Images scored: {c['found']} of {c['expected']}" + ("" if c["found"] == c["expected"] else " (INCOMPLETE: the means cover only the scored images)") + ".")
+    lines.append(
+        f"Images scored: {c['found']} of {c['expected']}"
+        + ("" if c["found"] == c["expected"] else " (INCOMPLETE: the means cover only the scored images)")
+        + "."
+    )
     if report.get("wall_time"):
         w = report["wall_time"]
-        lines.append(f"Wall time: {w['seconds']:.0f} s over {w['runs']} run(s) ({w['generated']} images generated, "
-                     f"{w['seconds_per_generated_image']:.2f} s per generated image)." if w.get("seconds_per_generated_image")
-                     else f"Wall time: {w['seconds']:.0f} s over {w['runs']} run(s).")
+        lines.append(
+            f"Wall time: {w['seconds']:.0f} s over {w['runs']} run(s) ({w['generated']} images generated, "
+            f"{w['seconds_per_generated_image']:.2f} s per generated image)."
+            if w.get("seconds_per_generated_image")
+            else f"Wall time: {w['seconds']:.0f} s over {w['runs']} run(s)."
+        )
     lines += ["", "## Overall", "", head, rule]
     for m, t in report["methods"].items():
         o = t["overall"]
         lines.append(f"| {m} | {o['images']} | " + " | ".join(_cell(o[k]) for k in shown) + " |")
         for kind in ("object", "live"):
             if t[kind]["images"]:
-                lines.append(f"| {m}: {kind} subjects | {t[kind]['images']} | " + " | ".join(_cell(t[kind][k]) for k in shown) + " |")
+                lines.append(
+                    f"| {m}: {kind} subjects | {t[kind]['images']} | "
+                    + " | ".join(_cell(t[kind][k]) for k in shown)
+                    + " |"
+                )
     for r in PAPER_TABLE2:
         lines.append(f"| {r['method']} | 3000 | " + " | ".join(_cell(r.get(k)) for k in shown) + " |")
     for m, t in report["methods"].items():
-        lines += ["", f"## Per subject: {m}", "", "| subject | images | " + " | ".join(LABELS[k] for k in shown) + " |",
-                  "|---|---:|" + "---:|" * len(shown)]
+        lines += [
+            "",
+            f"## Per subject: {m}",
+            "",
+            "| subject | images | " + " | ".join(LABELS[k] for k in shown) + " |",
+            "|---|---:|" + "---:|" * len(shown),
+        ]
         for subj, o in t["subjects"].items():
             lines.append(f"| {subj} | {o['images']} | " + " | ".join(_cell(o[k]) for k in shown) + " |")
     return "\n".join(lines) + "\n"
 
 
 # ---- grids ---------------------------------------------------------------------------------------------------------
+
 
 def _font(size: int):
     from PIL import ImageFont

@@ -6,6 +6,7 @@ computed. One row per evaluation goes to ``<out stem>.eval.csv`` beside the loss
 log); images, tables and a grid of each evaluation go to ``<out stem>-eval/stepNNNNNN/``. The random state of the
 training is saved and restored around it, so a run with evaluations trains exactly like one without.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,17 +44,22 @@ class TrainingEval:
 
         root = find_dreambench(cfg.eval_dreambench)
         if root is None:
-            raise DreamCacheError("--eval-every needs the DreamBench folder; pass --eval-dreambench DIR (the google/dreambooth "
-                                  "dataset/ folder) or set DREAMBENCH_PATH.")
+            raise DreamCacheError(
+                "--eval-every needs the DreamBench folder; pass --eval-dreambench DIR (the google/dreambooth "
+                "dataset/ folder) or set DREAMBENCH_PATH."
+            )
         subjects = cfg.eval_subjects
         if not subjects:  # the first object and the first live subject
             classes = parse_prompts_file(root / PROMPTS_FILE)[0]
-            subjects = [next(n for n, c in classes.items() if c not in LIVE_CLASSES), next(n for n, c in classes.items() if c in LIVE_CLASSES)]
+            subjects = [
+                next(n for n, c in classes.items() if c not in LIVE_CLASSES),
+                next(n for n, c in classes.items() if c in LIVE_CLASSES),
+            ]
         self.protocol = load_protocol(root, list(subjects), int(cfg.eval_prompts), images_per_prompt=1)
         if scorers is None:
             from .cli import load_scorers
 
-            scorers = load_scorers(cfg.eval_dino, cfg.eval_clip)
+            scorers = load_scorers(cfg.eval_dino, cfg.eval_clip, options=("--eval-dino", "--eval-clip"))
         self.scorers = scorers
         self.segmenter = segmenter
         self.mask_mode = "files" if cfg.eval_masks else "none"
@@ -71,14 +77,29 @@ class TrainingEval:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             generator = Generator(trainer.model, trainer.clip, trainer.vae, settings)
-            ev = Evaluation(eval_dir(cfg.out, trainer.step), self.protocol, [Method(name, af)], generator, self.scorers, self.segmenter,
-                            mask_mode=self.mask_mode, masks_dir=cfg.eval_masks, progress=False, grid_size=96,
-                            checkpoint=trainer.checkpoint_name or "", log=lambda *a: None)
+            ev = Evaluation(
+                eval_dir(cfg.out, trainer.step),
+                self.protocol,
+                [Method(name, af)],
+                generator,
+                self.scorers,
+                self.segmenter,
+                mask_mode=self.mask_mode,
+                masks_dir=cfg.eval_masks,
+                progress=False,
+                grid_size=96,
+                checkpoint=trainer.checkpoint_name or "",
+                log=lambda *a: None,
+            )
             result = ev.run()
         trainer._ensure_loaded()
         overall = result["report"]["methods"][name]["overall"]
-        row = {"step": trainer.step, "images": overall["images"], "seconds": f"{time.perf_counter() - t0:.2f}",
-               **{k: ("" if overall[k] is None else f"{overall[k]:.6f}") for k in ALL_METRICS}}
+        row = {
+            "step": trainer.step,
+            "images": overall["images"],
+            "seconds": f"{time.perf_counter() - t0:.2f}",
+            **{k: ("" if overall[k] is None else f"{overall[k]:.6f}") for k in ALL_METRICS},
+        }
         path = eval_log_path(cfg.out)
         new = not os.path.exists(path)
         with open(path, "a", newline="", encoding="utf-8") as f:
@@ -86,8 +107,11 @@ class TrainingEval:
             if new:
                 w.writeheader()
             w.writerow(row)
-        trainer.log(f"eval at step {trainer.step}: " + ", ".join(f"{LABELS[k]} {overall[k]:.4f}" for k in METRICS if overall[k] is not None)
-                    + f" ({overall['images']} images, {row['seconds']} s; {path})")
+        trainer.log(
+            f"eval at step {trainer.step}: "
+            + ", ".join(f"{LABELS[k]} {overall[k]:.4f}" for k in METRICS if overall[k] is not None)
+            + f" ({overall['images']} images, {row['seconds']} s; {path})"
+        )
         return overall
 
 
