@@ -184,6 +184,16 @@ def main(argv=None):
             "cache_pass_and_apply": t_cache if method.adapter is not None else 0.0,
             "extrapolated_50_step_image": fixed + 50 * per_step,
         }
+        c_a, c_b = cpu_seconds[f"{name}.{args.steps_a}"], cpu_seconds[f"{name}.{args.steps_b}"]
+        cpu_step = (c_b - c_a) / (args.steps_b - args.steps_a)
+        cpu_fixed = c_a - args.steps_a * cpu_step
+        res[name].update({
+            "cpu_seconds": {str(k): cpu_seconds[f"{name}.{k}"] for k in times},
+            "cpu_per_step": cpu_step,
+            "cpu_per_image_fixed": cpu_fixed,
+            "cpu_cache_pass_and_apply": cpu_seconds.get(f"{name}.cache", 0.0) if method.adapter is not None else 0.0,
+            "cpu_extrapolated_50_step_image": cpu_fixed + 50 * cpu_step,
+        })
     scorers = load_scorers(str(dino_dir), str(clip_dir), args.device, 32)
     gen8 = [images[0]] * 8
     _, t_score = timed(lambda: score_images(scorers, gen8, [prompt] * 8, ["dog"] * 8, {"dog": ref.photo}), "score")
