@@ -1,7 +1,7 @@
-"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train)."""
+"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train_cli)."""
 import sys
 
-from .apps.train import main
+from .apps.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dreamcache.apps import data as D
+from dreamcache.apps.data import cli as DC
 from dreamcache.apps import train as T
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.errors import DreamCacheError
@@ -71,11 +72,11 @@ def test_missing_and_empty_dataset_are_clear_errors(tmp_path):
 
 
 def test_check_command(dataset, tmp_path, capsys):
-    assert D.main(["check", str(dataset), "--no-progress"]) == 0
+    assert DC.main(["check", str(dataset), "--no-progress"]) == 0
     assert "5 objects, 20 images" in capsys.readouterr().out
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "0_generation.png").write_bytes(b"")
-    assert D.main(["check", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert DC.main(["check", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "missing 0_caption.txt, 0_mask.png" in capsys.readouterr().err
 
 
@@ -225,7 +226,7 @@ def test_white_background_mask_keeps_white_inside_the_subject():
     img2 = img.clone()
     img2[:, :] = torch.where(img2 > 0.9, torch.tensor(0.97), img2)  # near-white background
     assert torch.equal(D.white_background_mask(img2, 0.94), m)
-    assert D.mask_ok(m) is None and "covers" in D.mask_ok(torch.zeros(32, 32, dtype=torch.bool))
+    assert D.mask_problem(m) is None and "covers" in D.mask_problem(torch.zeros(32, 32, dtype=torch.bool))
 
 
 def test_captions_dedupe_combine_and_ids(tmp_path):
@@ -330,7 +331,7 @@ def test_resume_keeps_the_run_settings():
         T.config_from_args(p.parse_args(["--out", "x.safetensors"]))
     with pytest.raises(DreamCacheError, match="--batch-size 0"):
         T.TrainConfig(batch_size=0)
-    assert "--init-from" in T.build_parser().format_help() and "synth" in D.build_parser().format_help()
+    assert "--init-from" in T.build_parser().format_help() and "synth" in DC.build_parser().format_help()
     assert T.parse_layer("output_blocks.4.1[1]").block_index == 1 and T.parse_layer("middle_block.1").module == "middle_block.1"
     assert T.checkpoint_path("runs/a.safetensors", 500) == "runs/a-step000500.safetensors"
     assert T.state_path_for("runs/a.safetensors") == "runs/a.state.safetensors"

@@ -336,7 +336,7 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
 def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
     import json
 
-    from dreamcache.apps import train
+    from dreamcache.apps import train_cli
     from dreamcache.core.adapter_io import read_adapter
     from dreamcache.comfy import loading
 
@@ -344,12 +344,12 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: loaded.append((path, dtype)) or sd1)
     out = tmp_path / "run" / "tiny.safetensors"
     common = ["--comfyui", str(comfy), "--out", str(out), "--no-progress", "--num-workers", "0"]
-    rc = train.main(["--checkpoint", "tiny_sd1.safetensors", "--data", str(dataset), "--steps", "2", "--save-every", "1", "--batch-size", "2",
+    rc = train_cli.main(["--checkpoint", "tiny_sd1.safetensors", "--data", str(dataset), "--steps", "2", "--save-every", "1", "--batch-size", "2",
                      "--resolution", str(RES), "--lr", "1e-3", *common])
     assert rc == 0, capsys.readouterr().err
     assert loaded == [("tiny_sd1.safetensors", torch.float32)]
     assert (tmp_path / "run" / "tiny-step000001.safetensors").is_file() and (tmp_path / "run" / "tiny.state.safetensors").is_file()
-    rc = train.main(["--resume", "latest", "--steps", "3", "--preview-every", "3", "--preview-steps", "2", *common])
+    rc = train_cli.main(["--resume", "latest", "--steps", "3", "--preview-every", "3", "--preview-steps", "2", *common])
     assert rc == 0, capsys.readouterr().err
     af = read_adapter(str(out))
     assert json.loads(af.metadata["step"]) == 3 and af.family == "sd1"
@@ -357,12 +357,13 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
     with Image.open(tmp_path / "run" / "tiny-preview-step000003.png") as im:
         assert im.size == (RES, RES)
-    assert train.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
+    assert train_cli.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
     assert "--lr 0.5" in capsys.readouterr().err
 
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):
     from dreamcache.apps import data
+    from dreamcache.apps.data import cli as data_cli
     from dreamcache.comfy import loading
     from dreamcache.apps.synth import REJECTED, synthesize
     from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
@@ -403,10 +404,10 @@ def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsy
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: sd1)
     caps = tmp_path / "caps.txt"
     caps.write_text("a red mug\na red mug\n# c\na tree\n")
-    rc = data.main(["synth", "--checkpoint", "tiny.safetensors", "--out", str(tmp_path / "cli"), "--captions", str(caps), "--masks", "none-white-bg",
+    rc = data_cli.main(["synth", "--checkpoint", "tiny.safetensors", "--out", str(tmp_path / "cli"), "--captions", str(caps), "--masks", "none-white-bg",
                     "--width", str(RES), "--height", str(RES), "--steps", "1", "--comfyui", str(comfy), "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "2 written" in out.out or "rejected" in out.out
-    assert data.main(["synth", "--checkpoint", "x", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert data_cli.main(["synth", "--checkpoint", "x", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
     assert "needs captions" in capsys.readouterr().err

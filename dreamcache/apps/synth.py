@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .data import SynthSettings, _progress, derive_seed, item_done, mask_ok, object_id_for, write_item
+from .data import SynthSettings, derive_seed, item_done, mask_problem, object_id_for, write_item
+from .progress import progress_bar
 from ..core.errors import DreamCacheError
 
 REJECTED = "synth_rejected.jsonl"
@@ -64,7 +65,7 @@ def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, ma
     jobs = [(c, n) for c in captions for n in range(s.images_per_caption)]
     counts = {"written": 0, "skipped": 0, "rejected": 0}
     neg = None
-    for caption, n in _progress(jobs, progress, "synthesising", total=len(jobs)):
+    for caption, n in progress_bar(jobs, progress, "synthesising", total=len(jobs)):
         oid = object_id_for(caption)
         if item_done(root, oid, n) or (oid, n) in rejected:
             counts["skipped"] += 1
@@ -78,7 +79,7 @@ def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, ma
         mask = torch.as_tensor(masker(image, prompt)).bool()
         if mask.shape != image.shape[:2]:
             raise DreamCacheError(f"The masker returned a {tuple(mask.shape)} mask for a {tuple(image.shape[:2])} picture; it must return (H, W).")
-        why = mask_ok(mask)
+        why = mask_problem(mask)
         if why is not None:
             with open(root / REJECTED, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"object_id": oid, "n": n, "caption": prompt, "seed": seed, "reason": why}) + "\n")

@@ -1,8 +1,9 @@
 """``python -m dreamcache.train``: train (or fine-tune) DreamCache adapters on a frozen SD1.x / SD2.x / SDXL model.
 
 This module holds what needs no ComfyUI: the run configuration, checkpoint naming, the resumable training state
-(safetensors + JSON, nothing pickled) and the command line. The training engine itself is
-:mod:`dreamcache.comfy.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules).
+(safetensors + JSON, nothing pickled) and the command line's parser. The training engine is
+:mod:`dreamcache.apps.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules) and
+:mod:`dreamcache.apps.train_cli` runs the command.
 
 Checkpoints: ``<out>-step000500.safetensors`` (the pack's adapter format; metadata: base family, layers, step,
 config) beside ``<out>-step000500.state.safetensors`` (optimizer moments and step counts as tensors, RNG states as
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -367,36 +367,3 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None)
     d = saved.to_json()
     d.update(given)
     return TrainConfig.from_json(d)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        state = None
-        if args.resume:
-            state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
-        cfg = config_from_args(args, state.config if state else None)
-        from ..comfy.env import import_comfyui
-
-        cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) or fix the CUDA install.")
-        import_comfyui(args.comfyui, cpu=cpu)
-        if cpu:
-            torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
-        from ..comfy import loading
-        from . import trainer
-
-        precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
-        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
-        t.run()
-        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
-        return 0
-    except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,10 +34,11 @@ from ..core.adapter import DreamCacheAdapter
 from ..core.adapter_io import AdapterFile, read_adapter, save_adapter
 from ..core.cache import from_captures
 from ..core.capture import run_and_capture
-from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, load_mask, load_rgb, mask_bbox, place_on_canvas, subject_on_white,
+from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, crop_subject, load_mask, load_rgb, place_on_canvas,
                     torch_generator, validate_dataset)
 from ..core.errors import DreamCacheError
 from ..core.layers import default_layers, sort_layers
+from ..core.layout import INFERENCE_WIDTH
 from ..core.patch import DreamCachePatch, PatchEntry
 from .train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
                      state_path_for)
@@ -413,7 +414,7 @@ class Trainer:
 
     # ---- preview ----------------------------------------------------------------------------------------------------
     def preview_inputs(self) -> tuple[torch.Tensor, str]:
-        """The fixed preview subject (on white, the training layout: centred, 85% width) and prompt."""
+        """The fixed preview subject (on white, the training layout at inference: centred, core.layout) and prompt."""
         cfg = self.cfg
         first = self.data.index.objects[0][1][0]
         if cfg.preview_reference:
@@ -424,8 +425,7 @@ class Trainer:
         if mask is not None:
             if mask.shape != rgb.shape[:2] or not mask.any():
                 raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a matching --preview-mask.")
-            top, left, bottom, right = mask_bbox(mask)
-            rgb = place_on_canvas(subject_on_white(rgb, mask)[top:bottom, left:right], cfg.resolution, 0.85, 0.5, 0.5)
+            rgb = place_on_canvas(crop_subject(rgb, mask), cfg.resolution, INFERENCE_WIDTH)
         image = torch.from_numpy(rgb.copy()).float().div(255.0)[None]
         prompt = cfg.preview_prompt if cfg.preview_prompt is not None else first.caption.read_text(encoding="utf-8").strip()
         return image, prompt
