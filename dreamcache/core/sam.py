@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import DreamCacheError
+from .layout import bounding_box
 
 INSTALL_HINT = "pip install segment-anything"
 SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
@@ -259,14 +260,14 @@ def _valid_low(sam, emb: Embedded, low: torch.Tensor) -> torch.Tensor:
 
 
 def _low_box(emb: Embedded, valid_mask: torch.Tensor) -> tuple[float, float, float, float] | None:
-    on = valid_mask > 0
-    cols, rows = torch.nonzero(on.any(0)).flatten(), torch.nonzero(on.any(1)).flatten()
-    if cols.numel() == 0:
+    """The bounding box of a low-resolution mask, in pixels of the original image."""
+    box = bounding_box(valid_mask)
+    if box is None:
         return None
     (oh, ow) = emb.original_size
     vh, vw = valid_mask.shape
     sx, sy = ow / vw, oh / vh
-    return float(cols[0]) * sx, float(rows[0]) * sy, (float(cols[-1]) + 1) * sx, (float(rows[-1]) + 1) * sy
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
 @torch.no_grad()

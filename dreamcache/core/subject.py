@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 from .errors import DreamCacheError
 from .image import to_rgb_on_white
+from .layout import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
 
 PROMPT_MODES = ("auto", "box", "points", "mask")
 SAM_MODES = ("auto", "box", "points")
 LAYOUTS = ("train", "keep")
-#: In the ``train`` layout the longer side of the subject's bounding box is this fraction of the output side.
-SUBJECT_FILL = 0.85
 #: An alpha channel is a mask candidate when some pixel is at least this transparent.
 _ALPHA_OPAQUE = 0.999
 
@@ -256,16 +255,6 @@ def feather_mask(m: torch.Tensor, pixels: int) -> torch.Tensor:
     return torch.where(x < 1e-6, torch.zeros_like(x), torch.where(x > 1.0 - 1e-6, torch.ones_like(x), x))
 
 
-def bounding_box(m: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` (x1, y1 exclusive) of the pixels of a 2-D mask that are > 0, or None when there are none."""
-    on = m > 0
-    cols = torch.nonzero(on.any(dim=0)).flatten()
-    rows = torch.nonzero(on.any(dim=1)).flatten()
-    if cols.numel() == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def refine_masks(probs: torch.Tensor, threshold: float = 0.5, grow: int = 0, feather: int = 0) -> torch.Tensor:
     """Threshold, then grow/shrink, then feather: the final soft mask ``[B, H, W]``. Raises when an image has no subject."""
     m = binarize(probs, threshold)
@@ -309,9 +298,10 @@ def _resize_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return y[0].permute(1, 2, 0)
 
 
-def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512, fill: float = SUBJECT_FILL) -> torch.Tensor:
-    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``): crop to the mask's bounding box, scale
-    (aspect kept) so its longer side is ``fill * size``, centre it on a ``size x size`` canvas of ``color``.
+def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512, width: float = INFERENCE_WIDTH) -> torch.Tensor:
+    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.layout`: crop to
+    the mask's bounding box, scale (aspect kept) so its width is ``width * size`` (height capped at ``size``),
+    centre it on a ``size x size`` canvas of ``color``.
 
     The crop is resampled with premultiplied alpha, so no colour of the photo's background bleeds into the edge and
     every pixel the resized mask does not reach is exactly ``color``."""
@@ -319,27 +309,24 @@ def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512, fil
     if box is None:
         raise DreamCacheError("No subject found (the mask is empty); give a box or points.")
     x0, y0, x1, y1 = box
-    bw, bh = x1 - x0, y1 - y0
-    scale = fill * size / max(bw, bh)
-    nw = min(size, max(1, round(bw * scale)))
-    nh = min(size, max(1, round(bh * scale)))
+    nw, nh = subject_size(x1 - x0, y1 - y0, size, width)
     crop_m = m[y0:y1, x0:x1].unsqueeze(-1)
     both = _resize_hw(torch.cat([rgb[y0:y1, x0:x1] * crop_m, crop_m], dim=-1), nh, nw)
     premul, alpha = both[..., :3], both[..., 3:].clamp(0.0, 1.0)
     c = _color_tensor(color, rgb)
     region = torch.where(alpha > 0, (premul + c * (1.0 - alpha)).clamp(0.0, 1.0), c.expand_as(premul))
     canvas = c.expand(size, size, 3).clone()
-    top, left = (size - nh) // 2, (size - nw) // 2
+    left, top = subject_offset(size, nw, nh)
     canvas[top:top + nh, left:left + nw] = region
     return canvas
 
 
 def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "train", size: int = 512, background="#ffffff",
-                   fill: float = SUBJECT_FILL) -> torch.Tensor:
+                   width: float = INFERENCE_WIDTH) -> torch.Tensor:
     """The reference batch from images and their final masks ``[B, H, W]``.
 
-    ``train``: each subject cropped, scaled to ``fill`` of the side and centred on a ``size`` square of the background
-    colour (what the adapters were trained on); ``keep``: the same canvas with the background painted over.
+    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.layout`) and centred on a
+    ``size`` square of the background colour (what the adapters were trained on); ``keep``: the same canvas with the background painted over.
     Alpha is composited on white first; gray becomes RGB.
     """
     if layout not in LAYOUTS:
@@ -353,7 +340,7 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
         return composite(rgb, masks, color)
     if int(size) < 8:
         raise DreamCacheError(f"Output size {size} is too small; use 512 for SD1.5/2.1 or 1024 for SDXL.")
-    return torch.stack([layout_train(rgb[i], masks[i], color, int(size), fill) for i in range(rgb.shape[0])])
+    return torch.stack([layout_train(rgb[i], masks[i], color, int(size), width) for i in range(rgb.shape[0])])
 
 
 def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0, box_height: int = 0,
