@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 
+from ..dreamcache.core.files import TENSOR_EXTENSIONS
+
 ADAPTERS = "dreamcache"  # models/dreamcache: adapter files
 CACHES = "dreamcache_caches"  # models/dreamcache_caches: saved feature caches
 SAMS = "sams"  # models/sams: Segment Anything checkpoints (the folder name other packs use too: shared)
-ADAPTER_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
+ADAPTER_EXTENSIONS = set(TENSOR_EXTENSIONS)
 CACHE_EXTENSIONS = {".safetensors"}
-SAM_EXTENSIONS = {".pth", ".pt", ".safetensors", ".sft", ".bin", ".ckpt"}
+SAM_EXTENSIONS = set(TENSOR_EXTENSIONS)
 
 
 def _register(name: str, extensions: set[str]):

@@ -86,7 +86,7 @@ def test_pickles_with_custom_objects_are_refused_without_unpickling(tmp_path):
         core_sam.load_sam(str(path))
     assert Payload.ran is False
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(DreamCacheError, match="could not be read as a PyTorch file"):
+    with pytest.raises(DreamCacheError, match="could not be read as a PyTorch tensor file"):
         core_sam.load_sam(str(tmp_path / "text.pth"))
     torch.save([torch.zeros(2)], str(tmp_path / "list.pth"))
     with pytest.raises(DreamCacheError, match="not hold a plain dict of tensors"):

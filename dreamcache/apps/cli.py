@@ -33,14 +33,14 @@ def cmd_convert(args) -> int:
 
 
 def _is_cache(path: str) -> bool:
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return False
-    from safetensors import safe_open
+    from ..core.cache import CACHE_FORMAT
+    from ..core.files import SAFETENSORS_EXTENSIONS, read_safetensors
 
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return False
     try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "dreamcache.cache"
-    except Exception:
+        return read_safetensors(path, path, "not a cache", tensors=False)[1].get("format") == CACHE_FORMAT
+    except DreamCacheError:
         return False
 
 

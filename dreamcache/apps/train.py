@@ -23,6 +23,7 @@ import torch
 
 from .. import __version__
 from ..core.errors import DreamCacheError
+from ..core.files import read_safetensors
 from ..core.layers import LayerRef
 
 STATE_FORMAT = "dreamcache.train_state"
@@ -223,16 +224,10 @@ def save_state(path: str, state: TrainState):
 
 
 def read_state_header(path: str) -> tuple[int, dict]:
-    from safetensors import safe_open
-
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Training state '{path}' does not exist; pass a '<name>-stepN.safetensors' checkpoint whose .state.safetensors sits beside it.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}); the training state is damaged.") from None
+    _, meta = read_safetensors(path, name, "the training state is damaged", tensors=False)
     if meta.get("format") != STATE_FORMAT:
         raise DreamCacheError(f"'{name}' is not a DreamCache training state (format {meta.get('format')!r}); pass the .state.safetensors written by the trainer.")
     if int(meta.get("format_version", "0")) > STATE_FORMAT_VERSION:
@@ -242,13 +237,10 @@ def read_state_header(path: str) -> tuple[int, dict]:
 
 def load_state(path: str) -> TrainState:
     """Read a training state (safetensors + JSON only; nothing is unpickled)."""
-    from safetensors import safe_open
-
     step, meta = read_state_header(path)
     name = os.path.basename(path)
+    tensors, _ = read_safetensors(path, name, "the training state is damaged")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = TrainConfig.from_json(json.loads(meta["config"]))
         param_names = json.loads(meta["param_names"])
         groups = json.loads(meta["param_groups"])

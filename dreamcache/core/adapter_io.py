@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 
 import torch
@@ -25,12 +23,11 @@ import torch
 from .. import __version__
 from .adapter import PARAM_SHAPES, DreamCacheAdapter, layer_parameter_count
 from .errors import DreamCacheError
+from .files import read_tensor_file
 from .layers import FAMILIES, LayerRef, sort_layers
 
 ADAPTER_FORMAT = "dreamcache.adapter"
 ADAPTER_FORMAT_VERSION = 1
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
 _PARAM_ALT = "|".join(re.escape(p) for p in PARAM_SHAPES)
 _KEY_RE = re.compile(rf"^(?:model\.)?diffusion_model\.(?P<module>.+?)\.transformer_blocks\.(?P<idx>\d+)\.(?P<param>{_PARAM_ALT})$")
@@ -153,50 +150,15 @@ def _parse_metadata(meta: dict | None, source: str, channels: dict[LayerRef, int
     return family, meta
 
 
-def _load_torch(path: str, name: str) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if glob:
-            raise DreamCacheError(
-                f"'{name}' contains a Python object ({glob.group(1)}) besides tensors, and such objects are never unpickled; "
-                "use a plain tensor .pt or a .safetensors adapter."
-            ) from None
-        raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file (not a valid checkpoint); the file is damaged or not an adapter.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
-        raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not an adapter.") from None
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict) and next(iter(obj)) in ("state_dict", "model"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict):
-        raise DreamCacheError(f"'{name}' holds a {type(obj).__name__}, not a dict of tensors, so it is not a DreamCache adapter.")
-    return obj
-
-
-def _load_safetensors(path: str, name: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a safetensors file.") from None
-    return sd, meta
-
-
 def read_adapter(path: str, name: str | None = None) -> AdapterFile:
     """Read and validate an adapter file (``.safetensors`` or legacy ``.pt``)."""
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Adapter file '{path}' does not exist; put adapters in ComfyUI/models/dreamcache.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        sd, meta = _load_safetensors(path, name)
-    elif ext in TORCH_EXTENSIONS:
-        sd, meta = _load_torch(path, name), {}
-    else:
-        raise DreamCacheError(f"'{name}' has extension '{ext}', which is not an adapter format; use .safetensors or the reference .pt.")
+    sd, meta = read_tensor_file(path, name, "the file is damaged or not an adapter; use a plain tensor .pt or a .safetensors adapter",
+                                "is not an adapter format; use .safetensors or the authors' .pt")
+    if not isinstance(sd, dict):
+        raise DreamCacheError(f"'{name}' holds a {type(sd).__name__}, not a dict of tensors, so it is not a DreamCache adapter.")
     channels, tensors = parse_state_dict(sd, name)
     family, meta = _parse_metadata(meta, name, channels)
     return AdapterFile(name=name, channels=channels, tensors=tensors, family=family, metadata=meta)

@@ -16,6 +16,7 @@ import torch
 from .. import __version__
 from .adapter_io import atomic_save_safetensors
 from .errors import DreamCacheError
+from .files import read_safetensors
 from .layers import FAMILIES, LayerRef, sort_layers
 
 CACHE_FORMAT = "dreamcache.cache"
@@ -150,17 +151,10 @@ def save_cache(cache: FeatureCache, path: str, dtype: torch.dtype | None = None)
 
 
 def load_cache(path: str, name: str | None = None) -> FeatureCache:
-    from safetensors import safe_open
-
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Cache file '{path}' does not exist; save one with DreamCacheSave first.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:120]}); the file is damaged or not a cache.") from None
+    raw, meta = read_safetensors(path, name, "the file is damaged or not a cache")
     if meta.get("format") != CACHE_FORMAT:
         raise DreamCacheError(f"'{name}' is not a DreamCache cache file (its metadata format is {meta.get('format')!r}); pick a file written by DreamCacheSave.")
     try:

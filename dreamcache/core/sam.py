@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -16,12 +15,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import DreamCacheError
+from .files import read_tensor_file
 from .layout import bounding_box
 
 INSTALL_HINT = "pip install segment-anything"
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
-SAM_EXTENSIONS = set(SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS)
 
 #: Auto mode: a first-pass mask counts as confident when SAM's IoU head scores it within this of the best one.
 CONFIDENT_MARGIN = 0.05
@@ -71,29 +68,8 @@ def read_state_dict(path: str, name: str | None = None) -> dict[str, torch.Tenso
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"SAM checkpoint '{path}' does not exist; put SAM checkpoints in ComfyUI/models/sams.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types for damaged headers
-            raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a SAM checkpoint.") from None
-    elif ext in TORCH_EXTENSIONS:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DreamCacheError(
-                f"'{name}' contains objects other than tensors, which are never unpickled (torch.load weights_only refused: {first[:160]}); "
-                "use the official SAM .pth or a .safetensors conversion."
-            ) from None
-        except Exception as e:  # damaged or foreign files fail in many ways (KeyError, EOFError, BadZipFile, ...)
-            raise DreamCacheError(f"'{name}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a SAM checkpoint.") from None
-        if isinstance(sd, dict) and len(sd) == 1 and next(iter(sd)) in ("model", "state_dict") and isinstance(next(iter(sd.values())), dict):
-            sd = next(iter(sd.values()))
-    else:
-        raise DreamCacheError(f"'{name}' has extension '{ext}', which is not a SAM checkpoint format; use the official .pth or a .safetensors file.")
+    sd, _ = read_tensor_file(path, name, "the file is damaged or not a SAM checkpoint; use the official SAM .pth or a .safetensors conversion",
+                             "is not a SAM checkpoint format; use the official .pth or a .safetensors file")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise DreamCacheError(f"'{name}' does not hold a plain dict of tensors, so it is not a SAM checkpoint; use {VARIANTS['vit_b'].file} or another official one.")
     return sd
