@@ -232,7 +232,7 @@ def main(argv=None):
     import comfy.model_management as mm
     import comfy.samplers
 
-    from dreamcache.core.adapter_io import AdapterFile, save_adapter
+    from dreamcache.core.adapter_io import adapter_file_of, save_adapter
     from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.core.cache import save_cache
     from dreamcache.comfy import cache_pass, guidance, patching
@@ -247,8 +247,7 @@ def main(argv=None):
     channels = {r: model_channels_at(model, r) for r in layers}
     module = DreamCacheAdapter(channels)
     module.reset_reference_init(0)
-    adapter = AdapterFile(name="random", channels=channels, family=family_core,
-                          tensors={r: {k: v.clone() for k, v in module.layer(r).state_dict().items()} for r in layers})
+    adapter = adapter_file_of(module, family_core, name="random")
     h = w = args.res // 8
     latent = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(2))
     cond, neg = conditioning(args.family, seed=1), conditioning(args.family, seed=3)
@@ -257,12 +256,8 @@ def main(argv=None):
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
                           "attention": comfy_attention.optimized_attention.__name__}}
 
-    class OneEval(comfy.samplers.CFGGuider):
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
-
     def single(m):
-        g = OneEval(m)
+        g = guidance.PositiveOnlyGuider(m)
         g.inner_set_conds({"positive": cond})
         return g
 

@@ -1,14 +1,10 @@
 """DreamCacheGuider (a GUIDER for SamplerCustomAdvanced) and DualGuidanceSampler (a KSampler with two scales)."""
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
 from comfy_api.latest import io
 
-from ..dreamcache.comfy.guidance import MODES, make_guider
+from ..dreamcache.comfy.guidance import MODES, make_guider, sample_dual_guidance
 from .validation import combo_check
 
 _TEXT_TIP = "s_T: how strongly the prompt steers the image (like CFG). The reference runs use 7.5."
@@ -83,16 +79,8 @@ class DreamCacheDualGuidanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, denoise=1.0,
                 text_scale=7.5, image_scale=5.0, mode="combined") -> io.NodeOutput:
-        guider = make_guider(model, positive, negative, text_scale, image_scale, mode)
-        latent = latent_image
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler,
-                                     denoise=denoise, model_options=model.model_options)
-        sigmas = ks.sigmas
-        out = latent.copy()
-        if sigmas.shape[-1] == 0:
-            return io.NodeOutput(out)
+        return io.NodeOutput(sample_dual_guidance(model, positive, negative, latent_image, seed, steps, sampler_name, scheduler,
+                                                  denoise, text_scale, image_scale, mode))
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
         result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas, denoise_mask=latent.get("noise_mask"),
                                callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

@@ -321,7 +321,7 @@ def test_entry_validation():
     with pytest.raises(DreamCacheError, match="strength"):
         PatchEntry(e.adapter, e.cache, strength=float("nan"))
     other = from_captures({LayerRef("middle_block.1"): torch.randn(1, C, 2, 2)})
-    with pytest.raises(DreamCacheError, match="no features for adapter layer"):
+    with pytest.raises(DreamCacheError, match="no features for layer"):
         PatchEntry(e.adapter, other)
     wrong = from_captures({REF: torch.randn(1, C // 2, 2, 2)})
     with pytest.raises(DreamCacheError, match="channels"):

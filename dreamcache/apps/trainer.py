@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.adapter import DreamCacheAdapter
-from ..core.adapter_io import AdapterFile, read_adapter, save_adapter
+from ..core.adapter_io import adapter_file_of, read_adapter, save_adapter
 from ..core.cache import from_captures
 from ..core.capture import run_and_capture
 from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, crop_subject, load_mask, load_rgb, place_on_canvas,
@@ -125,11 +125,6 @@ def _lcm_stack(conds: list[torch.Tensor]) -> torch.Tensor:
     for n in lengths[1:]:
         m = m * n // math.gcd(m, n)
     return torch.cat([c.repeat(1, m // c.shape[1], 1) for c in conds])
-
-
-def adapter_file_of(module: DreamCacheAdapter, family: str | None, name: str = "training") -> AdapterFile:
-    tensors = {ref: {k: v.detach().float().cpu().clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
-    return AdapterFile(name=name, channels=dict(module.channels), tensors=tensors, family=family)
 
 
 class Trainer:

@@ -42,18 +42,6 @@ def encode_empty_prompt(clip) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(""))
 
 
-def _one_pass_guider_class():
-    import comfy.samplers
-
-    class OnePassGuider(comfy.samplers.CFGGuider):
-        """Evaluates only the positive cond (no uncond even if a pack disabled the cfg=1 shortcut)."""
-
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
-
-    return OnePassGuider
-
-
 def _one_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
     try:
         model(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
@@ -69,6 +57,8 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
     import comfy.model_management
     import comfy.samplers
 
+    from .guidance import PositiveOnlyGuider
+
     m = model.clone()
     m.model_options["transformer_options"][DISABLE_KEY] = True
     modules = {}
@@ -77,7 +67,7 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
             modules[ref.module] = m.get_model_object(f"diffusion_model.{ref.module}")
         except (AttributeError, IndexError, KeyError):
             raise DreamCacheError(f"This model has no SpatialTransformer at {ref.module}; the adapter does not fit it.") from None
-    guider = _one_pass_guider_class()(m)
+    guider = PositiveOnlyGuider(m)
     guider.inner_set_conds({"positive": conditioning})
     sigmas = torch.tensor([float(sigma), 0.0])
     sampler = comfy.samplers.KSAMPLER(_one_step)

@@ -6,10 +6,8 @@ import os
 import torch
 
 from ..core.errors import DreamCacheError
+from ..core.layers import FAMILIES
 from .model import FAMILY_NAMES, model_family
-
-SUPPORTED = ("sd1", "sd2", "sdxl")
-
 
 def check_supported(model, name: str = "the model") -> str:
     """The family of a loaded model, or one clear error if it is not an SD1.x / SD2.x / SDXL U-Net with an eps or
@@ -19,7 +17,7 @@ def check_supported(model, name: str = "the model") -> str:
 
     family = model_family(model)
     base = getattr(model, "model", None)
-    if family not in SUPPORTED or not isinstance(getattr(base, "diffusion_model", None), UNetModel):
+    if family not in FAMILIES or not isinstance(getattr(base, "diffusion_model", None), UNetModel):
         kind = type(getattr(base, "model_config", base)).__name__
         raise DreamCacheError(
             f"'{name}' is a {kind} model, not a supported U-Net (SD1.x, SD2.x or SDXL); train DreamCache adapters on one of those checkpoints.")

@@ -15,7 +15,7 @@ import math
 from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache
 from ..core.errors import DreamCacheError
-from ..core.patch import DreamCachePatch, PatchEntry
+from ..core.patch import DreamCachePatch, PatchEntry, check_strength
 from .model import check_adapter_fits, check_cache_fits, compute_dtype
 
 WRAPPER_KEY = "dreamcache"
@@ -71,8 +71,7 @@ def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength:
     """A patched clone of ``model``. Applying again adds another adapter+cache (their updates are summed)."""
     import comfy.patcher_extension
 
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and -1.0 <= strength <= 3.0):
-        raise DreamCacheError(f"DreamCache strength {strength} is out of range; use a value between -1 and 3 (1 = the method as trained).")
+    check_strength(strength)
     if not (0.0 <= start_percent <= end_percent <= 1.0):
         raise DreamCacheError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy 0 <= start <= end <= 1.")
     check_adapter_fits(model, adapter)

@@ -58,6 +58,13 @@ class AdapterFile:
         return module.eval()
 
 
+def adapter_file_of(module: DreamCacheAdapter, family: str | None = None, name: str = "adapter") -> AdapterFile:
+    """The weights of an adapter module as an :class:`AdapterFile` (detached float32 copies on the CPU)."""
+    tensors = {ref: {k: v.detach().float().cpu().clone() for k, v in module.layer(ref).state_dict().items()}
+               for ref in module.layers}
+    return AdapterFile(name=name, channels=dict(module.channels), tensors=tensors, family=family)
+
+
 def _short(items, n=3) -> str:
     items = list(items)
     shown = ", ".join(f"'{i}'" for i in items[:n])

@@ -145,6 +145,21 @@ def _meta_of(cache: FeatureCache) -> dict[str, str]:
     return meta
 
 
+def check_cache_matches(cache: FeatureCache, channels: dict[LayerRef, int], adapter_name: str):
+    """One clear error when ``cache`` lacks a layer of the adapter (``channels``: its layers and channel counts) or
+    holds another channel count there."""
+    missing = [str(r) for r in sort_layers(channels) if r not in cache.tokens]
+    if missing:
+        raise DreamCacheError(
+            f"The cache has no features for layer(s) {', '.join(missing)} of adapter '{adapter_name}' "
+            f"(it was built for '{cache.adapter or 'another adapter'}'); rebuild the cache with this adapter.")
+    for r in sort_layers(channels):
+        if cache.channels(r) != channels[r]:
+            raise DreamCacheError(
+                f"Cache layer {r} has {cache.channels(r)} channels but adapter '{adapter_name}' expects {channels[r]}; "
+                "the cache was built on another model family, rebuild it on this model.")
+
+
 def save_cache(cache: FeatureCache, path: str, dtype: torch.dtype | None = None):
     tensors = {f"cache.{r.module}.transformer_blocks.{r.block_index}": (t if dtype is None else t.to(dtype)) for r, t in cache.tokens.items()}
     atomic_save_safetensors(tensors, path, _meta_of(cache))
