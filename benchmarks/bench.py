@@ -235,7 +235,7 @@ def main(argv=None):
     from dreamcache.core.adapter_io import adapter_file_of, save_adapter
     from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.core.cache import save_cache
-    from dreamcache.comfy import cache_pass, guidance, patching
+    from dreamcache.comfy import apply_patch, cache_pass, guidance
     from dreamcache.comfy.model import model_channels_at
     from dreamcache.core.layers import default_layers
 
@@ -289,7 +289,7 @@ def main(argv=None):
     cache = from_captures({r: c.cpu() for r, c in caps.items()}, model_family=family_core)
 
     # ---- evaluations and steps -------------------------------------------------------------------------------
-    patched = patching.apply_dreamcache(model, adapter, cache)
+    patched = apply_patch.apply_dreamcache(model, adapter, cache)
     guiders = {
         "eval_base": single(model),
         "eval_dreamcache": single(patched),
@@ -304,7 +304,7 @@ def main(argv=None):
         for k, g in guiders.items():
             ts, peak = measure(g, latent, sigma, args.warmup if rnd == 0 else 0, 1, device)
             runs[k] = (runs[k][0] + ts, max(runs[k][1], peak))
-    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in patching.find_patch(patched)._kv.values())
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in apply_patch.find_patch(patched)._kv.values())
 
     # ---- sizes -----------------------------------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as td:
@@ -341,7 +341,7 @@ def main(argv=None):
     }
     results["sizes_bytes"] = sizes
     if args.flops:
-        results["flops"] = count_flops(model, patching.find_patch(patched), latent.to(device), cond)
+        results["flops"] = count_flops(model, apply_patch.find_patch(patched), latent.to(device), cond)
     results["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))

@@ -15,9 +15,12 @@ import warnings
 MOVED = {
     **{m: f"core.{m}" for m in ("adapter", "adapter_io", "attention", "block", "cache", "capture", "errors", "image",
                                 "layers", "patch", "sam", "subject")},
-    **{m: f"apps.{m}" for m in ("cli", "runner", "server", "workflow")},
+    **{m: f"apps.{m}" for m in ("cli", "runner", "workflow")},
+    "server": "apps.comfy_client",
+    "apps.server": "apps.comfy_client",
     "comfy.trainer": "apps.trainer",
     "comfy.synth": "apps.synth",
+    "comfy.patching": "comfy.apply_patch",
 }
 
 

@@ -119,10 +119,26 @@ def test_old_module_paths_give_the_new_modules():
     assert old_patch is new_patch and old_patch.DreamCachePatch is new_patch.DreamCachePatch
 
 
+def test_the_old_data_and_train_modules_still_import():
+    """``dreamcache.data`` and ``dreamcache.train`` are command entry points now; imported (0.1 scripts), they still
+    give the library they held, with a DeprecationWarning."""
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "import dreamcache.apps.data as new_data, dreamcache.apps.train as new_train\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import dreamcache.data as d, dreamcache.train as t\n"
+            "assert d.validate_dataset is new_data.validate_dataset and t.TrainConfig is new_train.TrainConfig\n"
+            "print(sorted(str(x.message) for x in w if x.category is DeprecationWarning))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "dreamcache.data moved to dreamcache.apps.data" in r.stdout
+    assert "dreamcache.train moved to dreamcache.apps.train" in r.stdout
+
+
 def test_new_paths_import_without_warnings():
     """The pack's own imports use the new paths: importing the applications warns about nothing."""
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); "
-            "import dreamcache.apps.cli, dreamcache.apps.data, dreamcache.apps.train, dreamcache.apps.runner")
+            "import dreamcache.apps.cli, dreamcache.apps.data.cli, dreamcache.apps.train_cli, dreamcache.apps.runner")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 

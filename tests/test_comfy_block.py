@@ -58,7 +58,7 @@ def test_real_block_matches_reference(pack, family):
         caps = {ref: torch.randn(1, c, 3, 4, generator=g) * 2}
         single = core.core.adapter_io.AdapterFile(name=str(ref), channels={ref: c}, tensors={ref: adapter.tensors[ref]})
         entry = core.core.patch.PatchEntry(single.build(), core.core.cache.from_captures(caps))
-        patch = core.core.patch.DreamCachePatch([entry], attention=core.comfy.patching.comfy_attention)
+        patch = core.core.patch.DreamCachePatch([entry], attention=core.comfy.apply_patch.comfy_attention)
         to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]}, "block": ref.comfy_block, "block_index": ref.block_index}
 
         def run(to):
@@ -115,7 +115,7 @@ def test_cpu_uses_the_fused_kernel_where_comfy_falls_back_to_sub_quad(pack, monk
         monkeypatch.setattr(A, name, (lambda n: lambda *a, **k: calls.append(n) or a[0])(name))
     q = torch.zeros(1, 4, 8)
     monkeypatch.setattr(A, "optimized_attention", A.attention_sub_quad)
-    core.comfy.patching.comfy_attention(q, q, q, 2)
+    core.comfy.apply_patch.comfy_attention(q, q, q, 2)
     monkeypatch.setattr(A, "optimized_attention", A.attention_basic)
-    core.comfy.patching.comfy_attention(q, q, q, 2)
+    core.comfy.apply_patch.comfy_attention(q, q, q, 2)
     assert calls == ["attention_pytorch", "attention_basic"]

@@ -122,14 +122,14 @@ def test_plug_and_play_original_model_is_bit_identical(sd1):
     assert torch.equal(before, after) and torch.equal(p1, p2)
     assert (p1 - before).abs().max() > 1e-4
     assert sd1.model.model_options == opts_before
-    assert sd1.core.comfy.patching.find_patch(sd1.model) is None
+    assert sd1.core.comfy.apply_patch.find_patch(sd1.model) is None
 
 
 def test_clones_share_the_patch_and_deepcopy_copies_no_tensors(sd1):
     (patched,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
-    patch = sd1.core.comfy.patching.find_patch(patched)
+    patch = sd1.core.comfy.apply_patch.find_patch(patched)
     clone = patched.clone()
-    assert sd1.core.comfy.patching.find_patch(clone) is patch
+    assert sd1.core.comfy.apply_patch.find_patch(clone) is patch
     dup = copy.deepcopy(patched.model_options)
     hooks = dup["transformer_options"]["patches"]["attn1_output_patch"] + dup["transformer_options"]["patches"]["middle_patch"]
     assert all(h.patch is patch for h in hooks)
@@ -141,7 +141,7 @@ def test_clones_share_the_patch_and_deepcopy_copies_no_tensors(sd1):
 def test_adapter_is_loaded_with_the_model_through_models(sd1):
     (patched,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
     extra = patched.model_patches_models()
-    assert len(extra) == 1 and extra[0].model is sd1.core.comfy.patching.find_patch(patched).entries[0].adapter
+    assert len(extra) == 1 and extra[0].model is sd1.core.comfy.apply_patch.find_patch(patched).entries[0].adapter
 
 
 def _lora_sd(core, model, scale=0.5, seed=9):
@@ -197,7 +197,7 @@ def test_half_precision_models(pack, sd1, dtype):
 
     model = make_model("sd1", dtype=dtype)
     (patched,) = run_node("DreamCacheApply", model=model, adapter=sd1.adapter, cache=sd1.cache)
-    patch = sd1.core.comfy.patching.find_patch(patched)
+    patch = sd1.core.comfy.apply_patch.find_patch(patched)
     assert patch.entries[0].adapter.layer(sd1.adapter.layers[0]).linear_cat.weight.dtype == dtype
     (p32,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
     got, want = _den(patched, sd1.positive), _den(p32, sd1.positive)
@@ -227,7 +227,7 @@ def test_start_end_percent(sd1):
 def test_applying_twice_adds_a_second_subject(sd1):
     (once,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache, strength=0.5)
     (twice,) = run_node("DreamCacheApply", model=once, adapter=sd1.adapter, cache=sd1.cache, strength=0.5)
-    patch = sd1.core.comfy.patching.find_patch(twice)
+    patch = sd1.core.comfy.apply_patch.find_patch(twice)
     assert len(patch.entries) == 2
     lists = twice.model_options["transformer_options"]["patches"]
     assert sum(getattr(p, "dreamcache_hook", None) == "output" for p in lists["attn1_output_patch"]) == 1
@@ -269,9 +269,9 @@ def test_cache_from_another_family_or_adapter(pack, sd1):
 def test_out_of_range_values(sd1):
     err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="strength 5.0 is out of range"):
-        sd1.core.comfy.patching.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, strength=5.0)
+        sd1.core.comfy.apply_patch.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, strength=5.0)
     with pytest.raises(err, match="start_percent 0.8 and end_percent 0.2"):
-        sd1.core.comfy.patching.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, start_percent=0.8, end_percent=0.2)
+        sd1.core.comfy.apply_patch.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, start_percent=0.8, end_percent=0.2)
     schema = sd1.core  # the node schema bounds what the UI and /prompt validation accept
     import nodes
 

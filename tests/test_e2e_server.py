@@ -54,7 +54,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.apps.server import ComfyServer
+    from dreamcache.apps.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -114,7 +114,7 @@ def test_graph_runs_to_a_saved_image(server):
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -135,7 +135,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)

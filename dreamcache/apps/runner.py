@@ -14,7 +14,7 @@ import urllib.parse
 
 from . import workflow as wf
 from ..core.errors import DreamCacheError
-from .server import Client, ComfyServer, ServerError
+from .comfy_client import Client, ComfyServer, ServerError
 
 
 def _log(msg: str):

@@ -435,7 +435,7 @@ class Trainer:
 
         from ..comfy.cache_pass import build_feature_cache
         from ..comfy.guidance import make_guider
-        from ..comfy.patching import apply_dreamcache
+        from ..comfy.apply_patch import apply_dreamcache
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()

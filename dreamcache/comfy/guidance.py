@@ -17,7 +17,7 @@ import comfy.samplers
 
 from ..core.errors import DreamCacheError
 from ..core.patch import SWITCH_KEY
-from .patching import cpu_chunked_attention, is_patched
+from .apply_patch import cpu_chunked_attention, is_patched
 
 MODES = ("combined", "joint")
 
