@@ -1,6 +1,7 @@
-"""``python -m dreamcache``: command-line tools that need no ComfyUI (convert, info).
-
-Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules.
+"""``python -m dreamcache``: the pack's command line. ``convert`` and ``info`` need no ComfyUI; ``run`` runs a
+workflow against a ComfyUI server (:mod:`.runner`). :data:`COMMANDS` lists the subcommands; training has its own
+command lines (``python -m dreamcache.data``, ``python -m dreamcache.train``). :func:`run_main` (parse, run, a
+DreamCacheError becomes one ``error:`` line and exit code 2) serves the data command line too.
 """
 from __future__ import annotations
 
