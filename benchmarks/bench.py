@@ -167,9 +167,9 @@ def count_flops(model, patch, latent, cond) -> dict:
     """FLOPs of one U-Net forward, base and with the DreamCache patch (K/V already memoised, so what every sampling
     step pays), counted by torch.utils.flop_counter. Attention is counted through an explicit matmul softmax, since the
     counter does not see the fused CPU SDPA kernel; the FLOPs are the same whichever kernel runs."""
+    import comfy.ldm.modules.attention as A
     from torch.utils.flop_counter import FlopCounterMode
 
-    import comfy.ldm.modules.attention as A
     from dreamcache.core.patch import DreamCachePatch
 
     def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
@@ -232,11 +232,11 @@ def main(argv=None):
     import comfy.model_management as mm
     import comfy.samplers
 
-    from dreamcache.core.adapter_io import adapter_file_of, save_adapter
-    from dreamcache.core.adapter import DreamCacheAdapter
-    from dreamcache.core.cache import save_cache
     from dreamcache.comfy import apply_patch, cache_pass, guidance
     from dreamcache.comfy.model import model_channels_at
+    from dreamcache.core.adapter import DreamCacheAdapter
+    from dreamcache.core.adapter_io import adapter_file_of, save_adapter
+    from dreamcache.core.cache import save_cache
     from dreamcache.core.layers import default_layers
 
     device = mm.get_torch_device()

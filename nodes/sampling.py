@@ -81,9 +81,3 @@ class DreamCacheDualGuidanceSampler(io.ComfyNode):
                 text_scale=7.5, image_scale=5.0, mode="combined") -> io.NodeOutput:
         return io.NodeOutput(sample_dual_guidance(model, positive, negative, latent_image, seed, steps, sampler_name, scheduler,
                                                   denoise, text_scale, image_scale, mode))
-        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas, denoise_mask=latent.get("noise_mask"),
-                               callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        out["samples"] = result.to(comfy.model_management.intermediate_device())
-        out.pop("downscale_ratio_spacial", None)
-        return io.NodeOutput(out)

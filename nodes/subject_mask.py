@@ -7,12 +7,11 @@ from functools import partial
 import folder_paths
 from comfy_api.latest import io
 
-from ..dreamcache.core import subject
 from ..dreamcache.comfy import sam as sam_glue
+from ..dreamcache.core import subject
 from . import paths
 from .types import Sam
 from .validation import combo_check
-
 
 SAM_HINT = "put it there (see the README's SAM table) and refresh."
 

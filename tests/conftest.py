@@ -67,6 +67,7 @@ def comfy():
     args.disable_api_nodes = True
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import comfy.samplers  # noqa: F401
+
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
 
     assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
@@ -83,6 +84,7 @@ def pack(comfy, models_dir):
     """This pack loaded by ComfyUI's own custom-node loader (as a user's install would be), with the model folders
     pointed at a temporary directory. Returns the loaded package module (its ``.dreamcache`` is the core it uses)."""
     import folder_paths
+
     import nodes
 
     folder_paths.models_dir = str(models_dir)

@@ -43,6 +43,7 @@ def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_mo
     """
     import comfy.samplers
     import torch
+
     from dreamcache.comfy.guidance import PositiveOnlyGuider
 
     conds = {"positive": positive}

@@ -8,12 +8,10 @@ import importlib
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
-import pytest
-
 import import_graph
+import pytest
 from conftest import COMFYUI, NO_COMFY
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import COMFYUI, NO_COMFY, ROOT
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import math
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError

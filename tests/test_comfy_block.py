@@ -6,10 +6,9 @@ attention; and every node of the pack is registered with a permanent prefixed id
 """
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
-
-import oracle
 from helpers import random_adapter
 
 PERMANENT_IDS = {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import denoise_once, run_node
 
 SIGMA = 3.0

@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import denoise_once, random_adapter, run_node
 
 SIGMA = 3.0

@@ -3,20 +3,19 @@ caption dropout, data order, synthesis helpers, the resumable training state and
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_data import make_dataset
 
 from dreamcache.apps import data as D
-from dreamcache.apps.data import cli as DC
 from dreamcache.apps import train as T
+from dreamcache.apps.data import cli as DC
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import SD_LAYERS
-from synthetic_data import make_dataset
 
 
 @pytest.fixture(scope="module")

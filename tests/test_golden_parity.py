@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import cond, denoise_once, eps_from_denoised, run_node
 
 EPS_TOL = 1e-5

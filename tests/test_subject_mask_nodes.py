@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import node, random_adapter, run_node
 
 
@@ -271,8 +270,9 @@ class _Server:
 @pytest.fixture(scope="module")
 def graph_env(pack, comfy, sams_dir):
     """Test-only nodes: a source of tiny models/images and an output node that records what reaches it."""
-    import nodes as comfy_nodes
     from tiny_models import make_clip, make_model, make_vae
+
+    import nodes as comfy_nodes
 
     model = make_model("sd1")
     objects = {"model": model, "clip": make_clip("sd1"), "vae": make_vae(), "adapter": random_adapter(pack.dreamcache, model),

@@ -11,7 +11,6 @@ import csv
 
 import pytest
 import torch
-
 from helpers import denoise_once, run_node
 from synthetic_data import make_dataset
 
@@ -105,8 +104,8 @@ def test_v_prediction_objective(comfy, dataset, tmp_path):
 
 def test_cache_equals_the_sampling_time_cache_pass(sd1, dataset, tmp_path):
     """The per-step cache is BuildFeatureCache's: the reference latent at t=1, the encoded "" prompt, adapters off."""
-    from dreamcache.core.cache import from_captures
     from dreamcache.comfy.cache_pass import pass_sigma, run_capture_pass
+    from dreamcache.core.cache import from_captures
 
     t = _trainer(sd1, dataset, tmp_path / "a.safetensors")
     batch = t.next_batch()
@@ -181,9 +180,9 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
 
 def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     """4 steps straight == 2 steps, then a new process-like trainer resumed from the checkpoint for 2 more."""
-    from dreamcache.core.adapter_io import read_adapter
-    from dreamcache.apps.trainer import Trainer
     from dreamcache.apps.train import load_state, log_path
+    from dreamcache.apps.trainer import Trainer
+    from dreamcache.core.adapter_io import read_adapter
 
     straight = _trainer(sd1, dataset, tmp_path / "s" / "a.safetensors", steps=4, init="reference", accumulate=2)
     straight.run()
@@ -273,8 +272,8 @@ def test_bf16_autocast_keeps_fp32_master_weights(sd1, dataset, tmp_path):
 # ---- init, layers, errors -----------------------------------------------------------------------------------------
 
 def test_init_from_a_reference_pt_and_layer_overrides(sd1, dataset, tmp_path):
-    from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.comfy.model import model_channels_at
+    from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.core.errors import DreamCacheError
     from dreamcache.core.layers import SD_LAYERS
 
@@ -337,8 +336,8 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
     import json
 
     from dreamcache.apps import train_cli
-    from dreamcache.core.adapter_io import read_adapter
     from dreamcache.comfy import loading
+    from dreamcache.core.adapter_io import read_adapter
 
     loaded = []
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: loaded.append((path, dtype)) or sd1)
@@ -363,10 +362,10 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):
     from dreamcache.apps import data
-    from dreamcache.apps.data import cli as data_cli
-    from dreamcache.comfy import loading
-    from dreamcache.apps.synth import REJECTED, synthesize
     from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
+    from dreamcache.apps.data import cli as data_cli
+    from dreamcache.apps.synth import REJECTED, synthesize
+    from dreamcache.comfy import loading
 
     model, clip, vae = sd1
     calls = []

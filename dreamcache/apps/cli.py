@@ -15,7 +15,6 @@ from ..core.adapter_io import STORAGE_DTYPES
 from ..core.errors import DreamCacheError
 
 
-
 def cmd_convert(args) -> int:
     from ..core.adapter_io import convert_adapter, read_adapter
 

@@ -12,8 +12,8 @@ import sys
 import time
 import urllib.parse
 
-from . import workflow as wf
 from ..core.errors import DreamCacheError
+from . import workflow as wf
 from .comfy_client import Client, ComfyServer, ServerError
 
 

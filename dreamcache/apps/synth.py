@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.errors import DreamCacheError
 from .data import SynthSettings, derive_seed, item_done, mask_problem, object_id_for, write_item
 from .progress import progress_bar
-from ..core.errors import DreamCacheError
 
 REJECTED = "synth_rejected.jsonl"
 SETTINGS = "synth_settings.json"

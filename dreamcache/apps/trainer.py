@@ -30,20 +30,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..comfy.loading import check_supported
+from ..comfy.model import FAMILY_NAMES, model_channels_at
 from ..core.adapter import DreamCacheAdapter
 from ..core.adapter_io import adapter_file_of, read_adapter, save_adapter
 from ..core.cache import from_captures
 from ..core.capture import run_and_capture
-from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, crop_subject, load_mask, load_rgb, place_on_canvas,
-                    torch_generator, validate_dataset)
 from ..core.errors import DreamCacheError
 from ..core.layers import default_layers, sort_layers
 from ..core.layout import INFERENCE_WIDTH
 from ..core.patch import DreamCachePatch, PatchEntry
-from .train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
-                     state_path_for)
-from ..comfy.loading import check_supported
-from ..comfy.model import FAMILY_NAMES, model_channels_at
+from .data import (
+    AugmentConfig,
+    TargetGeometry,
+    TrainingData,
+    batches,
+    crop_subject,
+    load_mask,
+    load_rgb,
+    place_on_canvas,
+    torch_generator,
+    validate_dataset,
+)
+from .train import (
+    DEFAULT_RESOLUTION,
+    TrainConfig,
+    TrainState,
+    checkpoint_path,
+    layer_names,
+    log_path,
+    preview_path,
+    save_state,
+    state_path_for,
+)
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEPS = 1000
@@ -433,9 +452,9 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
+        from ..comfy.apply_patch import apply_dreamcache
         from ..comfy.cache_pass import build_feature_cache
         from ..comfy.guidance import make_guider
-        from ..comfy.apply_patch import apply_dreamcache
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-
 from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache
 from ..core.errors import DreamCacheError

@@ -9,6 +9,7 @@ from ..core.errors import DreamCacheError
 from ..core.layers import FAMILIES
 from .model import FAMILY_NAMES, model_family
 
+
 def check_supported(model, name: str = "the model") -> str:
     """The family of a loaded model, or one clear error if it is not an SD1.x / SD2.x / SDXL U-Net with an eps or
     v objective."""

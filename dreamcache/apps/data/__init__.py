@@ -12,12 +12,35 @@ decision of sample ``position`` (which object, which of its images, caption drop
 generators seeded by ``(seed, position)``, so a run is reproducible and can resume at any step without replaying the
 data. Pure numpy / PIL / torch: no ComfyUI here (``synth`` imports it, lazily, in :mod:`.cli`).
 """
-from .augment import (AugmentConfig, Jitter, RefAugment, TargetGeometry, augment_reference, crop_subject, erase_box,
-                      place_on_canvas, prepare_target, subject_on_white)
+from .augment import (
+                      AugmentConfig,
+                      Jitter,
+                      RefAugment,
+                      TargetGeometry,
+                      augment_reference,
+                      crop_subject,
+                      erase_box,
+                      place_on_canvas,
+                      prepare_target,
+                      subject_on_white,
+)
 from .captions import caption_key, combine_captions, dedupe, object_id_for, read_lines
 from .dataset import PositionSampler, SamplePlan, TrainingData, batches, collate
-from .layout import (CAPTION_SUFFIX, IMAGE_SUFFIX, MASK_SUFFIX, MASK_THRESHOLD, DatasetError, DatasetIndex, Item,
-                     check_item, item_done, load_mask, load_rgb, scan_dataset, validate_dataset)
+from .layout import (
+                      CAPTION_SUFFIX,
+                      IMAGE_SUFFIX,
+                      MASK_SUFFIX,
+                      MASK_THRESHOLD,
+                      DatasetError,
+                      DatasetIndex,
+                      Item,
+                      check_item,
+                      item_done,
+                      load_mask,
+                      load_rgb,
+                      scan_dataset,
+                      validate_dataset,
+)
 from .masks import MASKERS, mask_problem, parse_box, sam_masker, white_background_mask, white_background_masker
 from .seeds import derive_seed, rng_for, torch_generator
 from .writer import SynthSettings, write_item
