@@ -32,7 +32,8 @@ class _AliasLoader(importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        warnings.warn(f"{module.__name__} moved to {self.target}; import it from there.", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{module.__name__} moved to {self.target}; import it from there.", DeprecationWarning,
+                      stacklevel=2)
         # The import system re-reads sys.modules after exec_module, so the old name now *is* the new module.
         sys.modules[module.__name__] = importlib.import_module(self.target)
 

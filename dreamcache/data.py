@@ -13,4 +13,5 @@ else:
 
     from .apps.data import *  # noqa: F401,F403
 
-    warnings.warn("dreamcache.data moved to dreamcache.apps.data; import it from there.", DeprecationWarning, stacklevel=2)
+    warnings.warn("dreamcache.data moved to dreamcache.apps.data; import it from there.", DeprecationWarning,
+                  stacklevel=2)

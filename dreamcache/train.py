@@ -13,4 +13,5 @@ else:
 
     from .apps.train import *  # noqa: F401,F403
 
-    warnings.warn("dreamcache.train moved to dreamcache.apps.train; import it from there.", DeprecationWarning, stacklevel=2)
+    warnings.warn("dreamcache.train moved to dreamcache.apps.train; import it from there.", DeprecationWarning,
+                  stacklevel=2)

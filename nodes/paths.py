@@ -70,11 +70,13 @@ def safe_output_path(base_dir: str, prefix: str, extension: str = ".safetensors"
     raw = (prefix or "").strip().replace("\\", "/")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if not parts or raw.startswith("/") or os.path.isabs(raw) or (len(raw) > 1 and raw[1] == ":") or ".." in parts:
-        raise DreamCacheError(f"File name prefix '{prefix}' must be a relative name inside the caches folder (no '..', no absolute path).")
+        raise DreamCacheError(f"File name prefix '{prefix}' must be a relative name inside the caches folder (no '..', "
+                              "no absolute path).")
     base = os.path.realpath(base_dir)
     folder = os.path.realpath(os.path.join(base, *parts[:-1]))
     if os.path.commonpath([base, folder]) != base:
-        raise DreamCacheError(f"File name prefix '{prefix}' points outside the caches folder; use a plain name such as 'my_subject'.")
+        raise DreamCacheError(f"File name prefix '{prefix}' points outside the caches folder; use a plain name such as "
+                              "'my_subject'.")
     os.makedirs(folder, exist_ok=True)
     stem = parts[-1]
     counter = 1

@@ -70,7 +70,8 @@ def comfy():
 
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
 
-    assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    assert Path(nodes.__file__).resolve().parent == COMFYUI, \
+        f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
     return COMFYUI
 
 
@@ -128,7 +129,8 @@ def sd1(pack):
     ns.adapter = random_adapter(ns.core, ns.model, seed=0)
     g = torch.Generator().manual_seed(5)
     ns.image = torch.rand(1, 64, 64, 3, generator=g)
-    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image, clip=ns.clip,
+    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image,
+                                      clip=ns.clip,
                                       adapter=ns.adapter, seed=0, resolution=64, fit="pad", batch_mode="concat")
     ns.positive = run_node("CLIPTextEncode", clip=ns.clip, text="a photo of a dog")[0]
     ns.negative = run_node("CLIPTextEncode", clip=ns.clip, text="")[0]

@@ -54,14 +54,16 @@ def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_mo
         sig = sig.repeat(x.shape[0])
 
     class OneCall(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
             model_wrap(noise, sig.to(noise.device), **extra_args)
             return noise
 
     to = dict((extra_model_options or {}).get("transformer_options", {}))
     if switch is not None:
         to["dreamcache_image"] = tuple(switch)
-    g = PositiveOnlyGuider(model, keys=["positive"] + (["negative"] if negative is not None else []), transformer_options=to)
+    g = PositiveOnlyGuider(model, keys=["positive"] + (["negative"] if negative is not None else []),
+                           transformer_options=to)
     g.inner_set_conds(conds)
     with torch.inference_mode():
         g.sample(x, torch.zeros_like(x), OneCall(), torch.tensor([float(sig.max()), 0.0]), disable_pbar=True, seed=0)

@@ -150,9 +150,11 @@ def layer_violations(found: list[Import]) -> list[str]:
                 continue
             how = "lazily " if imp.lazy else ""
             if not imp.external and any(_within(imp.target, f) for f in forbidden):
-                problems.append(f"{_show(imp.source)}:{imp.line} {how}imports {imp.target}, which {layer} must not import")
+                problems.append(f"{_show(imp.source)}:{imp.line} {how}imports {imp.target}, which {layer} must not "
+                                "import")
             elif imp.external and not comfy_ok and imp.target in COMFYUI_MODULES:
-                problems.append(f"{_show(imp.source)}:{imp.line} {how}imports ComfyUI's '{imp.target}', which {layer} must not import")
+                problems.append(f"{_show(imp.source)}:{imp.line} {how}imports ComfyUI's '{imp.target}', which {layer} "
+                                "must not import")
     return problems
 
 

@@ -62,7 +62,8 @@ def test_basic_workflow_opens_cleanly(page):
     widgets = {n["type"]: n["widgets"] for n in report["nodes"]}
     assert len(report["nodes"]) == len(wf["nodes"])
     assert widgets["DreamCacheSubjectMask"] >= 14 and widgets["DreamCacheDualGuidanceSampler"] >= 9
-    assert widgets["DreamCacheApply"] == 3 and widgets["DreamCacheLoader"] == 2 and widgets["DreamCacheBuildFeatureCache"] >= 4
+    assert widgets["DreamCacheApply"] == 3 and widgets["DreamCacheLoader"] == 2
+    assert widgets["DreamCacheBuildFeatureCache"] >= 4
     shot = browser.screenshot(str(base / "basic.png"))
     from PIL import Image, ImageStat
 

@@ -51,7 +51,8 @@ def test_subject_mask_and_the_data_pipeline_place_a_subject_alike(rw, rh):
     mask[5:5 + rh, 9:9 + rw] = True
     rgb[mask] = (200, 10, 10)
     data_canvas = augment.place_on_canvas(augment.crop_subject(rgb, mask), size, layout.INFERENCE_WIDTH)
-    node_canvas = subject.make_reference(torch.from_numpy(rgb).float()[None] / 255, torch.from_numpy(mask).float()[None],
+    node_canvas = subject.make_reference(torch.from_numpy(rgb).float()[None] / 255,
+                                         torch.from_numpy(mask).float()[None],
                                          layout="train", size=size)[0]
     data_box = layout.bounding_box((data_canvas < 250).any(-1))
     node_box = layout.bounding_box((node_canvas < 250 / 255).any(-1))

@@ -74,7 +74,8 @@ def main(argv=None):
     failures = []
     with tempfile.TemporaryDirectory() as base:
         prepare_base(base, workflows)
-        with ComfyServer(root, base_directory=base, cpu=True, log_path=os.path.join(base, "log.txt")) as srv, Browser() as browser:
+        server = ComfyServer(root, base_directory=base, cpu=True, log_path=os.path.join(base, "log.txt"))
+        with server as srv, Browser() as browser:
             open_comfy(browser, srv.client.url)
             for path, wf in zip(paths, workflows):
                 png = os.path.join(base, path.stem + ".png")
@@ -84,7 +85,8 @@ def main(argv=None):
                 img = Image.open(png).convert("RGB")
                 img.thumbnail((960, 960))
                 img.save(os.path.join(args.out, path.stem + ".jpg"), quality=85, optimize=True)
-                print(f"{path.stem}: {len(report['nodes'])} nodes, missing {report['missing']}, dialogs {report['dialogs']}, alerts {report['toasts']}")
+                print(f"{path.stem}: {len(report['nodes'])} nodes, missing {report['missing']}, dialogs "
+                      f"{report['dialogs']}, alerts {report['toasts']}")
     if failures:
         for f in failures:
             print("PROBLEM", f)

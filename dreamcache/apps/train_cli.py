@@ -22,7 +22,8 @@ def main(argv=None) -> int:
 
         cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
         if args.device == "cuda" and not torch.cuda.is_available():
-            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) or fix the CUDA install.")
+            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) "
+                                  "or fix the CUDA install.")
         import_comfyui(args.comfyui, cpu=cpu)
         if cpu:
             torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude

@@ -71,7 +71,8 @@ def check_adapter_fits(model, adapter: AdapterFile) -> str | None:
         )
     if adapter.family and family and adapter.family != family:
         raise DreamCacheError(
-            f"Adapter '{adapter.name}' was trained for {FAMILY_NAMES[adapter.family]} but this model is {FAMILY_NAMES[family]}; "
+            f"Adapter '{adapter.name}' was trained for {FAMILY_NAMES[adapter.family]} but this model is "
+            f"{FAMILY_NAMES[family]}; "
             "load an adapter trained for this model family."
         )
     return family
@@ -81,7 +82,8 @@ def check_cache_fits(model, cache: FeatureCache, adapter: AdapterFile):
     family = model_family(model)
     if cache.model_family and family and cache.model_family != family:
         raise DreamCacheError(
-            f"This cache was built with a {FAMILY_NAMES[cache.model_family]} model but the model here is {FAMILY_NAMES[family]}; "
+            f"This cache was built with a {FAMILY_NAMES[cache.model_family]} model but the model here is "
+            f"{FAMILY_NAMES[family]}; "
             "rebuild the cache with BuildFeatureCache on this model."
         )
     check_cache_matches(cache, adapter.channels, adapter.name)

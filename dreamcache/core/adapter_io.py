@@ -30,7 +30,8 @@ ADAPTER_FORMAT = "dreamcache.adapter"
 ADAPTER_FORMAT_VERSION = 1
 
 _PARAM_ALT = "|".join(re.escape(p) for p in PARAM_SHAPES)
-_KEY_RE = re.compile(rf"^(?:model\.)?diffusion_model\.(?P<module>.+?)\.transformer_blocks\.(?P<idx>\d+)\.(?P<param>{_PARAM_ALT})$")
+_KEY_RE = re.compile(
+    rf"^(?:model\.)?diffusion_model\.(?P<module>.+?)\.transformer_blocks\.(?P<idx>\d+)\.(?P<param>{_PARAM_ALT})$")
 
 
 @dataclass
@@ -121,7 +122,8 @@ def parse_state_dict(sd: dict, source: str) -> tuple[dict[LayerRef, int], dict[L
                 problems.append(f"layer {ref} {p} has dtype {t.dtype}, expected a float type")
         channels[ref] = c
     if problems:
-        raise DreamCacheError(f"'{source}' is not a valid DreamCache adapter: " + "; ".join(problems) + "; re-download or re-convert it.")
+        raise DreamCacheError(f"'{source}' is not a valid DreamCache adapter: " + "; ".join(problems)
+                              + "; re-download or re-convert it.")
     return channels, per_layer
 
 
@@ -131,28 +133,34 @@ def _parse_metadata(meta: dict | None, source: str, channels: dict[LayerRef, int
     if fmt is None:
         return None, meta  # a bare safetensors with reference names: accepted, family unknown
     if fmt != ADAPTER_FORMAT:
-        raise DreamCacheError(f"'{source}' is a '{fmt}' file, not a DreamCache adapter ('{ADAPTER_FORMAT}'); pick an adapter file.")
+        raise DreamCacheError(f"'{source}' is a '{fmt}' file, not a DreamCache adapter ('{ADAPTER_FORMAT}'); pick an "
+                              "adapter file.")
     try:
         version = int(meta.get("format_version", "1"))
     except ValueError:
-        raise DreamCacheError(f"'{source}' has an unreadable format_version {meta.get('format_version')!r}; re-convert the file.") from None
+        raise DreamCacheError(f"'{source}' has an unreadable format_version {meta.get('format_version')!r}; re-convert "
+                              "the file.") from None
     if version > ADAPTER_FORMAT_VERSION:
         raise DreamCacheError(
-            f"'{source}' uses adapter format version {version}, newer than this pack reads ({ADAPTER_FORMAT_VERSION}); update ComfyUI-DreamCache."
+            f"'{source}' uses adapter format version {version}, newer than this pack reads ({ADAPTER_FORMAT_VERSION}); "
+            "update ComfyUI-DreamCache."
         )
     family = meta.get("base_family") or None
     if family in ("unknown", ""):
         family = None
     if family is not None and family not in FAMILIES:
-        raise DreamCacheError(f"'{source}' names an unknown base family '{family}' (expected one of {', '.join(FAMILIES)}); re-convert it with --family.")
+        raise DreamCacheError(f"'{source}' names an unknown base family '{family}' (expected one of "
+                              f"{', '.join(FAMILIES)}); re-convert it with --family.")
     if "layers" in meta:
         try:
-            listed = {LayerRef(d["module"], int(d.get("block_index", 0))): int(d["channels"]) for d in json.loads(meta["layers"])}
+            listed = {LayerRef(d["module"], int(d.get("block_index",
+                                                      0))): int(d["channels"]) for d in json.loads(meta["layers"])}
         except (ValueError, KeyError, TypeError, DreamCacheError):
             raise DreamCacheError(f"'{source}' has unreadable layer metadata; re-convert the file.") from None
         if listed != channels:
             raise DreamCacheError(
-                f"'{source}' metadata lists layers {sorted(map(str, listed))} but its tensors hold {sorted(map(str, channels))}; the file is inconsistent, re-convert it."
+                f"'{source}' metadata lists layers {sorted(map(str, listed))} but its tensors hold "
+                f"{sorted(map(str, channels))}; the file is inconsistent, re-convert it."
             )
     return family, meta
 
@@ -162,10 +170,12 @@ def read_adapter(path: str, name: str | None = None) -> AdapterFile:
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Adapter file '{path}' does not exist; put adapters in ComfyUI/models/dreamcache.")
-    sd, meta = read_tensor_file(path, name, "the file is damaged or not an adapter; use a plain tensor .pt or a .safetensors adapter",
+    sd, meta = read_tensor_file(path, name, "the file is damaged or not an adapter; use a plain tensor .pt or a "
+                                            ".safetensors adapter",
                                 "is not an adapter format; use .safetensors or the authors' .pt")
     if not isinstance(sd, dict):
-        raise DreamCacheError(f"'{name}' holds a {type(sd).__name__}, not a dict of tensors, so it is not a DreamCache adapter.")
+        raise DreamCacheError(f"'{name}' holds a {type(sd).__name__}, not a dict of tensors, so it is not a DreamCache "
+                              "adapter.")
     channels, tensors = parse_state_dict(sd, name)
     family, meta = _parse_metadata(meta, name, channels)
     return AdapterFile(name=name, channels=channels, tensors=tensors, family=family, metadata=meta)
@@ -178,7 +188,8 @@ def adapter_metadata(channels: dict[LayerRef, int], family: str | None, extra: d
         "format": ADAPTER_FORMAT,
         "format_version": str(ADAPTER_FORMAT_VERSION),
         "base_family": family or "unknown",
-        "layers": json.dumps([{"module": r.module, "block_index": r.block_index, "channels": channels[r]} for r in sort_layers(channels)]),
+        "layers": json.dumps([{"module": r.module, "block_index": r.block_index,
+                               "channels": channels[r]} for r in sort_layers(channels)]),
         "parameters": str(sum(layer_parameter_count(c) for c in channels.values())),
         "written_by": f"ComfyUI-DreamCache {__version__}",
     }
@@ -208,7 +219,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
         raise
 
 
-def save_adapter(path: str, adapter: AdapterFile | DreamCacheAdapter, family: str | None = None, dtype: torch.dtype | None = None, extra_metadata: dict | None = None):
+def save_adapter(path: str, adapter: AdapterFile | DreamCacheAdapter, family: str | None = None,
+                 dtype: torch.dtype | None = None, extra_metadata: dict | None = None):
     """Write an adapter in the pack's safetensors format (reference key names + metadata)."""
     if isinstance(adapter, DreamCacheAdapter):
         sd = adapter.reference_state_dict()
@@ -228,7 +240,8 @@ def convert_adapter(src: str, dst: str, family: str | None = None, dtype: torch.
     if family is None:
         family = af.family
     elif af.family is not None and af.family != family:
-        raise DreamCacheError(f"'{af.name}' says it is for '{af.family}', not '{family}'; drop --family or pick the right one.")
+        raise DreamCacheError(f"'{af.name}' says it is for '{af.family}', not '{family}'; drop --family or pick the "
+                              "right one.")
     extra = {"converted_from": os.path.basename(src)}
     save_adapter(dst, af, family=family, dtype=dtype, extra_metadata=extra)
     return af

@@ -45,7 +45,8 @@ def read_torch_tensors(path: str, name: str, hint: str):
             f"'{name}' could not be read as a PyTorch tensor file (not a valid checkpoint); {hint}.") from None
     except Exception as e:  # damaged or foreign files fail in many ways (KeyError, EOFError, BadZipFile, ...)
         raise DreamCacheError(
-            f"'{name}' could not be read as a PyTorch tensor file ({type(e).__name__}: {str(e)[:160]}); {hint}.") from None
+            f"'{name}' could not be read as a PyTorch tensor file ({type(e).__name__}: {str(e)[:160]}); {hint}."
+        ) from None
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model") \
             and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))

@@ -47,7 +47,8 @@ STRENGTH_RANGE = (-1.0, 3.0)
 def check_strength(strength: float):
     lo, hi = STRENGTH_RANGE
     if not (isinstance(strength, (int, float)) and math.isfinite(strength) and lo <= strength <= hi):
-        raise DreamCacheError(f"DreamCache strength {strength} is out of range; use a value between {lo:g} and {hi:g} (1 = the method as trained).")
+        raise DreamCacheError(f"DreamCache strength {strength} is out of range; use a value between {lo:g} and {hi:g} "
+                              "(1 = the method as trained).")
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,7 +240,8 @@ class DreamCachePatch:
                 if all(on[first:last + 1]):  # the usual case: one run of chunks -> a slice, no gather/scatter copies
                     rows = slice(first * per, (last + 1) * per)
                 else:
-                    rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)], device=device, dtype=torch.long)
+                    rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)],
+                                        device=device, dtype=torch.long)
         sig = to.get("sigmas")
         sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
         active = [e.active_at(sigma) for e in self.entries]
@@ -277,7 +279,8 @@ class DreamCachePatch:
         works = plan.layers[(extra.get("block"), extra.get("block_index", 0))]
         if a.shape != x.shape:
             raise DreamCacheError(
-                f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs {tuple(x.shape)}); "
+                f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs "
+                f"{tuple(x.shape)}); "
                 "apply that node before ApplyDreamCache or disable it for these layers."
             )
         rows = plan.rows

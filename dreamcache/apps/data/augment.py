@@ -37,9 +37,11 @@ class AugmentConfig:
 
     def __post_init__(self):
         if self.resolution < 64 or self.resolution % 64:
-            raise DreamCacheError(f"Training resolution {self.resolution} must be a multiple of 64 (e.g. 512 for SD1/SD2, 1024 for SDXL).")
+            raise DreamCacheError(f"Training resolution {self.resolution} must be a multiple of 64 (e.g. 512 for "
+                                  "SD1/SD2, 1024 for SDXL).")
         if not 0 < self.min_width <= self.max_width <= 1:
-            raise DreamCacheError(f"Subject width range {self.min_width}-{self.max_width} must satisfy 0 < min <= max <= 1.")
+            raise DreamCacheError(f"Subject width range {self.min_width}-{self.max_width} must satisfy 0 < min <= max "
+                                  "<= 1.")
         for name in ("hflip_p", "jitter_p", "erase_p", "caption_dropout"):
             v = getattr(self, name)
             if not 0 <= v <= 1:
@@ -200,8 +202,8 @@ def augment_reference(rgb: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, aug
     if aug.jitter is not None:
         img = aug.jitter(img)
     if aug.erase is not None:
-        t, l, eh, ew = aug.erase
-        img[:, t:t + eh, l:l + ew] = 1.0  # white (1 in 0..1 is 1 in [-1, 1] too)
+        top, left, eh, ew = aug.erase
+        img[:, top:top + eh, left:left + ew] = 1.0  # white (1 in 0..1 is 1 in [-1, 1] too)
     return img.permute(1, 2, 0).contiguous()
 
 

@@ -15,7 +15,8 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise DreamCacheError(f"Could not read '{path}' ({e.strerror or e}); pass an existing UTF-8 text file with one entry per line.") from None
+        raise DreamCacheError(f"Could not read '{path}' ({e.strerror or e}); pass an existing UTF-8 text file with one "
+                              "entry per line.") from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
 
 
@@ -34,11 +35,13 @@ def dedupe(captions: list[str]) -> list[str]:
     return out
 
 
-def combine_captions(objects: list[str], contexts: list[str], template: str = "{object} {context}", per_object: int | None = None,
+def combine_captions(objects: list[str], contexts: list[str], template: str = "{object} {context}",
+                     per_object: int | None = None,
                      seed: int = 0) -> list[str]:
     """Object x context captions: every pair, or ``per_object`` seeded contexts per object."""
     if "{object}" not in template:
-        raise DreamCacheError(f"Caption template '{template}' has no {{object}} placeholder; e.g. '{{object}} {{context}}'.")
+        raise DreamCacheError(f"Caption template '{template}' has no {{object}} placeholder; e.g. '{{object}} "
+                              f"{{context}}'.")
     out = []
     for i, obj in enumerate(objects):
         ctxs = contexts

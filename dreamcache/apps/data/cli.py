@@ -21,14 +21,16 @@ def captions_from_args(args) -> list[str]:
     if args.captions:
         caps = read_lines(args.captions)
     elif args.objects and args.contexts:
-        caps = combine_captions(read_lines(args.objects), read_lines(args.contexts), args.template, args.contexts_per_object, args.seed)
+        caps = combine_captions(read_lines(args.objects), read_lines(args.contexts), args.template,
+                                args.contexts_per_object, args.seed)
     else:
         raise DreamCacheError("synth needs captions: pass --captions FILE, or --objects FILE with --contexts FILE.")
     caps = dedupe(caps)
     if args.limit:
         caps = caps[: args.limit]
     if not caps:
-        raise DreamCacheError("The caption list is empty after removing blank lines, comments and duplicates; add captions.")
+        raise DreamCacheError("The caption list is empty after removing blank lines, comments and duplicates; add "
+                              "captions.")
     return caps
 
 
@@ -42,17 +44,23 @@ def cmd_synth(args) -> int:
     from ..synth import synthesize
 
     model, clip, vae = load_checkpoint(args.checkpoint)
-    settings = SynthSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-                             negative=args.negative, prompt_suffix=args.prompt_suffix, images_per_caption=args.images_per_caption, seed=args.seed,
-                             extra={"checkpoint": os.path.basename(args.checkpoint), "masks": getattr(masker, "describe", args.masks)})
+    settings = SynthSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
+                             sampler=args.sampler, scheduler=args.scheduler,
+                             negative=args.negative, prompt_suffix=args.prompt_suffix,
+                             images_per_caption=args.images_per_caption, seed=args.seed,
+                             extra={"checkpoint": os.path.basename(args.checkpoint), "masks": getattr(masker,
+                                                                                                      "describe",
+                                                                                                      args.masks)})
     report = synthesize(model, clip, vae, captions, args.out, masker, settings, progress=not args.no_progress)
-    print(f"{report['written']} written, {report['skipped']} already done, {report['rejected']} rejected (see synth_rejected.jsonl); "
+    print(f"{report['written']} written, {report['skipped']} already done, {report['rejected']} rejected (see "
+          "synth_rejected.jsonl); "
           f"dataset at {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamcache.data", description="DreamCache training data: check a dataset or synthesise one.")
+    p = argparse.ArgumentParser(prog="python -m dreamcache.data",
+                                description="DreamCache training data: check a dataset or synthesise one.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate a dataset folder and list every broken item")
     c.add_argument("root")
@@ -62,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     s = sub.add_parser("synth", help="render a dataset with a checkpoint through ComfyUI (resumable)")
-    s.add_argument("--checkpoint", required=True, help="the checkpoint that renders the images (the paper used SD-XL base)")
+    s.add_argument("--checkpoint", required=True, help="the checkpoint that renders the images (the paper used SD-XL "
+                                                       "base)")
     s.add_argument("--out", required=True, help="dataset folder to create or complete")
     g = s.add_argument_group("captions")
     g.add_argument("--captions", help="text file, one caption per line ('#' comments and blank lines ignored)")
@@ -80,14 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="euler")
     g.add_argument("--scheduler", default="normal")
     g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--prompt-suffix", default="", help="appended to every caption, e.g. ', on a plain white background' (saved in the caption)")
+    g.add_argument("--prompt-suffix", default="", help="appended to every caption, e.g. ', on a plain white "
+                                                       "background' (saved in the caption)")
     g.add_argument("--seed", type=int, default=0)
     g = s.add_argument_group("masks")
-    g.add_argument("--masks", choices=sorted(MASKERS), default="sam", help="sam (SubjectMask's SAM) or none-white-bg (threshold a near-white background)")
+    g.add_argument("--masks", choices=sorted(MASKERS), default="sam",
+                   help="sam (SubjectMask's SAM) or none-white-bg (threshold a near-white background)")
     g.add_argument("--sam", help="SAM checkpoint (models/sams/sam_vit_b_01ec64.pth ...)")
     g.add_argument("--sam-mode", choices=["auto", "box"], default="auto")
     g.add_argument("--sam-box", help="x0,y0,x1,y1 box prompt in pixels, or fractions 0-1 of the picture")
-    g.add_argument("--white-threshold", type=float, default=0.94, help="none-white-bg: a channel value >= this is white")
+    g.add_argument("--white-threshold", type=float, default=0.94,
+                   help="none-white-bg: a channel value >= this is white")
     s.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
     s.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     s.add_argument("--no-progress", action="store_true")

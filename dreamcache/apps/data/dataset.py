@@ -65,11 +65,13 @@ class TrainingData(torch.utils.data.Dataset):
         rgb = load_rgb(it.image)
         mask = load_mask(it.mask)
         if mask.shape != rgb.shape[:2]:
-            raise DreamCacheError(f"{it.name}: mask and image sizes differ; run 'python -m dreamcache.data check {self.index.root}'.")
+            raise DreamCacheError(f"{it.name}: mask and image sizes differ; run 'python -m dreamcache.data check "
+                                  f"{self.index.root}'.")
         target, geom = prepare_target(rgb, self.cfg.resolution)
         reference = augment_reference(rgb, mask, self.cfg, plan.augment)
         caption = "" if plan.drop_caption else it.caption.read_text(encoding="utf-8").strip()
-        return {"position": plan.position, "name": it.name, "target": target, "reference": reference, "caption": caption,
+        return {"position": plan.position, "name": it.name, "target": target, "reference": reference,
+                "caption": caption,
                 "geometry": geom}
 
 
@@ -105,6 +107,7 @@ class PositionSampler(torch.utils.data.Sampler):
 def batches(data: TrainingData, batch_size: int, start_position: int = 0, num_workers: int = 0):
     """Endless iterator of collated batches of consecutive positions from ``start_position``."""
     loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, sampler=PositionSampler(start_position), collate_fn=collate, num_workers=num_workers,
+        data, batch_size=batch_size, sampler=PositionSampler(start_position), collate_fn=collate,
+                                         num_workers=num_workers,
         persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
     return iter(loader)

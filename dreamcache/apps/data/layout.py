@@ -89,10 +89,12 @@ def scan_dataset(root: str | os.PathLike) -> tuple[list[tuple[str, list[Item]]],
     """The items under ``root`` and the structural problems (missing files, empty objects); reads no image."""
     root = Path(root)
     if not root.is_dir():
-        raise DreamCacheError(f"Dataset folder '{root}' does not exist; pass the folder that holds one sub-folder per object.")
+        raise DreamCacheError(f"Dataset folder '{root}' does not exist; pass the folder that holds one sub-folder per "
+                              "object.")
     problems: list[str] = []
     objects: list[tuple[str, list[Item]]] = []
-    for obj in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: _natural_key(p.name)):
+    for obj in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: _natural_key(p.name)):
         groups: dict[str, set[str]] = {}
         for f in obj.iterdir():
             m = _FILE_RE.match(f.name)
@@ -166,7 +168,8 @@ def check_item(item: Item) -> list[str]:
     return out
 
 
-def validate_dataset(root: str | os.PathLike, check_files: bool = True, progress: bool = False, report: str | None = None) -> DatasetIndex:
+def validate_dataset(root: str | os.PathLike, check_files: bool = True, progress: bool = False,
+                     report: str | None = None) -> DatasetIndex:
     """Scan and (with ``check_files``) open every image, mask and caption; raise one :class:`DatasetError`
     listing every broken item, or return the index. ``report`` (a path) receives the full list of problems."""
     objects, problems = scan_dataset(root)
@@ -178,13 +181,15 @@ def validate_dataset(root: str | os.PathLike, check_files: bool = True, progress
         if report:
             Path(report).parent.mkdir(parents=True, exist_ok=True)
             Path(report).write_text("\n".join(problems) + "\n", encoding="utf-8")
-        shown = "; ".join(problems[:_LISTED]) + (f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else "")
+        more = f"; and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
+        shown = "; ".join(problems[:_LISTED]) + more
         where = f" (full list in {report})" if report else ""
         raise DatasetError(
             f"The dataset at '{root}' has {len(problems)} problem(s){where}: {shown}; fix or remove those items "
             f"(each needs <n>{IMAGE_SUFFIX}, <n>{CAPTION_SUFFIX} and a non-empty <n>{MASK_SUFFIX}).", problems)
     if not objects:
-        raise DreamCacheError(f"The dataset at '{root}' holds no items; it needs <object_id>/<n>{IMAGE_SUFFIX} with a caption and a mask "
+        raise DreamCacheError(f"The dataset at '{root}' holds no items; it needs <object_id>/<n>{IMAGE_SUFFIX} with a "
+                              "caption and a mask "
                               "(build one with 'python -m dreamcache.data synth').")
     return DatasetIndex(str(root), objects)
 

@@ -45,7 +45,8 @@ def parse_box(text: str | None):
     except ValueError:
         vals = []
     if len(vals) != 4 or not (vals[0] < vals[2] and vals[1] < vals[3]) or min(vals) < 0:
-        raise DreamCacheError(f"Box '{text}' is not understood; write x0,y0,x1,y1 in pixels (or fractions 0-1) with x0 < x1 and y0 < y1.")
+        raise DreamCacheError(f"Box '{text}' is not understood; write x0,y0,x1,y1 in pixels (or fractions 0-1) with x0 "
+                              "< x1 and y0 < y1.")
     return vals
 
 
@@ -54,7 +55,8 @@ def sam_masker(path: str, mode: str = "auto", box: str | None = None, device: st
     if mode not in ("auto", "box"):
         raise DreamCacheError(f"SAM prompt mode '{mode}' is not supported here; use auto or box.")
     if not path or not os.path.isfile(path):
-        raise DreamCacheError(f"SAM checkpoint '{path}' does not exist; pass --sam /path/to/sam_vit_b_01ec64.pth (models/sams).")
+        raise DreamCacheError(f"SAM checkpoint '{path}' does not exist; pass --sam /path/to/sam_vit_b_01ec64.pth "
+                              "(models/sams).")
     box_vals = parse_box(box)
     if mode == "box" and box_vals is None:
         raise DreamCacheError("SAM prompt mode 'box' needs --sam-box x0,y0,x1,y1.")
