@@ -10,6 +10,7 @@ ran, 1 when ComfyUI refused or failed any of them, 2 for a bad workflow or optio
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -117,6 +118,9 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
             root = find_comfyui(comfyui)
             if root is None:
                 raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or --server URL.")
+            if importlib.util.find_spec("torch") is None:
+                raise DreamCacheError(f"Starting ComfyUI needs ComfyUI's Python, and {sys.executable} has no torch: run "
+                                      "this command with ComfyUI's Python, or pass --server URL of a running ComfyUI.")
             if list_inputs:
                 log = os.path.join(tempfile.gettempdir(), f"dreamcache-list-{os.getpid()}.log")
             else:
