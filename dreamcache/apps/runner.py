@@ -108,7 +108,7 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
     data = wf.load(path)
     workflow_dir = os.path.dirname(os.path.abspath(path))
     started = None
-    log_note = ""
+    log, log_note = None, ""
     try:
         if server:
             client = Client(server)
@@ -138,6 +138,10 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
             print(f"{os.path.basename(path)}: {len(prompt)} nodes; set an input with --set NODE.INPUT=VALUE "
                   "(NODE: id, title or a class type that occurs once)")
             print("\n".join(wf.describe_inputs(prompt, info)))
+            if started is not None:  # nothing went wrong: the temporary log is not worth keeping
+                started.stop()
+                started = None
+                os.remove(log)
             return []
         output = output or tempfile.mkdtemp(prefix="dreamcache-run-")
         prompt = prepare_prompt(client, data, workflow_dir, overrides or [])

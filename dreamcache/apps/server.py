@@ -172,7 +172,7 @@ def describe_rejection(answer: dict, prompt: dict | None = None) -> str:
     if node_lines:  # the top-level details repeat the node errors: name each node once instead
         head = err.get("message") or "ComfyUI refused output node(s) " + ", ".join(
             sorted({o for ne in answer["node_errors"].values() for o in ne.get("dependent_outputs", [])}))
-        return head + ": " + "; ".join(node_lines)
+        return head + ":\n  " + "\n  ".join(node_lines)
     return err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")
 
 
