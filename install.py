@@ -96,14 +96,16 @@ def workflow_needs(path: str) -> list[dict]:
         data = json.load(f)
     needs = {}
     for m in data.get("models") or []:
-        needs[(m["directory"], m["name"])] = {"folder": m["directory"], "name": m["name"], "url": m.get("url"), "node": None}
+        needs[(m["directory"], m["name"])] = {"folder": m["directory"], "name": m["name"], "url": m.get("url"),
+                                              "node": None}
     for node in data.get("nodes") or []:
         loader = LOADERS.get(node.get("type"))
         values = node.get("widgets_values")
         if loader is None or node.get("mode", 0) in (2, 4) or not isinstance(values, list) or len(values) <= loader[1]:
             continue
         folder, idx, input_name = loader
-        entry = needs.setdefault((folder, values[idx]), {"folder": folder, "name": values[idx], "url": None, "node": None})
+        entry = needs.setdefault((folder, values[idx]),
+                                 {"folder": folder, "name": values[idx], "url": None, "node": None})
         entry["node"] = (node["id"], node.get("type"), input_name)
     return list(needs.values())
 
@@ -142,7 +144,8 @@ def model_report(models_dir: str, workflows_dir: str | None = None) -> list[str]
             lines.append(f"  PICK    {folder}/{name} is {PLACEHOLDERS[name]}")
         else:
             lines.append(f"  MISSING {folder}/{name}" + (f" ({ABOUT[name]})" if name in ABOUT else ""))
-            lines.append(f"          put it in {os.path.join(models_dir, folder)}" + (f"; get it from {n['url']}" if n.get("url") else ""))
+            where = f"; get it from {n['url']}" if n.get("url") else ""
+            lines.append(f"          put it in {os.path.join(models_dir, folder)}{where}")
         if present and n.get("node"):
             _nid, kind, input_name = n["node"]
             shown = ", ".join(present[:3]) + (" ..." if len(present) > 3 else "")

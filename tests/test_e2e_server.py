@@ -241,8 +241,9 @@ def test_shipped_workflow_runs(server, live_info, path):
 def run_cli(server, prompt: dict, tmp_path: Path, *args, name="prompt.json"):
     wf = tmp_path / name
     wf.write_text(json.dumps(prompt))
-    return subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, *map(str, args)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def with_preview(prompt: dict) -> dict:
@@ -254,14 +255,15 @@ def test_run_exits_1_when_an_output_node_is_refused(server, tmp_path):
     """ComfyUI answers HTTP 200 and runs the other outputs when one is refused ("Output will be ignored"): run must
     exit 1, name the node's error once and save nothing."""
     out = tmp_path / "out"
-    r = run_cli(server, with_preview(basic_prompt()), tmp_path, "--set", "DreamCacheDualGuidanceSampler.sampler_name=ddim2",
-                "--output", out)
+    r = run_cli(server, with_preview(basic_prompt()), tmp_path,
+                "--set", "DreamCacheDualGuidanceSampler.sampler_name=ddim2", "--output", out)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "node 9 (DreamCacheDualGuidanceSampler)" in r.stderr and "'ddim2' is not one of the choices" in r.stderr
     assert r.stderr.count("ddim2") == 1, r.stderr  # not again under scheduler and mode
     assert "done in" not in r.stdout and not (out.exists() and any(out.iterdir()))
     r = run_cli(server, with_preview(basic_prompt()), tmp_path, "--set", "EmptyLatentImage.width=abc", "--output", out)
-    assert r.returncode == 1 and "node 8 (EmptyLatentImage)" in r.stderr and r.stderr.count("Failed to convert") == 1, r.stderr
+    assert r.returncode == 1 and "node 8 (EmptyLatentImage)" in r.stderr, r.stderr
+    assert r.stderr.count("Failed to convert") == 1, r.stderr
     assert not (out.exists() and any(out.iterdir()))
 
 

@@ -45,7 +45,8 @@ def test_written_files_respect_the_umask(umask_022, tmp_path):
     atomic_save_safetensors({"x": torch.zeros(1)}, str(tmp_path / "run.state.safetensors"), {"format": "t"})
     for name in ("adapter.safetensors", "cache.safetensors", "run.state.safetensors"):
         assert mode(tmp_path / name) == 0o644, (name, oct(mode(tmp_path / name)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "cache.safetensors", "run.state.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary file left behind
+        "adapter.safetensors", "cache.safetensors", "run.state.safetensors"]
     os.umask(0o077)  # a stricter umask is respected too
     save_adapter(str(tmp_path / "private.safetensors"), a, family="sd1")
     assert mode(tmp_path / "private.safetensors") == 0o600
@@ -74,7 +75,8 @@ def test_help_needs_no_torch_and_torch_commands_say_use_comfyuis_python(tmp_path
     def run(*args):
         return subprocess.run([py, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
 
-    for args in (["-m", "dreamcache", "--help"], ["-m", "dreamcache", "run", "--help"], ["-m", "dreamcache", "convert", "--help"]):
+    for args in (["-m", "dreamcache", "--help"], ["-m", "dreamcache", "run", "--help"],
+                 ["-m", "dreamcache", "convert", "--help"]):
         r = run(*args)
         assert r.returncode == 0 and "usage: python -m dreamcache" in r.stdout and not r.stderr, (args, r.stderr)
     for args in (["-m", "dreamcache", "info", "x.pt"], ["-m", "dreamcache", "convert", "x.pt"],
@@ -84,8 +86,8 @@ def test_help_needs_no_torch_and_torch_commands_say_use_comfyuis_python(tmp_path
         assert len(r.stderr.strip().splitlines()) == 1 and "needs the Python package 'torch'" in r.stderr
         assert "run it with ComfyUI's Python" in r.stderr
     wf = ROOT / "workflows" / "dreamcache_basic.json"
-    r = subprocess.run([py, "-m", "dreamcache", "run", str(wf)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                       env={**env, "COMFYUI_PATH": str(fake_comfyui(tmp_path))})
+    r = subprocess.run([py, "-m", "dreamcache", "run", str(wf)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60, env={**env, "COMFYUI_PATH": str(fake_comfyui(tmp_path))})
     assert r.returncode == 2 and "has no torch" in r.stderr and "--server" in r.stderr, r.stderr
 
 
@@ -138,12 +140,14 @@ def test_each_refused_nodes_error_is_named_once():
     from dreamcache.apps.server import describe_rejection
 
     msg = "sampler_name: 'ddim2' is not one of the choices (euler, ddim)."
+    inputs = ("sampler_name", "scheduler", "mode")
     answer = {
         "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation",
-                  "details": "\n".join(f"Custom validation failed for node: {x} - {msg}" for x in ("sampler_name", "scheduler", "mode"))},
+                  "details": "\n".join(f"Custom validation failed for node: {x} - {msg}" for x in inputs)},
         "node_errors": {"11": {"class_type": "DreamCacheDualGuidanceSampler", "dependent_outputs": ["13"], "errors": [
-            {"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": f"{x} - {msg}",
-             "extra_info": {"input_name": x}} for x in ("sampler_name", "scheduler", "mode")]}},
+            {"type": "custom_validation_failed", "message": "Custom validation failed for node",
+             "details": f"{x} - {msg}", "extra_info": {"input_name": x}} for x in inputs]}},
     }
-    text = describe_rejection(answer, {"11": {"class_type": "DreamCacheDualGuidanceSampler", "_meta": {"title": "Sampler"}}})
+    prompt = {"11": {"class_type": "DreamCacheDualGuidanceSampler", "_meta": {"title": "Sampler"}}}
+    text = describe_rejection(answer, prompt)
     assert text.count("ddim2") == 1 and "node 11 (Sampler, DreamCacheDualGuidanceSampler)" in text, text

@@ -107,7 +107,8 @@ COMMANDS = {"convert": _add_convert, "info": _add_info, "run": _add_run}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreamcache", description=f"ComfyUI-DreamCache {__version__} command-line tools",
-                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, python -m dreamcache.train (see docs/training.md).")
+                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, "
+                                            "python -m dreamcache.train (see docs/training.md).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)

@@ -26,8 +26,8 @@ def _log(msg: str):
     print(msg, flush=True)
 
 
-def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrides: list[str], object_info: dict | None = None,
-                   upload: bool = True) -> dict:
+def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrides: list[str],
+                   object_info: dict | None = None, upload: bool = True) -> dict:
     object_info = object_info if object_info is not None else client.object_info()
     if wf.is_ui_workflow(data):
         prompt = wf.ui_to_api(data, object_info)
@@ -119,8 +119,9 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
             if root is None:
                 raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or --server URL.")
             if importlib.util.find_spec("torch") is None:
-                raise DreamCacheError(f"Starting ComfyUI needs ComfyUI's Python, and {sys.executable} has no torch: run "
-                                      "this command with ComfyUI's Python, or pass --server URL of a running ComfyUI.")
+                raise DreamCacheError(f"Starting ComfyUI needs ComfyUI's Python, and {sys.executable} has no torch: "
+                                      "run this command with ComfyUI's Python, or pass --server URL of a running "
+                                      "ComfyUI.")
             if list_inputs:
                 log = os.path.join(tempfile.gettempdir(), f"dreamcache-list-{os.getpid()}.log")
             else:
@@ -148,7 +149,9 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
         try:
             prompt_id = client.queue(prompt)
         except ServerError as e:
-            raise ServerError(describe_rejection(e.details, prompt) if e.details.get("node_errors") else str(e), e.details) from None
+            if not e.details.get("node_errors"):
+                raise
+            raise ServerError(describe_rejection(e.details, prompt) + "\nNothing was run.", e.details) from None
         _log(f"queued {os.path.basename(path)} as {prompt_id} ({len(prompt)} nodes); outputs go to {output}")
         t0 = time.monotonic()
         entry = client.wait(prompt_id, timeout=timeout, on_event=_progress_printer(prompt))

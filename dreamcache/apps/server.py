@@ -85,14 +85,16 @@ class Client:
             raise ServerError(describe_rejection(answer), answer)
         if answer.get("node_errors") and not partial:
             self.cancel(answer["prompt_id"])
-            raise ServerError(describe_rejection(answer) + "; nothing was run.", answer)
+            message = describe_rejection(answer) + "\nThe prompt was taken off the queue: nothing was run."
+            raise ServerError(message, answer)
         return answer["prompt_id"]
 
     def cancel(self, prompt_id: str):
         """Take a queued prompt off the queue, or interrupt it if it is already running (only that prompt)."""
         body = json.dumps({"delete": [prompt_id]}).encode()
         self._request("POST", "/queue", body, {"Content-Type": "application/json"})
-        self._request("POST", "/interrupt", json.dumps({"prompt_id": prompt_id}).encode(), {"Content-Type": "application/json"})
+        body = json.dumps({"prompt_id": prompt_id}).encode()
+        self._request("POST", "/interrupt", body, {"Content-Type": "application/json"})
 
     def upload_image(self, path: str, overwrite: bool = False) -> str:
         boundary = uuid.uuid4().hex
@@ -307,8 +309,8 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log ({self.log_path}) ends: "
-                                  f"{self.log_tail()}")
+                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log "
+                                  f"({self.log_path}) ends: {self.log_tail()}")
             try:
                 self.client.get_json("/system_stats", timeout=5)
                 return self
