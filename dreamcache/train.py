@@ -4,7 +4,15 @@ Imported rather than run (the 0.1 module path), it gives the configuration and s
 :mod:`dreamcache.apps.train`, with a DeprecationWarning."""
 import sys
 
-from .apps.train_cli import main
+try:
+    from .apps.train_cli import main
+except ModuleNotFoundError as e:  # e.g. no torch in this Python: one line, not a traceback
+    from .apps.cli import missing_module_message
+
+    if missing_module_message(e) is None:
+        raise
+    print("error: " + missing_module_message(e, "'python -m dreamcache.train'"), file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main())

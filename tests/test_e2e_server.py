@@ -247,3 +247,87 @@ def test_shipped_workflow_runs(server, live_info, path):
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
                          for img in saved if img["type"] == "output")
+
+
+# ---- python -m dreamcache run: exit codes, checked overrides, --list, only this prompt's files ---------------------
+
+def run_cli(server, prompt: dict, tmp_path: Path, *args, name="prompt.json"):
+    wf = tmp_path / name
+    wf.write_text(json.dumps(prompt))
+    cmd = [sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def with_preview(prompt: dict) -> dict:
+    """The basic prompt plus a second output (a preview of the subject photo) that can run on its own."""
+    return {**prompt, "12": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+
+
+def test_run_exits_1_when_an_output_node_is_refused(server, tmp_path):
+    """ComfyUI answers HTTP 200 and runs the other outputs when one is refused ("Output will be ignored"): run must
+    exit 1, name the node's error once and save nothing."""
+    out = tmp_path / "out"
+    r = run_cli(server, with_preview(basic_prompt()), tmp_path,
+                "--set", "DreamCacheDualGuidanceSampler.sampler_name=ddim2", "--output", out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "node 9 (DreamCacheDualGuidanceSampler)" in r.stderr and "'ddim2' is not one of the choices" in r.stderr
+    assert r.stderr.count("ddim2") == 1, r.stderr  # not again under scheduler and mode
+    assert "done in" not in r.stdout and not (out.exists() and any(out.iterdir()))
+    r = run_cli(server, with_preview(basic_prompt()), tmp_path, "--set", "EmptyLatentImage.width=abc", "--output", out)
+    assert r.returncode == 1 and "node 8 (EmptyLatentImage)" in r.stderr, r.stderr
+    assert r.stderr.count("Failed to convert") == 1, r.stderr
+    assert not (out.exists() and any(out.iterdir()))
+
+
+def test_run_exits_1_when_a_node_fails(server, tmp_path):
+    r = run_cli(server, basic_prompt(family="sdxl"), tmp_path, "--output", tmp_path / "out")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.count("does not fit this SDXL model") == 1 and "node 4" in r.stderr
+
+
+def test_misspelt_override_is_an_error_listing_the_inputs(server, tmp_path):
+    r = run_cli(server, basic_prompt(), tmp_path, "--set", "EmptyLatentImage.widht=256")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "node 8 (EmptyLatentImage) has no input 'widht'" in r.stderr and "width, height, batch_size" in r.stderr
+    assert "queued" not in r.stdout
+
+
+def test_list_shows_ids_titles_types_and_values(server, tmp_path):
+    r = run_cli(server, basic_prompt(), tmp_path, "--list", "--set", "9.steps=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\n9  DreamCacheDualGuidanceSampler\n" in r.stdout and "    steps = 5\n" in r.stdout
+    assert "    sampler_name = \"euler\"" in r.stdout and "    model = " not in r.stdout  # links are not settable
+    assert "queued" not in r.stdout
+
+
+def test_run_lists_only_the_files_this_prompt_made(server, tmp_path):
+    """A second identical run is served from ComfyUI's cache: its history still lists the first run's preview,
+    which is not this run's output."""
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    first = run_cli(server, prompt, tmp_path, "--output", tmp_path / "a")
+    assert first.returncode == 0 and len(list((tmp_path / "a").iterdir())) == 1, first.stdout + first.stderr
+    second = run_cli(server, prompt, tmp_path, "--output", tmp_path / "b")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "0 output file(s)" in second.stdout and "cached from an earlier prompt" in second.stdout
+    assert not list((tmp_path / "b").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "prompt.json"]  # nothing else in the cwd
+
+
+def test_started_server_keeps_log_and_outputs_out_of_the_cwd(comfy, server, tmp_path):
+    """Without --server the runner starts ComfyUI itself: its log goes into the output folder, and neither a log
+    nor an output folder lands in the current folder."""
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "p.json").write_text(json.dumps(prompt))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", "p.json", "--comfyui", str(comfy), "--cpu",
+                        "--base-directory", str(server.base), "--output", str(out)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["p.json"]
+    assert (out / "comfyui.log").is_file() and any(p.name.startswith("2_") for p in out.iterdir())

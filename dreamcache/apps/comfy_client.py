@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -71,7 +72,10 @@ class Client:
     def object_info(self) -> dict:
         return self.get_json("/object_info", timeout=300)
 
-    def queue(self, prompt: dict, extra: dict | None = None) -> str:
+    def queue(self, prompt: dict, extra: dict | None = None, partial: bool = False) -> str:
+        """Queue a prompt and return its id. ComfyUI answers HTTP 200 even when it refused some output nodes
+        (``node_errors``: "Output will be ignored") and runs the rest; unless ``partial``, such a prompt is taken
+        off the queue again (or interrupted) and a ServerError names each refused node once."""
         payload = {"prompt": prompt, "client_id": self.client_id, **(extra or {})}
         status, body = self._request("POST", "/prompt", json.dumps(payload).encode(),
                                      {"Content-Type": "application/json"})
@@ -81,7 +85,18 @@ class Client:
             answer = {"error": {"message": body.decode(errors="replace")[:500]}}
         if status != 200:
             raise ServerError(describe_rejection(answer), answer)
+        if answer.get("node_errors") and not partial:
+            self.cancel(answer["prompt_id"])
+            message = describe_rejection(answer) + "\nThe prompt was taken off the queue: nothing was run."
+            raise ServerError(message, answer)
         return answer["prompt_id"]
+
+    def cancel(self, prompt_id: str):
+        """Take a queued prompt off the queue, or interrupt it if it is already running (only that prompt)."""
+        body = json.dumps({"delete": [prompt_id]}).encode()
+        self._request("POST", "/queue", body, {"Content-Type": "application/json"})
+        body = json.dumps({"prompt_id": prompt_id}).encode()
+        self._request("POST", "/interrupt", body, {"Content-Type": "application/json"})
 
     def upload_image(self, path: str, overwrite: bool = False) -> str:
         boundary = uuid.uuid4().hex
@@ -137,14 +152,36 @@ class Client:
                 ws.close()
 
 
-def describe_rejection(answer: dict) -> str:
-    err = answer.get("error") or {}
-    lines = [err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")]
-    for nid, ne in (answer.get("node_errors") or {}).items():
+def node_error_lines(node_errors: dict, prompt: dict | None = None) -> list[str]:
+    """One line per refused node, each distinct message once (ComfyUI repeats a failed ``validate_inputs`` under
+    every input the function takes, and lists the same errors again in the top-level message)."""
+    lines = []
+    for nid, ne in (node_errors or {}).items():
+        seen = []
         for e in ne.get("errors", []):
-            details = f" — {e['details']}" if e.get("details") else ""
-            lines.append(f"node {nid} ({ne.get('class_type')}): {e.get('message')}" + details)
-    return "; ".join(lines)
+            details = str(e.get("details") or "")
+            name = (e.get("extra_info") or {}).get("input_name")
+            if e.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
+                text = details[len(name) + 3:]  # "<input> - <the node's own message>": the message alone
+            else:
+                text = e.get("message", "error") + (f": {details}" if details else "")
+            if text not in seen:
+                seen.append(text)
+        title = ((prompt or {}).get(str(nid), {}).get("_meta") or {}).get("title")
+        kind = ne.get("class_type") or ""
+        label = f"{title}, {kind}" if title and title != kind else kind
+        lines.append(f"node {nid} ({label}): " + "; ".join(seen))
+    return lines
+
+
+def describe_rejection(answer: dict, prompt: dict | None = None) -> str:
+    err = answer.get("error") or {}
+    node_lines = node_error_lines(answer.get("node_errors") or {}, prompt)
+    if node_lines:  # the top-level details repeat the node errors: name each node once instead
+        head = err.get("message") or "ComfyUI refused output node(s) " + ", ".join(
+            sorted({o for ne in answer["node_errors"].values() for o in ne.get("dependent_outputs", [])}))
+        return head + ":\n  " + "\n  ".join(node_lines)
+    return err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")
 
 
 def describe_failure(entry: dict) -> str:
@@ -272,8 +309,9 @@ class ComfyServer:
         if self.base_directory:
             cmd += ["--base-directory", str(self.base_directory)]
         cmd += self.extra_args
-        if self.log_path is None:
-            self.log_path = os.path.join(self.base_directory or os.getcwd(), f"comfyui-{self.port}.log")
+        if self.log_path is None:  # never the current folder
+            folder = self.base_directory or tempfile.gettempdir()
+            self.log_path = os.path.join(folder, f"comfyui-{self.port}.log")
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -281,15 +319,16 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log: "
-                                  f"{self.log_tail()}")
+                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log "
+                                  f"({self.log_path}) ends: {self.log_tail()}")
             try:
                 self.client.get_json("/system_stats", timeout=5)
                 return self
             except ServerError:
                 time.sleep(0.5)
         self.stop()
-        raise ServerError(f"ComfyUI did not start within {self.startup_timeout:.0f} s; its log: {self.log_tail()}")
+        raise ServerError(f"ComfyUI did not start within {self.startup_timeout:.0f} s; its log ({self.log_path}) ends: "
+                          f"{self.log_tail()}")
 
     def log_tail(self, n: int = 3000) -> str:
         try:

@@ -223,9 +223,15 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
     return problems
 
 
-def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
+def input_names(info: dict) -> list[str]:
+    """A node class's input names in /object_info order (required, then optional)."""
+    return [name for name, _spec, _section in input_specs(info)]
+
+
+def apply_overrides(prompt: dict, overrides: list[str], object_info: dict | None = None) -> dict:
     """``--set NODE.INPUT=VALUE``: NODE is a node id, its title or a class type that occurs once; VALUE is JSON
-    (numbers, true/false, quoted strings) or a bare string."""
+    (numbers, true/false, quoted strings) or a bare string. With ``object_info``, INPUT must be one of the node
+    class's inputs (a misspelt name would otherwise be ignored by ComfyUI without a word)."""
     out = {k: {**v, "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -237,10 +243,49 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
         if not matches:
             matches = [k for k, v in out.items() if v["class_type"] == node_ref]
         if len(matches) != 1:
-            raise WorkflowError(f"Override '{item}': '{node_ref}' matches {len(matches)} nodes; use the node id.")
+            which = f" ({', '.join(matches)})" if matches else ""
+            raise WorkflowError(f"Override '{item}': '{node_ref}' matches {len(matches)} nodes{which}; use the node id "
+                                "(`python -m dreamcache run WORKFLOW --list` shows ids, titles and inputs).")
+        node = out[matches[0]]
+        info = (object_info or {}).get(node["class_type"])
+        if info is not None and name not in input_names(info):
+            title = node.get("_meta", {}).get("title") or node["class_type"]
+            label = f"{title}, {node['class_type']}" if title != node["class_type"] else title
+            raise WorkflowError(f"Override '{item}': node {matches[0]} ({label}) has no input '{name}'; its inputs are "
+                                f"{', '.join(input_names(info)) or 'none'}.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[matches[0]]["inputs"][name] = value
+        node["inputs"][name] = value
     return out
+
+
+def describe_inputs(prompt: dict, object_info: dict) -> list[str]:
+    """``run WORKFLOW --list``: per node its id, title and type, then each settable (widget) input with its
+    current value; inputs fed by a link say where from."""
+    lines = []
+    for nid in sorted(prompt, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        node = prompt[nid]
+        kind = node["class_type"]
+        title = node.get("_meta", {}).get("title") or kind
+        lines.append(f"{nid}  {title}  ({kind})" if title != kind else f"{nid}  {kind}")
+        info = object_info.get(kind)
+        if info is None:
+            lines.append("    (not installed in this ComfyUI)")
+            continue
+        for name, spec, section in input_specs(info):
+            if not widget_slots(spec)[0]:
+                continue
+            value = node["inputs"].get(name)
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                shown = f"<- node {value[0]}"
+            elif name not in node["inputs"]:
+                shown = "(not set)" if section == "optional" else "(missing)"
+            else:
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            choices = combo_options(spec)
+            hint = f"   [{len(choices)} choices]" if len(choices) > 1 else ""
+            lines.append(f"    {name} = {shown}{hint}")
+    return lines

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -203,15 +203,25 @@ STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.f
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]):
-    """Write next to ``path`` then rename, so a crash never leaves half a file under the real name."""
+    """Write next to ``path`` then rename, so a crash never leaves half a file under the real name. The file gets
+    the usual permissions (0666 less the umask, e.g. 0644), not the owner-only 0600 of mkstemp or of safetensors'
+    own writer, so a ComfyUI running as another user can read it."""
     from safetensors.torch import save_file
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=directory)
+    while True:
+        tmp = os.path.join(directory, f".partial-{secrets.token_hex(8)}.safetensors")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, read without changing the process umask
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors (0.8) writes 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
