@@ -35,7 +35,6 @@ def full_clip_and_vae(seed: int = 0):
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
-
     from bench import random_init_
 
     clip = comfy.sd.CLIP(
@@ -112,8 +111,8 @@ def main(argv=None):
     if cpu:
         torch.set_flush_denormal(True)
     import comfy.model_management as mm
-
     from bench import build_model
+
     from dreamcache.apps.eval.cli import load_scorers
     from dreamcache.apps.eval.generate import Generator, Method, SamplingSettings, prepare_reference
     from dreamcache.apps.eval.metrics import score_images

@@ -43,15 +43,16 @@ def env(comfy, tmp_path_factory):
     pytest.importorskip("transformers", reason="the metrics use transformers (a ComfyUI requirement)")
     from types import SimpleNamespace
 
+    from helpers import random_adapter
     from PIL import Image
+    from tiny_metric_models import make_clip as make_clip_metric
+    from tiny_metric_models import make_dino
+    from tiny_models import make_clip, make_model, make_vae
 
     import dreamcache
     import dreamcache.comfy.model  # noqa: F401
     import dreamcache.core.adapter  # noqa: F401
     from dreamcache.core.adapter_io import save_adapter
-    from helpers import random_adapter
-    from tiny_metric_models import make_clip as make_clip_metric, make_dino
-    from tiny_models import make_clip, make_model, make_vae
 
     d = tmp_path_factory.mktemp("eval_env")
     ns = SimpleNamespace(model=make_model("sd1"), clip=make_clip("sd1"), vae=make_vae(), root=d)
@@ -72,9 +73,11 @@ def env(comfy, tmp_path_factory):
 @pytest.fixture
 def patched(env, monkeypatch):
     """The checkpoint and SAM loaders return the tiny models; counts the sampler calls."""
-    from dreamcache.apps.eval import generate
-    from dreamcache.comfy import loading, sam as sam_glue
     from tiny_sam import make_tiny_sam
+
+    from dreamcache.apps.eval import generate
+    from dreamcache.comfy import loading
+    from dreamcache.comfy import sam as sam_glue
 
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: (env.model, env.clip, env.vae))
     monkeypatch.setattr(
@@ -142,10 +145,12 @@ def images_of(out: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def unsharded(comfy, env, tmp_path_factory):
     """One full run (2 methods x 2 subjects x 1 prompt x 2 images) shared by the tests below."""
+    from tiny_sam import make_tiny_sam
+
     from dreamcache.apps.eval import generate
     from dreamcache.apps.eval.cli import main
-    from dreamcache.comfy import loading, sam as sam_glue
-    from tiny_sam import make_tiny_sam
+    from dreamcache.comfy import loading
+    from dreamcache.comfy import sam as sam_glue
 
     mp = pytest.MonkeyPatch()
     mp.setattr(loading, "load_checkpoint", lambda path, dtype=None: (env.model, env.clip, env.vae))
@@ -212,9 +217,10 @@ def test_a_run_writes_images_scores_tables_and_grids(unsharded, env):
 
 
 def test_masked_metrics_where_sam_finds_the_subject(unsharded, comfy):
+    from tiny_sam import make_tiny_sam
+
     from dreamcache.apps.eval.generate import Segmenter
     from dreamcache.comfy import sam as sam_glue
-    from tiny_sam import make_tiny_sam
 
     seg = Segmenter(sam_glue.wrap_sam(make_tiny_sam(seed=0), "tiny", "tiny"))
     imgs = images_of(unsharded)
@@ -292,9 +298,10 @@ def test_shards_and_merge_equal_the_unsharded_run(unsharded, comfy, env, patched
 
 def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
     """The same subject, prompt and seed through the real node graph give the same pixels."""
+    from helpers import run_node
+
     from dreamcache.apps.data import load_mask, load_rgb
     from dreamcache.apps.eval.generate import to_image, to_uint8
-    from helpers import run_node
 
     it = next(i for i in P.load_protocol(DREAMBENCH, ["dog"], 1, 2).items(["tinyadapter"]) if i.image_index == 1)
     photo = to_image(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
@@ -339,10 +346,11 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
 
 
 def test_trainer_eval_every_scores_into_its_log_and_leaves_training_unchanged(comfy, env, tmp_path):
+    from synthetic_data import make_dataset
+
     from dreamcache.apps.eval.training import eval_dir, eval_log_path
     from dreamcache.apps.train import TrainConfig, build_parser, config_from_args
     from dreamcache.apps.trainer import Trainer
-    from synthetic_data import make_dataset
 
     data = make_dataset(tmp_path / "data", objects=2, images=2, size=RES)
     base = dict(

@@ -278,7 +278,7 @@ def run_command(args) -> int:
 
 
 def print_summary(data: dict, out: Path):
-    from .metrics import METRICS, LABELS
+    from .metrics import LABELS, METRICS
 
     c = data["completeness"]
     print(f"{c['found']} of {c['expected']} images scored; tables in {out / 'results.md'} and {out / 'results.json'}")

@@ -40,7 +40,7 @@ class TrainingEval:
     """What the trainer's evaluations need, prepared once (and checked before training starts)."""
 
     def __init__(self, cfg, scorers=None, segmenter=None):
-        from .protocol import LIVE_CLASSES, find_dreambench, load_protocol, parse_prompts_file, PROMPTS_FILE
+        from .protocol import LIVE_CLASSES, PROMPTS_FILE, find_dreambench, load_protocol, parse_prompts_file
 
         root = find_dreambench(cfg.eval_dreambench)
         if root is None:
