@@ -316,10 +316,17 @@ def test_real_photos_through_the_reference_preprocessing(tmp_path):
             and ref.mask.shape == (h, w)
             and ref.mask.mean() == pytest.approx(1 / 2 * 1 / 3, abs=0.01)
         )
-        # the training layout: white canvas, the subject (taller than wide here) 85% of the side, centred
+        # the training layout (dreamcache.core.layout): the subject's box scaled and centred on a white canvas
+        from dreamcache.core.layout import subject_offset, subject_size
+
+        bw, bh = w // 3 * 2 - w // 3, h // 4 * 3 - h // 4
+        sw, sh = subject_size(bw, bh, 512)
+        x0, y0 = subject_offset(512, sw, sh)
         img = ref.image[0]
-        assert bool((img[:30] == 1.0).all()) and bool((img[-30:] == 1.0).all()) and bool((img[:, :100] == 1.0).all())
-        assert not bool((img[256, 200:310] == 1.0).all())
+        outside = torch.ones(512, 512, dtype=torch.bool)
+        outside[max(0, y0 - 2): y0 + sh + 2, max(0, x0 - 2): x0 + sw + 2] = False
+        assert bool((img[outside] == 1.0).all()) and x0 > 50
+        assert not bool((img[y0 + 2: y0 + sh - 2, x0 + 2: x0 + sw - 2] == 1.0).all(-1).all())
     for f in photos[:3]:
         none = prepare_reference(f, f.parent.name, "none", 512)
         assert none.mask is None and none.image.shape[1:3] == none.photo.shape[:2]
