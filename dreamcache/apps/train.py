@@ -36,7 +36,7 @@ DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Defaults are the reference trainer's where it has one
+    """Everything that defines a run. Defaults are the authors' trainer's where it has one
     (AdamW lr 1e-5, weight decay 0.01, caption dropout 0.07, timesteps uniform in 0..999)."""
 
     data: str = ""
