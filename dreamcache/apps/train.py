@@ -339,10 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' (next to --out)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
+    from .distributed import add_arguments
+
+    add_arguments(p)
     return p
 
 
-def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None, world_size: int = 1,
+                     saved_world_size: int = 1) -> TrainConfig:
+    """``world_size``: ranks of this run; ``saved_world_size``: ranks of the resumed run (its global batch
+    ``batch x accumulate x ranks`` is kept, see :func:`dreamcache.apps.distributed.resolve_batch`)."""
+    from .distributed import resolve_batch
+
+    resolve_batch(args, saved, world_size, saved_world_size)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if saved is None:
         missing = [_ARG_FIELDS[k] for k in ("checkpoint", "data", "out") if not given.get(k)]
@@ -351,6 +360,8 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None)
         return TrainConfig(**given)
     clashes = []
     for k in TrainConfig.IDENTITY:
+        if k in ("batch_size", "accumulate"):
+            continue  # resolve_batch checked that the global batch stays
         if k in given:
             a, b = given[k], getattr(saved, k)
             if k == "betas":
@@ -371,15 +382,22 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None)
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import DistContext, setup
+
+    ctx = DistContext.single()
     try:
+        ctx = setup(args.device, args.dist_backend, args.dist_timeout)  # single process unless started by torchrun
         state = None
         if args.resume:
             state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
-        cfg = config_from_args(args, state.config if state else None)
+        cfg = config_from_args(args, state.config if state else None, ctx.world_size,
+                               int(state.extra.get("world_size", 1)) if state else 1)
         from ..comfy.env import import_comfyui
 
         cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if ctx.enabled:
+            cpu = ctx.device.type == "cpu"
+        elif args.device == "cuda" and not torch.cuda.is_available():
             raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) or fix the CUDA install.")
         import_comfyui(args.comfyui, cpu=cpu)
         if cpu:
@@ -389,13 +407,16 @@ def main(argv=None) -> int:
 
         precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
         model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
+        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state, dist=ctx)
         t.run()
-        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
+        if ctx.is_main:
+            print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
         return 0
     except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {ctx.prefix()}{e}", file=sys.stderr)
         return 2
+    finally:
+        ctx.close()
 
 
 if __name__ == "__main__":
