@@ -9,6 +9,7 @@ for), ``oom_rank`` (that rank's loss raises
 CUDA's out-of-memory error), ``crash_rank`` (that rank dies with os._exit(3) in its first loss, like a segfault).
 Every file operation under ``watch`` is recorded (audit hook) so the test can see which rank wrote files.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,16 @@ def _audit(watch: str):
         if event == "open" and args and isinstance(args[0], (str, bytes, _os.PathLike)):
             mode, flags = args[1], args[2] if len(args) > 2 else 0
             writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
-                mode is None and isinstance(flags, int) and flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT))
+                mode is None and isinstance(flags, int) and flags & (_os.O_WRONLY | _os.O_RDWR | _os.O_CREAT)
+            )
             if writing and _os.fsdecode(args[0]).startswith(watch):
                 WRITES.append(f"{event} {_os.fsdecode(args[0])}")
         elif event in ("os.rename", "os.remove", "os.mkdir") and args:
-            paths = [_os.fsdecode(a) for a in args[:2 if event == "os.rename" else 1] if isinstance(a, (str, bytes, _os.PathLike))]
+            paths = [
+                _os.fsdecode(a)
+                for a in args[: 2 if event == "os.rename" else 1]
+                if isinstance(a, (str, bytes, _os.PathLike))
+            ]
             if any(p.startswith(watch) for p in paths):
                 WRITES.append(f"{event} {' -> '.join(paths)}")
 
@@ -75,13 +81,17 @@ def main() -> int:
     for sc in spec["scenarios"]:
         trainer.Trainer.loss = real_loss
         if sc.get("oom_rank") == rank:
+
             def oom(self, prep):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
             trainer.Trainer.loss = oom
         if sc.get("crash_rank") == rank:
+
             def crash(self, prep):
                 sys.stderr.flush()
                 os._exit(3)
+
             trainer.Trainer.loss = crash
         if sc.get("wait_for"):  # a file the test writes meanwhile (in parallel with the first scenarios)
             t0 = time.monotonic()

@@ -7,6 +7,7 @@ data order, the global-batch arithmetic and the setup errors (no GPU for a rank,
 union of N shards is the unsharded run's items (and pictures), shards are resumable, rejections are merged, the
 merged folder passes ``data check``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ TOL = 1e-6
 
 # ---- no processes: data order, batch arithmetic, setup errors ----------------------------------------------------
 
+
 def test_rank_positions_split_every_global_batch_of_the_single_process_order():
     from dreamcache.apps.distributed import rank_positions
 
@@ -42,9 +44,9 @@ def test_rank_positions_split_every_global_batch_of_the_single_process_order():
     single = rank_positions(g, 0, 1, world * batch, accumulate * steps)
     assert single[0] == list(range(g, g + world * batch))  # one rank: consecutive positions, as today
     for s in range(steps):
-        step = sorted(p for r in range(world) for mb in per_rank[r][s * accumulate:(s + 1) * accumulate] for p in mb)
+        step = sorted(p for r in range(world) for mb in per_rank[r][s * accumulate : (s + 1) * accumulate] for p in mb)
         assert step == list(range(g * (s + 1), g * (s + 2)))  # step s of the run = positions s*G .. s*G+G-1
-        assert step == sorted(p for mb in single[s * accumulate:(s + 1) * accumulate] for p in mb)
+        assert step == sorted(p for mb in single[s * accumulate : (s + 1) * accumulate] for p in mb)
     assert not set(sum(per_rank[0], [])) & set(sum(per_rank[1], []))
 
 
@@ -83,7 +85,9 @@ def test_global_batch_is_kept_across_world_sizes_and_must_split():
         resolve_batch(_ns(global_batch=16, batch_size=3), None, world_size=2)
     untouched = _ns(batch_size=2)
     resolve_batch(untouched, None, world_size=4)
-    assert vars(untouched) == {"batch_size": 2}  # without --global-batch, ranks x batch x accumulate is the global batch
+    assert vars(untouched) == {
+        "batch_size": 2
+    }  # without --global-batch, ranks x batch x accumulate is the global batch
 
 
 def test_setup_errors_name_the_rank(monkeypatch):
@@ -99,10 +103,15 @@ def test_setup_errors_name_the_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(DreamCacheError, match=r"rank 3 of 4 \(local rank 3 on .*\) has no GPU: .* has 2 CUDA GPU\(s\).*--nproc_per_node 2"):
+    with pytest.raises(
+        DreamCacheError,
+        match=r"rank 3 of 4 \(local rank 3 on .*\) has no GPU: .* has 2 CUDA GPU\(s\).*--nproc_per_node 2",
+    ):
         distributed.setup("auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DreamCacheError, match="rank 3 of 4 .* has no GPU: PyTorch on .* sees no CUDA device.*--device cpu"):
+    with pytest.raises(
+        DreamCacheError, match="rank 3 of 4 .* has no GPU: PyTorch on .* sees no CUDA device.*--device cpu"
+    ):
         distributed.setup("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -119,6 +128,7 @@ def test_setup_errors_name_the_rank(monkeypatch):
 
 # ---- two Gloo ranks ---------------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,11 +142,30 @@ def _start(spec: dict, tmp: Path, world: int = 2):
     port = _free_port()
     procs = []
     for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            RANK=str(r),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(r),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
         err = open(tmp / f"rank{r}.err", "w")
-        procs.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(spec_path)], cwd=ROOT, env=env,
-                                       stdout=err, stderr=subprocess.STDOUT), err))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(spec_path)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=err,
+                    stderr=subprocess.STDOUT,
+                ),
+                err,
+            )
+        )
     return procs
 
 
@@ -151,12 +180,17 @@ def _wait(procs, tmp: Path, timeout: float = 240):
         except subprocess.TimeoutExpired:
             for q, _ in procs:
                 q.kill()
-            pytest.fail(f"the ranks hung (> {timeout} s); logs: " + " | ".join((tmp / f"rank{r}.err").read_text()[-2000:] for r in range(world)))
+            pytest.fail(
+                f"the ranks hung (> {timeout} s); logs: "
+                + " | ".join((tmp / f"rank{r}.err").read_text()[-2000:] for r in range(world))
+            )
         finally:
             err.close()
     logs = [(tmp / f"rank{r}.err").read_text() for r in range(world)]
-    results = [json.loads((tmp / f"result.rank{r}.json").read_text()) if (tmp / f"result.rank{r}.json").exists() else None
-               for r in range(world)]
+    results = [
+        json.loads((tmp / f"result.rank{r}.json").read_text()) if (tmp / f"result.rank{r}.json").exists() else None
+        for r in range(world)
+    ]
     return codes, logs, results, time.monotonic() - t0
 
 
@@ -192,8 +226,27 @@ def _train_in_process(monkeypatch, models, argv):
 def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comfy, tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data", objects=4, images=2, size=RES)
     runs = tmp_path / "runs"
-    common = ["--checkpoint", "tiny.safetensors", "--data", str(data), "--resolution", str(RES), "--num-workers", "0", "--no-progress",
-              "--lr", "1e-3", "--init", "reference", "--seed", "0", "--comfyui", str(comfy), "--device", "cpu"]
+    common = [
+        "--checkpoint",
+        "tiny.safetensors",
+        "--data",
+        str(data),
+        "--resolution",
+        str(RES),
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--lr",
+        "1e-3",
+        "--init",
+        "reference",
+        "--seed",
+        "0",
+        "--comfyui",
+        str(comfy),
+        "--device",
+        "cpu",
+    ]
     resume_common = ["--num-workers", "0", "--no-progress", "--comfyui", str(comfy), "--device", "cpu"]
 
     # the ranks start first (importing ComfyUI takes them a while); meanwhile this process trains the reference:
@@ -203,23 +256,82 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
     ready = tmp_path / "straight.ready"
     two = runs / "two" / "a.safetensors"
     dt = ["--dist-timeout", "60"]
-    spec = {"timeout": 120, "watch": str(runs), "result": str(tmp_path / "result"), "scenarios": [
-        {"name": "2x2", "argv": [*common, "--out", str(two), "--steps", str(STEPS), "--batch-size", "2", "--save-every", "1", *dt]},
-        {"name": "resume 1->2", "wait_for": str(ready), "argv": ["--resume", str(one_two / "a-step000001.safetensors"), "--out",
-                                                                  str(one_two / "a.safetensors"), *resume_common, *dt]},
-        {"name": "oom on rank 1", "oom_rank": 1, "argv": [*common, "--out", str(runs / "oom" / "a.safetensors"), "--steps", "1",
-                                                             "--batch-size", "2", *dt]},
-        {"name": "rank 1 dies", "crash_rank": 1, "argv": [*common, "--out", str(runs / "crash" / "a.safetensors"), "--steps", "1",
-                                                             "--batch-size", "2", *dt]},
-    ]}
+    spec = {
+        "timeout": 120,
+        "watch": str(runs),
+        "result": str(tmp_path / "result"),
+        "scenarios": [
+            {
+                "name": "2x2",
+                "argv": [
+                    *common,
+                    "--out",
+                    str(two),
+                    "--steps",
+                    str(STEPS),
+                    "--batch-size",
+                    "2",
+                    "--save-every",
+                    "1",
+                    *dt,
+                ],
+            },
+            {
+                "name": "resume 1->2",
+                "wait_for": str(ready),
+                "argv": [
+                    "--resume",
+                    str(one_two / "a-step000001.safetensors"),
+                    "--out",
+                    str(one_two / "a.safetensors"),
+                    *resume_common,
+                    *dt,
+                ],
+            },
+            {
+                "name": "oom on rank 1",
+                "oom_rank": 1,
+                "argv": [
+                    *common,
+                    "--out",
+                    str(runs / "oom" / "a.safetensors"),
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    *dt,
+                ],
+            },
+            {
+                "name": "rank 1 dies",
+                "crash_rank": 1,
+                "argv": [
+                    *common,
+                    "--out",
+                    str(runs / "crash" / "a.safetensors"),
+                    "--steps",
+                    "1",
+                    "--batch-size",
+                    "2",
+                    *dt,
+                ],
+            },
+        ],
+    }
     t0 = time.monotonic()
     ranks = _start(spec, tmp_path)
     try:
         from tiny_models import make_clip, make_model, make_vae
 
         tiny_sd1 = make_model("sd1"), make_clip("sd1"), make_vae()  # (the same seeded weights as the ranks')
-        assert _train_in_process(monkeypatch, tiny_sd1, [*common, "--out", str(straight), "--steps", str(STEPS), "--batch-size", "4",
-                                                          "--save-every", "1"]) == 0, capsys.readouterr().err
+        assert (
+            _train_in_process(
+                monkeypatch,
+                tiny_sd1,
+                [*common, "--out", str(straight), "--steps", str(STEPS), "--batch-size", "4", "--save-every", "1"],
+            )
+            == 0
+        ), capsys.readouterr().err
         one_two.mkdir(parents=True)
         for name in ("a-step000001.safetensors", "a-step000001.state.safetensors"):
             shutil.copy(straight.parent / name, one_two / name)
@@ -240,13 +352,24 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
     ref = _adapter(straight)
     assert _max_diff(_adapter(two), ref) <= TOL
     assert _max_diff(_adapter(one_two / "a.safetensors"), ref) <= TOL
-    assert _max_diff(_adapter(two.parent / "a-step000001.safetensors"), _adapter(straight.parent / "a-step000001.safetensors")) <= TOL
-    assert _max_diff(_adapter(two), _adapter(straight.parent / "a-step000001.safetensors")) > 1e-4  # the steps did change it
+    assert (
+        _max_diff(
+            _adapter(two.parent / "a-step000001.safetensors"), _adapter(straight.parent / "a-step000001.safetensors")
+        )
+        <= TOL
+    )
+    assert (
+        _max_diff(_adapter(two), _adapter(straight.parent / "a-step000001.safetensors")) > 1e-4
+    )  # the steps did change it
     rows, rows_ref = _csv(two.parent / "a.loss.csv"), _csv(straight.parent / "a.loss.csv")
     assert [r["step"] for r in rows] == ["1", "2"]
     for r, s in zip(rows, rows_ref):  # the logged loss is the global mean
         assert abs(float(r["loss"]) - float(s["loss"])) <= 1e-5 * abs(float(s["loss"])), (r, s)
-        assert float(r["images_per_second"]) > 0 and float(r["rank0_images_per_second"]) > 0 and float(r["rank1_images_per_second"]) > 0
+        assert (
+            float(r["images_per_second"]) > 0
+            and float(r["rank0_images_per_second"]) > 0
+            and float(r["rank1_images_per_second"]) > 0
+        )
         assert r["peak_gpu_mib"] == "" and r["rank1_peak_gpu_mib"] == ""  # CPU ranks: no GPU memory
     assert "peak_gpu_mib" in rows_ref[0] and "rank0_images_per_second" not in rows_ref[0]
     from dreamcache.apps.train import load_state
@@ -258,15 +381,29 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
 
     # only rank 0 wrote files (the audit hook saw rank 0's writes, so it would have seen rank 1's)
     assert results[1]["writes"] == [], results[1]["writes"]
-    assert any("a-step000001.safetensors" in w for w in results[0]["writes"]) and any("a.loss.csv" in w for w in results[0]["writes"])
+    assert any("a-step000001.safetensors" in w for w in results[0]["writes"]) and any(
+        "a.loss.csv" in w for w in results[0]["writes"]
+    )
 
     # resume 2 -> 1: the 2-rank checkpoint of step 1, continued by one process (batch 2 x accumulate 2)
     two_one = runs / "two_one"
     two_one.mkdir()
     for name in ("a-step000001.safetensors", "a-step000001.state.safetensors"):
         shutil.copy(two.parent / name, two_one / name)
-    assert _train_in_process(monkeypatch, tiny_sd1, ["--resume", str(two_one / "a-step000001.safetensors"), "--out",
-                                                      str(two_one / "a.safetensors"), *resume_common]) == 0, capsys.readouterr().err
+    assert (
+        _train_in_process(
+            monkeypatch,
+            tiny_sd1,
+            [
+                "--resume",
+                str(two_one / "a-step000001.safetensors"),
+                "--out",
+                str(two_one / "a.safetensors"),
+                *resume_common,
+            ],
+        )
+        == 0
+    ), capsys.readouterr().err
     assert _max_diff(_adapter(two_one / "a.safetensors"), ref) <= TOL
     assert load_state(str(two_one / "a.state.safetensors")).config.accumulate == 2
 
@@ -277,7 +414,9 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
     # a rank that dies: the other stops (no hang) with a non-zero exit and a message
     assert codes[1] == 3 and "rank 1 dies" not in rc1
     assert codes[0] == 2 and rc0["rank 1 dies"] == 2
-    assert "lost contact with the other ranks in the all-reduce of step 1" in logs[0].split("=== scenario rank 1 dies")[1]
+    assert (
+        "lost contact with the other ranks in the all-reduce of step 1" in logs[0].split("=== scenario rank 1 dies")[1]
+    )
     assert not (runs / "crash" / "a.safetensors").exists()
 
 
@@ -296,11 +435,14 @@ def test_cli_flags_and_plain_resume_with_another_split(tmp_path):
     assert (cfg.batch_size, cfg.accumulate) == (4, 1)
     with pytest.raises(DreamCacheError, match="--batch-size 3 does not divide"):
         T.config_from_args(p.parse_args(["--batch-size", "3"]), saved)
-    cfg = T.config_from_args(p.parse_args(["--global-batch", "8", "--batch-size", "2", "--checkpoint", "c", "--data", "d", "--out", "o"]))
+    cfg = T.config_from_args(
+        p.parse_args(["--global-batch", "8", "--batch-size", "2", "--checkpoint", "c", "--data", "d", "--out", "o"])
+    )
     assert (cfg.batch_size, cfg.accumulate) == (2, 4)
 
 
 # ---- sharded synthesis ------------------------------------------------------------------------------------------
+
 
 class _StubClip:
     def tokenize(self, text):
@@ -330,7 +472,9 @@ def _masker(rgb, caption):
 
 
 def _items(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.parent != root}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.parent != root
+    }
 
 
 def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path, monkeypatch, capsys):
@@ -347,20 +491,32 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
     got = synth.synthesize(None, _StubClip(), None, captions, whole, _masker, s, progress=False)
     assert got == {"written": 8, "skipped": 0, "rejected": 4}
     merged = tmp_path / "sharded"
-    counts = [synth.synthesize(None, _StubClip(), None, captions, merged, _masker, s, progress=False, shard=(i, 3)) for i in range(3)]
+    counts = [
+        synth.synthesize(None, _StubClip(), None, captions, merged, _masker, s, progress=False, shard=(i, 3))
+        for i in range(3)
+    ]
     assert [c["written"] + c["rejected"] for c in counts] == [4, 4, 4]  # round-robin: balanced
     assert sum(c["written"] for c in counts) == 8 and sum(c["rejected"] for c in counts) == 4
     assert _items(merged) == _items(whole)  # same files, same pictures (per-item seeds), no collisions
-    rejected = lambda root: sorted((d["object_id"], d["n"]) for d in map(json.loads, (root / synth.REJECTED).read_text().splitlines()))  # noqa: E731
+    def rejected(root):
+        lines = (root / synth.REJECTED).read_text().splitlines()
+        return sorted((d["object_id"], d["n"]) for d in map(json.loads, lines))
+
     assert rejected(merged) == rejected(whole) and len(rejected(merged)) == 4
     assert sorted(p.name for p in merged.glob("synth_rejected*")) == [  # shard 0 got no kite
-        "synth_rejected-shard1of3.jsonl", "synth_rejected-shard2of3.jsonl", "synth_rejected.jsonl"]
+        "synth_rejected-shard1of3.jsonl",
+        "synth_rejected-shard2of3.jsonl",
+        "synth_rejected.jsonl",
+    ]
     assert D.main(["check", str(merged), "--no-progress"]) == 0
     assert "6 objects" not in capsys.readouterr().out  # (the two kite captions were rejected: 4 objects remain)
     # a shard run again renders nothing and skips its finished (and rejected) items
     n = len(calls)
     assert synth.synthesize(None, _StubClip(), None, captions, merged, _masker, s, progress=False, shard=(1, 3)) == {
-        "written": 0, "skipped": 4, "rejected": 0}
+        "written": 0,
+        "skipped": 4,
+        "rejected": 0,
+    }
     assert len(calls) == n
     # an interrupted shard finishes the rest: remove one of shard 2's items (job 8: "a brown dog", picture 0)
     for f in (merged / D.object_id_for("a brown dog")).glob("0_*"):
@@ -369,9 +525,17 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
     assert again == {"written": 1, "skipped": 3, "rejected": 0} and _items(merged) == _items(whole)
     # every shard must render with the same settings
     with pytest.raises(DreamCacheError, match="other settings"):
-        synth.synthesize(None, _StubClip(), None, captions, merged, _masker, D.SynthSettings(width=RES, height=RES, steps=3,
-                                                                                              images_per_caption=2, seed=5),
-                         progress=False, shard=(0, 3))
+        synth.synthesize(
+            None,
+            _StubClip(),
+            None,
+            captions,
+            merged,
+            _masker,
+            D.SynthSettings(width=RES, height=RES, steps=3, images_per_caption=2, seed=5),
+            progress=False,
+            shard=(0, 3),
+        )
     # --shard and torchrun's environment
     assert synth_shard("2/4", {}) == (2, 4) and synth_shard(None, {"WORLD_SIZE": "8", "RANK": "5"}) == (5, 8)
     assert synth_shard("1/2", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "3"}) == (7, 8)
@@ -390,8 +554,25 @@ def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: (None, _StubClip(), None))
     caps = tmp_path / "caps.txt"
     caps.write_text("a red mug\na tree\na blue box\n")
-    base = ["synth", "--checkpoint", "x.safetensors", "--out", str(tmp_path / "ds"), "--captions", str(caps), "--masks", "none-white-bg",
-            "--width", str(RES), "--height", str(RES), "--comfyui", str(comfy), "--cpu", "--no-progress"]
+    base = [
+        "synth",
+        "--checkpoint",
+        "x.safetensors",
+        "--out",
+        str(tmp_path / "ds"),
+        "--captions",
+        str(caps),
+        "--masks",
+        "none-white-bg",
+        "--width",
+        str(RES),
+        "--height",
+        str(RES),
+        "--comfyui",
+        str(comfy),
+        "--cpu",
+        "--no-progress",
+    ]
     assert D.main([*base, "--shard", "0/2"]) == 0
     out = capsys.readouterr().out
     assert "2 written" in out and "shard 0/2" in out and len(calls) == 2

@@ -783,9 +783,10 @@ def cmd_synth(args) -> int:
     settings = SynthSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
                              negative=args.negative, prompt_suffix=args.prompt_suffix, images_per_caption=args.images_per_caption, seed=args.seed,
                              extra={"checkpoint": os.path.basename(args.checkpoint), "masks": getattr(masker, "describe", args.masks)})
-    report = synthesize(model, clip, vae, captions, args.out, masker, settings, progress=not args.no_progress, shard=shard)
-    print(f"{f'shard {shard[0]}/{shard[1]}: ' if shard else ''}"
-          f"{report['written']} written, {report['skipped']} already done, {report['rejected']} rejected (see synth_rejected.jsonl); "
+    report = synthesize(model, clip, vae, captions, args.out, masker, settings, progress=not args.no_progress,
+                        shard=shard)
+    print(f"{f'shard {shard[0]}/{shard[1]}: ' if shard else ''}{report['written']} written, "
+          f"{report['skipped']} already done, {report['rejected']} rejected (see synth_rejected.jsonl); "
           f"dataset at {args.out}")
     return 0
 
@@ -829,8 +830,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--white-threshold", type=float, default=0.94, help="none-white-bg: a channel value >= this is white")
     s.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
     s.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    s.add_argument("--shard", help="render only shard I of N (I/N, 0-based) into the same --out; under torchrun each rank takes its own "
-                                   "shard (with --shard too, torchrun's ranks split shard I further); each shard is resumable")
+    s.add_argument("--shard", help="render only shard I of N (I/N, 0-based) into the same --out; under torchrun "
+                                   "each rank takes its own shard (with --shard too, torchrun's ranks split shard I "
+                                   "further); each shard is resumable")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_synth)
     return p

@@ -30,6 +30,7 @@ its own ComfyUI model management on that device and trains the same adapters on 
 Synthesis (``python -m dreamcache.data synth --shard I/N``, or under torchrun): the item list is split round-robin
 (:func:`shard_jobs`); see :mod:`dreamcache.apps.synth`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -84,10 +85,15 @@ def launch_from_env(environ=None) -> Launch | None:
         rank = int(env.get("RANK", "0"))
         local = int(env.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise DreamCacheError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r} "
-                              "are not whole numbers; start the processes with torchrun.") from None
+        raise DreamCacheError(
+            f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r} "
+            "are not whole numbers; start the processes with torchrun."
+        ) from None
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise DreamCacheError(f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} are inconsistent; start the processes with torchrun.")
+        raise DreamCacheError(
+            f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} are inconsistent; "
+            "start the processes with torchrun."
+        )
     return Launch(rank, world, local)
 
 
@@ -99,8 +105,16 @@ class DistContext:
     """This process's place in the run. ``world_size == 1`` (:meth:`single`) is the plain single-process trainer:
     every hook is then the identity, no collective runs and nothing changes in the results."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None,
-                 backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, owns_group: bool = False):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        device: torch.device | None = None,
+        backend: str | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        owns_group: bool = False,
+    ):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device
         self.backend = backend
@@ -159,8 +173,14 @@ class DistContext:
 
         sampler = RankPositionSampler(start_position, self.rank, self.world_size, batch_size)
         loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
-            persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=2 if num_workers > 0 else None,
+        )
         return iter(loader)
 
     # ---- collectives ----------------------------------------------------------------------------------------------
@@ -173,9 +193,11 @@ class DistContext:
             self._collective_failed = True
             text = " ".join(str(e).split())[:200]
             raise DistributedStop(
-                f"lost contact with the other ranks in {what} ({type(e).__name__}: {text}); another rank died, or hung for "
-                f"longer than --dist-timeout {self.timeout_s:g} s; see the other ranks' messages, and raise --dist-timeout "
-                "if rank 0's previews or checkpoints are slow.") from None
+                f"lost contact with the other ranks in {what} ({type(e).__name__}: {text}); another rank died, or "
+                f"hung for longer than --dist-timeout {self.timeout_s:g} s; see the other ranks' messages, and raise "
+                "--dist-timeout "
+                "if rank 0's previews or checkpoints are slow."
+            ) from None
 
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
@@ -199,20 +221,29 @@ class DistContext:
         for p in trainer.params:
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         weights_digest = _digest(h.digest())
-        mine = torch.tensor([config_digest, data_digest, weights_digest, trainer.step, len(trainer.data.index)], dtype=torch.int64,
-                            device=self._comm_device())
+        mine = torch.tensor(
+            [config_digest, data_digest, weights_digest, trainer.step, len(trainer.data.index)],
+            dtype=torch.int64,
+            device=self._comm_device(),
+        )
         got = [torch.zeros_like(mine) for _ in range(self.world_size)]
         self._collective(dist.all_gather, "the start-up check", got, mine)
         rows = [g.tolist() for g in got]
-        what = ("settings (batch, lr, seed, layers, steps, ...)", "dataset (item list)", "adapter weights (--init-from / --resume file)",
-                "training step")
+        what = (
+            "settings (batch, lr, seed, layers, steps, ...)",
+            "dataset (item list)",
+            "adapter weights (--init-from / --resume file)",
+            "training step",
+        )
         for i, label in enumerate(what):
             bad = [r for r in range(self.world_size) if rows[r][i] != rows[0][i]]
             if bad:
                 extra = f" ({rows[bad[0]][4]} items on rank {bad[0]}, {rows[0][4]} on rank 0)" if i == 1 else ""
                 extra = f" (step {rows[bad[0]][3]} on rank {bad[0]}, {rows[0][3]} on rank 0)" if i == 3 else extra
-                raise DistributedStop(f"rank(s) {', '.join(map(str, bad))} start with a different {label} than rank 0{extra}; every "
-                                      "rank must get the same command line and see the same files (on every machine).")
+                raise DistributedStop(
+                    f"rank(s) {', '.join(map(str, bad))} start with a different {label} than rank 0{extra}; every "
+                    "rank must get the same command line and see the same files (on every machine)."
+                )
 
     @contextmanager
     def step_guard(self, step: int):
@@ -225,7 +256,11 @@ class DistContext:
             raise
         except Exception as e:
             if self.enabled and not self._collective_failed and self._params is not None:
-                code = FAILED_OOM if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() else FAILED_ERROR
+                code = (
+                    FAILED_OOM
+                    if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+                    else FAILED_ERROR
+                )
                 try:
                     self._failure_reduce(code)
                 except DreamCacheError:
@@ -270,7 +305,7 @@ class DistContext:
         off = 0
         for i, p in enumerate(params):
             if p.grad is not None:
-                buf[off:off + p.numel()].copy_(p.grad.reshape(-1))
+                buf[off : off + p.numel()].copy_(p.grad.reshape(-1))
                 buf[total + 1 + 3 * n + i] = 1.0
             off += p.numel()
         buf[total] = loss
@@ -278,28 +313,35 @@ class DistContext:
         buf[total + 1 + 2 * n + self.rank] = -1.0 if peak is None else peak
         self._collective(dist.all_reduce, f"the all-reduce of step {step}", buf)
         tail = buf[total:].cpu()
-        status = tail[1:1 + n].tolist()
+        status = tail[1 : 1 + n].tolist()
         failed = [(r, int(c)) for r, c in enumerate(status) if c != OK]
         if failed:
             oom = [r for r, c in failed if c == FAILED_OOM]
             other = [r for r, c in failed if c != FAILED_OOM]
-            parts = ([f"rank {', '.join(map(str, oom))} ran out of GPU memory"] if oom else []) + \
-                    ([f"rank {', '.join(map(str, other))} failed"] if other else [])
-            raise DistributedStop(f"{' and '.join(parts)} at step {step} (see that rank's message); every rank stops here.")
+            parts = ([f"rank {', '.join(map(str, oom))} ran out of GPU memory"] if oom else []) + (
+                [f"rank {', '.join(map(str, other))} failed"] if other else []
+            )
+            raise DistributedStop(
+                f"{' and '.join(parts)} at step {step} (see that rank's message); every rank stops here."
+            )
         buf[:total].div_(n)
-        has = tail[1 + 3 * n:].tolist()
+        has = tail[1 + 3 * n :].tolist()
         off = 0
         for i, p in enumerate(params):
             k = p.numel()
             if has[i] > 0:
-                g = buf[off:off + k].view_as(p).to(p.device)
+                g = buf[off : off + k].view_as(p).to(p.device)
                 if p.grad is None:
                     p.grad = g.clone()
                 else:
                     p.grad.copy_(g)
             off += k
-        peaks = tail[1 + 2 * n:1 + 3 * n].tolist()
-        self._last = {"compute": tail[1 + n:1 + 2 * n].tolist(), "peak": [None if x < 0 else x for x in peaks], "images": images}
+        peaks = tail[1 + 2 * n : 1 + 3 * n].tolist()
+        self._last = {
+            "compute": tail[1 + n : 1 + 2 * n].tolist(),
+            "peak": [None if x < 0 else x for x in peaks],
+            "images": images,
+        }
         return float(tail[0]) / n
 
     # ---- throughput -------------------------------------------------------------------------------------------------
@@ -332,13 +374,22 @@ class DistContext:
         seconds = sum(r["seconds"] for r in recs)
         ips = global_batch * len(recs) / seconds if seconds > 0 else float("nan")
         first = " (first step not counted)" if len(self.steps) > 1 else ""
-        text = f"throughput: {ips:.2f} images/s over {self.world_size} rank(s), {ips / self.world_size:.2f} per rank, {len(recs)} steps{first}"
-        peaks = [max((r["peak"][i] or 0.0) for r in self.steps) if any(r["peak"][i] is not None for r in self.steps) else None
-                 for i in range(len(self.steps[-1]["peak"]))]
+        steps = f"{len(recs)} step{'s' if len(recs) != 1 else ''}{first}"
+        per_rank = ips / self.world_size
+        text = f"throughput: {ips:.2f} images/s over {self.world_size} rank(s), {per_rank:.2f} per rank, {steps}"
+        peaks = [
+            max((r["peak"][i] or 0.0) for r in self.steps)
+            if any(r["peak"][i] is not None for r in self.steps)
+            else None
+            for i in range(len(self.steps[-1]["peak"]))
+        ]
         if all(p is None for p in peaks):
             return text + "; peak GPU memory: none (CPU)"
-        return text + "; peak GPU memory per rank: " + ", ".join(
-            f"rank {i} {p / 1024:.2f} GiB" if p is not None else f"rank {i} -" for i, p in enumerate(peaks))
+        return (
+            text
+            + "; peak GPU memory per rank: "
+            + ", ".join(f"rank {i} {p / 1024:.2f} GiB" if p is not None else f"rank {i} -" for i, p in enumerate(peaks))
+        )
 
 
 def _digest(data: bytes) -> int:
@@ -371,12 +422,22 @@ def rank_positions(start: int, rank: int, world_size: int, batch_size: int, micr
 
 def add_arguments(parser):
     g = parser.add_argument_group("several GPUs / machines (start with torchrun; see docs/training-distributed.md)")
-    g.add_argument("--global-batch", type=int, default=None,
-                   help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
-                        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.")
-    g.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help=f"seconds a rank waits for the others (rendezvous and every step) before it stops (default {DEFAULT_TIMEOUT_S})")
-    g.add_argument("--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu")
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
+        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds a rank waits for the others (rendezvous, each step) (default {DEFAULT_TIMEOUT_S})",
+    )
+    g.add_argument(
+        "--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu"
+    )
     return parser
 
 
@@ -395,41 +456,61 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = DEFAUL
     if not timeout_s > 0:
         raise DreamCacheError(f"{where}: --dist-timeout {timeout_s} must be positive.")
     if not dist.is_available():
-        raise DreamCacheError(f"{where}: this PyTorch build has no torch.distributed; install an official PyTorch build.")
+        raise DreamCacheError(
+            f"{where}: this PyTorch build has no torch.distributed; install an official PyTorch build."
+        )
     if device == "cpu":
         dev = torch.device("cpu")
         chosen = "gloo" if backend == "auto" else backend
         if chosen == "nccl":
-            raise DreamCacheError(f"{where}: NCCL needs CUDA GPUs but --device cpu was given; use --dist-backend gloo (or auto) on the CPU.")
+            raise DreamCacheError(
+                f"{where}: NCCL needs CUDA GPUs but --device cpu was given; "
+                "use --dist-backend gloo (or auto) on the CPU."
+            )
     else:
         if not torch.cuda.is_available():
-            raise DreamCacheError(f"{where} has no GPU: PyTorch on {host} sees no CUDA device; fix the driver/CUDA install on that "
-                                  "machine, or pass --device cpu to every rank to train on CPUs with Gloo (slow).")
+            raise DreamCacheError(
+                f"{where} has no GPU: PyTorch on {host} sees no CUDA device; fix the driver/CUDA install on that "
+                "machine, or pass --device cpu to every rank to train on CPUs with Gloo (slow)."
+            )
         count = torch.cuda.device_count()
         if local >= count:
-            raise DreamCacheError(f"{where} has no GPU: {host} has {count} CUDA GPU(s) (cuda:0..{count - 1}) but this is local rank {local}; "
-                                  f"start at most {count} processes on that machine (torchrun --nproc_per_node {count}).")
+            raise DreamCacheError(
+                f"{where} has no GPU: {host} has {count} CUDA GPU(s) (cuda:0..{count - 1}) "
+                f"but this is local rank {local}; "
+                f"start at most {count} processes on that machine (torchrun --nproc_per_node {count})."
+            )
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
         chosen = "nccl" if backend == "auto" else backend
     if chosen == "nccl" and not dist.is_nccl_available():
-        raise DreamCacheError(f"{where}: this PyTorch build has no NCCL, which multi-GPU training uses; install a CUDA build of PyTorch "
-                              "on Linux, or pass --dist-backend gloo to every rank (slower).")
+        raise DreamCacheError(
+            f"{where}: this PyTorch build has no NCCL, which multi-GPU training uses; install a CUDA build of PyTorch "
+            "on Linux, or pass --dist-backend gloo to every rank (slower)."
+        )
     if chosen == "gloo" and not dist.is_gloo_available():
-        raise DreamCacheError(f"{where}: this PyTorch build has no Gloo backend; install an official PyTorch build or use --dist-backend nccl on GPUs.")
+        raise DreamCacheError(
+            f"{where}: this PyTorch build has no Gloo backend; install an official PyTorch build "
+            "or use --dist-backend nccl on GPUs."
+        )
     owns = False
     if dist.is_initialized():
         if dist.get_world_size() != world or dist.get_rank() != rank:
-            raise DreamCacheError(f"{where}: a process group of another shape ({dist.get_rank()} of {dist.get_world_size()}) is already set up.")
+            raise DreamCacheError(
+                f"{where}: a process group of another shape ({dist.get_rank()} of {dist.get_world_size()}) "
+                "is already set up."
+            )
         chosen = dist.get_backend()
     else:
         try:
             dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
         except Exception as e:
             addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-            raise DreamCacheError(f"{where} could not join the other ranks at {addr} within --dist-timeout {timeout_s:g} s "
-                                  f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); check torchrun's --rdzv-endpoint / "
-                                  "--master-addr and that every machine can reach it.") from None
+            raise DreamCacheError(
+                f"{where} could not join the other ranks at {addr} within --dist-timeout {timeout_s:g} s "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:160]}); check torchrun's --rdzv-endpoint / "
+                "--master-addr and that every machine can reach it."
+            ) from None
         owns = True
     return DistContext(rank, world, local, dev, chosen, timeout_s, owns)
 
@@ -452,8 +533,10 @@ def resolve_batch(args, saved=None, world_size: int = 1, saved_world_size: int =
     if saved is not None:
         g = saved.batch_size * saved.accumulate * saved_world_size
         if given_g is not None and given_g != g:
-            raise DreamCacheError(f"A resumed run keeps its global batch of {g} images, but --global-batch {given_g} was given; drop it, "
-                                  "or start a new run from this adapter with --init-from.")
+            raise DreamCacheError(
+                f"A resumed run keeps its global batch of {g} images, but --global-batch {given_g} was given; drop it, "
+                "or start a new run from this adapter with --init-from."
+            )
         prefer_b = saved.batch_size
         if given_b is None and given_a is None and world_size == saved_world_size:
             return  # the run goes on as it was
@@ -463,23 +546,33 @@ def resolve_batch(args, saved=None, world_size: int = 1, saved_world_size: int =
     else:
         return
     if g < 1 or g % world_size:
-        raise DreamCacheError(f"The global batch of {g} images does not split over {world_size} ranks; use a number of ranks that divides "
-                              f"it{' (the run was saved with ' + str(saved_world_size) + ')' if saved is not None else ''}, or another --global-batch.")
+        raise DreamCacheError(
+            f"The global batch of {g} images does not split over {world_size} ranks; use a number of ranks that "
+            f"divides it{' (the run was saved with ' + str(saved_world_size) + ')' if saved is not None else ''}, "
+            "or another --global-batch."
+        )
     share = g // world_size
     if given_b is not None and given_a is not None:
         if given_b * given_a != share:
-            raise DreamCacheError(f"--batch-size {given_b} x --accumulate {given_a} x {world_size} ranks = {given_b * given_a * world_size} images "
-                                  f"per step, but the global batch is {g}; give only one of them and the other is derived.")
+            raise DreamCacheError(
+                f"--batch-size {given_b} x --accumulate {given_a} x {world_size} ranks = "
+                f"{given_b * given_a * world_size} images "
+                f"per step, but the global batch is {g}; give only one of them and the other is derived."
+            )
         b, a = given_b, given_a
     elif given_b is not None:
         if share % given_b:
-            raise DreamCacheError(f"--batch-size {given_b} does not divide the {share} images each of {world_size} ranks takes per step "
-                                  f"(global batch {g}); pick a divisor of {share}.")
+            raise DreamCacheError(
+                f"--batch-size {given_b} does not divide the {share} images each of {world_size} ranks takes per step "
+                f"(global batch {g}); pick a divisor of {share}."
+            )
         b, a = given_b, share // given_b
     elif given_a is not None:
         if share % given_a:
-            raise DreamCacheError(f"--accumulate {given_a} does not divide the {share} images each of {world_size} ranks takes per step "
-                                  f"(global batch {g}); pick a divisor of {share}.")
+            raise DreamCacheError(
+                f"--accumulate {given_a} does not divide the {share} images each of {world_size} ranks takes per step "
+                f"(global batch {g}); pick a divisor of {share}."
+            )
         b, a = share // given_a, given_a
     else:
         b = _largest_divisor_at_most(share, prefer_b)
@@ -500,7 +593,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     except ValueError:
         i, n = -1, 0
     if n < 1 or not 0 <= i < n:
-        raise DreamCacheError(f"--shard {text!r} is not understood; write I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4.")
+        raise DreamCacheError(
+            f"--shard {text!r} is not understood; write I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4."
+        )
     return i, n
 
 
@@ -524,8 +619,10 @@ def synth_process(explicit: str | None, cpu: bool = False) -> tuple[int, int] | 
     if launch is not None and launch.world_size > 1 and not cpu and torch.cuda.is_available():
         count = torch.cuda.device_count()
         if launch.local_rank >= count:
-            raise DreamCacheError(f"Synthesis rank {launch.rank} (local rank {launch.local_rank} on {socket.gethostname()}) has no GPU: "
-                                  f"that machine has {count}; start at most {count} processes there (torchrun --nproc_per_node {count}).")
+            raise DreamCacheError(
+                f"Synthesis rank {launch.rank} (local rank {launch.local_rank} on {socket.gethostname()}) has no GPU: "
+                f"that machine has {count}; start at most {count} processes there (torchrun --nproc_per_node {count})."
+            )
         torch.cuda.set_device(launch.local_rank)
     return shard
 

@@ -84,10 +84,12 @@ def _write_settings(root: Path, settings: dict, shard):
         except ValueError:
             old = None
         if isinstance(old, dict):
-            diff = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+            diff = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
+                    if old.get(k) != settings.get(k)]
             if diff:
-                raise DreamCacheError(f"'{path}' was written with other settings than shard {shard[0]}/{shard[1]} uses ({'; '.join(diff[:6])}); "
-                                      "every shard of one dataset must render with the same options, or use another --out.")
+                raise DreamCacheError(f"'{path}' was written with other settings than shard {shard[0]}/{shard[1]} uses "
+                                      f"({'; '.join(diff[:6])}); every shard of one dataset must render with the same "
+                                      "options, or use another --out.")
     tmp = root / f".partial-{os.getpid()}-{SETTINGS}"
     tmp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
     os.replace(tmp, path)
@@ -114,7 +116,8 @@ def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, ma
     for c in captions:  # two captions in one folder would overwrite each other's items (every shard sees the same list)
         other = owners.setdefault(object_id_for(c), c)
         if caption_key(other) != caption_key(c):
-            raise DreamCacheError(f"Captions '{other}' and '{c}' map to the same object folder '{object_id_for(c)}'; reword one of them.")
+            raise DreamCacheError(f"Captions '{other}' and '{c}' map to the same object folder '{object_id_for(c)}'; "
+                                  "reword one of them.")
     jobs = shard_jobs([(c, n) for c in captions for n in range(s.images_per_caption)], shard)
     rejected_file = root / (REJECTED if shard is None else shard_rejected_name(shard))
     counts = {"written": 0, "skipped": 0, "rejected": 0}

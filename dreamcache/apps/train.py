@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(g, "--init-from", "init_from", help="an existing adapter (.pt or .safetensors) to fine-tune, e.g. the released cross_attention-199999.pt")
     g = p.add_argument_group("optimisation")
     _arg(g, "--steps", "steps", type=int, help="total optimizer steps (default 1000; resuming continues up to this)")
-    _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (default 1)")
+    _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (on each rank; default 1)")
     _arg(g, "--accumulate", "accumulate", type=int, help="micro-batches per optimizer step (default 1)")
     _arg(g, "--lr", "lr", type=float, help="AdamW learning rate (default 1e-5, the reference's)")
     _arg(g, "--weight-decay", "weight_decay", type=float, help="AdamW weight decay (default 0.01)")
@@ -407,7 +407,8 @@ def main(argv=None) -> int:
 
         precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
         model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state, dist=ctx)
+        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
+                            dist=ctx)
         t.run()
         if ctx.is_main:
             print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")

@@ -335,11 +335,12 @@ class Trainer:
     def next_batch(self) -> dict:
         if self._stream is None:
             start = self.step * self.cfg.batch_size * self.cfg.accumulate
+            workers = self.cfg.num_workers
             if self.dist.enabled:  # this rank's share of every global batch
                 start = self.step * self.dist.global_batch(self.cfg)
-                self._stream = self.dist.batches(self.data, self.cfg.batch_size, start, num_workers=self.cfg.num_workers)
+                self._stream = self.dist.batches(self.data, self.cfg.batch_size, start, num_workers=workers)
             else:
-                self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=self.cfg.num_workers)
+                self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=workers)
         return next(self._stream)
 
     def accumulate(self, micro_batches=None) -> float:
@@ -375,9 +376,11 @@ class Trainer:
             with self.dist.step_guard(self.step + 1):
                 loss = self.accumulate(micro_batches)
                 n = self.cfg.accumulate if micro_batches is None else len(micro_batches)
-                loss = self.dist.reduce_step(self.params, loss, self.step + 1, images=n * self.cfg.batch_size)  # (ranks: averaged)
+                # several ranks: gradients averaged over them, the global mean loss (one process: unchanged)
+                loss = self.dist.reduce_step(self.params, loss, self.step + 1, images=n * self.cfg.batch_size)
                 if not math.isfinite(loss) and self.scaler is None:
-                    raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use --precision fp32/bf16.")
+                    raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use "
+                                          "--precision fp32/bf16.")
                 return loss, self.optimizer_step()
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
@@ -424,7 +427,8 @@ class Trainer:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         f = open(path, "w", newline="", encoding="utf-8")
-        w = csv.DictWriter(f, fieldnames=self.dist.log_fields(["step", "loss", "lr", "grad_norm", "seconds", "images_per_second"]))
+        fields = ["step", "loss", "lr", "grad_norm", "seconds", "images_per_second"]
+        w = csv.DictWriter(f, fieldnames=self.dist.log_fields(fields))
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in w.fieldnames})
@@ -503,7 +507,8 @@ class Trainer:
                 losses.append(loss)
                 writer.writerow({"step": self.step, "loss": f"{loss:.6g}", "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
-                                 "images_per_second": f"{self.dist.global_batch(cfg) / dt:.3f}", **self.dist.step_record(dt)})
+                                 "images_per_second": f"{self.dist.global_batch(cfg) / dt:.3f}",
+                                 **self.dist.step_record(dt)})
                 f.flush()
                 if bar is not None:
                     bar.update(1)
