@@ -580,3 +580,21 @@ def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
     assert D.main(["check", str(tmp_path / "ds"), "--no-progress"]) == 0
     assert D.main([*base, "--shard", "2/2"]) == 2
     assert "--shard '2/2'" in capsys.readouterr().err
+
+
+def test_docs_give_the_commands_and_every_option():
+    """docs/training-distributed.md has the 1-GPU, 4-GPU and 2-machine commands and explains every option added
+    for several processes; the README links it."""
+    from dreamcache.apps import data as D
+    from dreamcache.apps import train as T
+
+    text = (ROOT / "docs" / "training-distributed.md").read_text()
+    assert "torchrun --standalone --nproc_per_node 4 -m dreamcache.train" in text
+    assert "torchrun --nnodes 2 --nproc_per_node 4 --rdzv-backend c10d --rdzv-endpoint" in text
+    assert "python -m dreamcache.train --checkpoint" in text and "synth --shard $i/4" in text
+    for flag in ("--global-batch", "--dist-timeout", "--dist-backend"):
+        assert f"`{flag}`" in text and flag in T.build_parser().format_help()
+    assert "--shard" in D.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
+    assert "no GPU" in text and "12 images/s" in text
+    assert "docs/training-distributed.md" in (ROOT / "README.md").read_text()
+
