@@ -1,4 +1,5 @@
-"""One rank of the data-parallel training tests (tests/test_distributed.py starts two of these).
+"""One rank of the data-parallel training tests (tests/test_distributed.py starts two of these: forked from the
+test process, which has imported ComfyUI and built the tiny models already, or as ``python tests/dist_worker.py``).
 
 The test sets torchrun's environment contract (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) itself instead
 of running torchrun, so that a rank can die without a launcher killing the survivor: what the survivor does then is
@@ -26,6 +27,7 @@ if os.environ.get("COMFYUI_PATH"):
 sys.path[1:1] = [str(ROOT), str(TESTS)]
 
 WRITES: list[str] = []
+T0 = time.monotonic()
 
 
 def _audit(watch: str):
@@ -51,8 +53,32 @@ def _audit(watch: str):
     sys.addaudithook(hook)
 
 
-def main() -> int:
-    spec = json.loads(Path(sys.argv[1]).read_text())
+def forked_rank(rank: int, world: int, port: int, spec: dict, log_path: str, models=None):
+    """Entry of a rank forked from the test process (ComfyUI already imported, ``models`` already built): sets
+    torchrun's environment variables, sends stdout/stderr to ``log_path``, runs the scenarios."""
+    global T0
+    T0 = time.monotonic()
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # (the test process's sys.stdout/stderr may be pytest's)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    run_rank(spec, models)
+
+
+def main():
+    run_rank(json.loads(Path(sys.argv[1]).read_text()))
+
+
+def run_rank(spec: dict, models=None):
     rank = int(os.environ["RANK"])
     import torch
     import torch.distributed as dist
@@ -65,7 +91,7 @@ def main() -> int:
     from dreamcache.apps import train, trainer
     from dreamcache.comfy import loading
 
-    models = []
+    models = [models] if models is not None else []
 
     def tiny_checkpoint(path, dtype=None):
         if not models:
@@ -99,10 +125,11 @@ def main() -> int:
                 if time.monotonic() - t0 > spec["timeout"]:
                     raise SystemExit(f"{sc['wait_for']} did not appear")
                 time.sleep(0.2)
-        print(f"=== scenario {sc['name']}", file=sys.stderr, flush=True)
+        print(f"=== scenario {sc['name']} (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)
         rc = train.main(sc["argv"])
         results.append({"name": sc["name"], "rc": rc})
         result_path.write_text(json.dumps({"results": results, "writes": WRITES}))
+    print(f"=== end (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(results[-1]["rc"] if results else 1)  # no destroy_process_group: the last scenario may have lost its peer

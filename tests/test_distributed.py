@@ -135,11 +135,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(spec: dict, tmp: Path, world: int = 2):
-    """Start ``world`` ranks of tests/dist_worker.py with torchrun's environment contract."""
+def _start(spec: dict, tmp: Path, models, world: int = 2):
+    """Start ``world`` ranks of tests/dist_worker.py with torchrun's environment contract: forked from this process
+    (which has imported ComfyUI and built ``models``: a fresh process would need ~15 s for that on this machine),
+    or as new processes where fork does not exist."""
+    import multiprocessing
+
+    import dist_worker
+
+    port = _free_port()
+    if "fork" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("fork")
+        procs = [
+            ctx.Process(target=dist_worker.forked_rank, args=(r, world, port, spec, str(tmp / f"rank{r}.err"), models))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        return procs
     spec_path = tmp / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    port = _free_port()
     procs = []
     for r in range(world):
         env = dict(
@@ -153,19 +168,16 @@ def _start(spec: dict, tmp: Path, world: int = 2):
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        err = open(tmp / f"rank{r}.err", "w")
-        procs.append(
-            (
+        with open(tmp / f"rank{r}.err", "w") as err:
+            procs.append(
                 subprocess.Popen(
                     [sys.executable, str(ROOT / "tests" / "dist_worker.py"), str(spec_path)],
                     cwd=ROOT,
                     env=env,
                     stdout=err,
                     stderr=subprocess.STDOUT,
-                ),
-                err,
+                )
             )
-        )
     return procs
 
 
@@ -174,18 +186,21 @@ def _wait(procs, tmp: Path, timeout: float = 240):
     t0 = time.monotonic()
     world = len(procs)
     codes = []
-    for p, err in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0))))
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
+    for p in procs:
+        left = max(1.0, timeout - (time.monotonic() - t0))
+        if isinstance(p, subprocess.Popen):
+            try:
+                codes.append(p.wait(timeout=left))
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            p.join(left)
+            codes.append(p.exitcode)
+        if len(codes) < procs.index(p) + 1 or codes[-1] is None:
+            for q in procs:
                 q.kill()
-            pytest.fail(
-                f"the ranks hung (> {timeout} s); logs: "
-                + " | ".join((tmp / f"rank{r}.err").read_text()[-2000:] for r in range(world))
-            )
-        finally:
-            err.close()
+            logs = " | ".join((tmp / f"rank{r}.err").read_text()[-2000:] for r in range(world))
+            pytest.fail(f"the ranks hung (> {timeout} s); logs: {logs}")
     logs = [(tmp / f"rank{r}.err").read_text() for r in range(world)]
     results = [
         json.loads((tmp / f"result.rank{r}.json").read_text()) if (tmp / f"result.rank{r}.json").exists() else None
@@ -217,9 +232,12 @@ def _train_in_process(monkeypatch, models, argv):
 
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: models)
     torch.set_flush_denormal(True)  # as the CLI does on the CPU (tiny random models make denormals)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): on a loaded machine 2 threads spin and wait
     try:
         return train.main(argv)
     finally:
+        torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
 
 
@@ -318,12 +336,14 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
             },
         ],
     }
-    t0 = time.monotonic()
-    ranks = _start(spec, tmp_path)
-    try:
-        from tiny_models import make_clip, make_model, make_vae
+    t1 = time.monotonic()
+    from tiny_models import make_clip, make_model, make_vae
 
-        tiny_sd1 = make_model("sd1"), make_clip("sd1"), make_vae()  # (the same seeded weights as the ranks')
+    tiny_sd1 = make_model("sd1"), make_clip("sd1"), make_vae()  # the ranks get copies of these (fork)
+    models_s = time.monotonic() - t1
+    t0 = time.monotonic()
+    ranks = _start(spec, tmp_path, tiny_sd1)
+    try:
         assert (
             _train_in_process(
                 monkeypatch,
@@ -337,12 +357,12 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
             shutil.copy(straight.parent / name, one_two / name)
         ready.touch()
     except BaseException:
-        for p, _ in ranks:
+        for p in ranks:
             p.kill()
         raise
     straight_s = time.monotonic() - t0
     codes, logs, results, seconds = _wait(ranks, tmp_path)
-    print(f"reference run {straight_s:.1f} s, then waited {seconds:.1f} s for the 2 ranks (4 scenarios)")
+    print(f"tiny models {models_s:.1f} s, reference run {straight_s:.1f} s, then waited {seconds:.1f} s for the ranks")
     assert results[0] is not None and results[1] is not None, logs
     rc0 = {r["name"]: r["rc"] for r in results[0]["results"]}
     rc1 = {r["name"]: r["rc"] for r in results[1]["results"]}
@@ -498,6 +518,7 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
     assert [c["written"] + c["rejected"] for c in counts] == [4, 4, 4]  # round-robin: balanced
     assert sum(c["written"] for c in counts) == 8 and sum(c["rejected"] for c in counts) == 4
     assert _items(merged) == _items(whole)  # same files, same pictures (per-item seeds), no collisions
+
     def rejected(root):
         lines = (root / synth.REJECTED).read_text().splitlines()
         return sorted((d["object_id"], d["n"]) for d in map(json.loads, lines))
@@ -597,4 +618,3 @@ def test_docs_give_the_commands_and_every_option():
     assert "--shard" in D.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
     assert "no GPU" in text and "12 images/s" in text
     assert "docs/training-distributed.md" in (ROOT / "README.md").read_text()
-

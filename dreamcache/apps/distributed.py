@@ -125,6 +125,7 @@ class DistContext:
         self._params = None  # the trainer's parameters (the layout of the step all-reduce)
         self._last = None
         self._collective_failed = False
+        self._closed = False
         self.steps: list[dict] = []  # per-step throughput records of this process's run() calls
 
     @classmethod
@@ -146,21 +147,25 @@ class DistContext:
         """What an error line starts with: the rank in a distributed run, nothing otherwise."""
         return f"{self.where()}: " if self.enabled else ""
 
-    def close(self):
-        """End of run: wait for every rank (bounded by the timeout), then leave the process group we created."""
+    def close(self, finished: bool = True):
+        """End of a run. ``finished``: wait for every rank (bounded by the timeout), then leave the process group
+        we created. After a failure nothing waits (the other ranks may be in another collective, or gone): the
+        process is about to exit and the group goes with it. Idempotent."""
         import torch.distributed as dist
 
-        if not self.enabled or not dist.is_initialized():
+        if not self.enabled or self._closed or not dist.is_initialized():
+            return
+        self._closed = True
+        if not finished or self._collective_failed:
             return
         try:
-            if not self._collective_failed:
-                kw = {"device_ids": [self.local_rank]} if self.backend == "nccl" else {}
-                self._collective(dist.barrier, "the final barrier", **kw)
+            kw = {"device_ids": [self.local_rank]} if self.backend == "nccl" else {}
+            self._collective(dist.barrier, "the final barrier", **kw)
         except DreamCacheError as e:
             log.warning("%s", e)
-        finally:
-            if self.owns_group:
-                dist.destroy_process_group()
+            return
+        if self.owns_group:
+            dist.destroy_process_group()
 
     # ---- batch sizes ------------------------------------------------------------------------------------------------
     def global_batch(self, cfg) -> int:
@@ -302,15 +307,17 @@ class DistContext:
         total, size = self._layout(params)
         dev = self._comm_device()
         buf = torch.zeros(size, dtype=torch.float32, device=dev)
+        tail = torch.zeros(size - total, dtype=torch.float32)  # loss, status, compute s, peak MiB, has-grad flags
         off = 0
         for i, p in enumerate(params):
             if p.grad is not None:
                 buf[off : off + p.numel()].copy_(p.grad.reshape(-1))
-                buf[total + 1 + 3 * n + i] = 1.0
+                tail[1 + 3 * n + i] = 1.0
             off += p.numel()
-        buf[total] = loss
-        buf[total + 1 + n + self.rank] = compute
-        buf[total + 1 + 2 * n + self.rank] = -1.0 if peak is None else peak
+        tail[0] = loss
+        tail[1 + n + self.rank] = compute
+        tail[1 + 2 * n + self.rank] = -1.0 if peak is None else peak
+        buf[total:].copy_(tail)  # one host-to-device copy
         self._collective(dist.all_reduce, f"the all-reduce of step {step}", buf)
         tail = buf[total:].cpu()
         status = tail[1 : 1 + n].tolist()

@@ -410,6 +410,7 @@ def main(argv=None) -> int:
         t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
                             dist=ctx)
         t.run()
+        ctx.close()  # every rank waits here for the others (rank 0 may still be writing the final files)
         if ctx.is_main:
             print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
         return 0
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
         print(f"error: {ctx.prefix()}{e}", file=sys.stderr)
         return 2
     finally:
-        ctx.close()
+        ctx.close(finished=False)  # (after an error: no waiting for ranks that may be gone)
 
 
 if __name__ == "__main__":
