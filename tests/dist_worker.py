@@ -6,7 +6,7 @@ of running torchrun, so that a rank can die without a launcher killing the survi
 the trainer's own behaviour. The rank joins one Gloo process group, then runs ``python -m dreamcache.train``'s
 ``main`` once per scenario of the JSON spec (the group is reused, as ``setup`` allows), with the checkpoint loader
 replaced by the tiny seeded models of tests/tiny_models.py. Scenario options: ``wait_for`` (a file to wait
-for), ``oom_rank`` (that rank's loss raises
+for), ``extra_rankN`` (more arguments for rank N only), ``oom_rank`` (that rank's loss raises
 CUDA's out-of-memory error), ``crash_rank`` (that rank dies with os._exit(3) in its first loss, like a segfault).
 Every file operation under ``watch`` is recorded (audit hook) so the test can see which rank wrote files.
 """
@@ -126,7 +126,7 @@ def run_rank(spec: dict, models=None):
                     raise SystemExit(f"{sc['wait_for']} did not appear")
                 time.sleep(0.2)
         print(f"=== scenario {sc['name']} (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)
-        rc = train.main(sc["argv"])
+        rc = train.main(sc["argv"] + sc.get(f"extra_rank{rank}", []))
         results.append({"name": sc["name"], "rc": rc})
         result_path.write_text(json.dumps({"results": results, "writes": WRITES}))
     print(f"=== end (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)

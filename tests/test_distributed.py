@@ -136,7 +136,7 @@ def _free_port() -> int:
 
 
 def _start(spec: dict, tmp: Path, models, world: int = 2):
-    """Start ``world`` ranks of tests/dist_worker.py with torchrun's environment contract: forked from this process
+    """Start ``world`` ranks of tests/dist_worker.py with torchrun's environment contract, forked from this process
     (which has imported ComfyUI and built ``models``: a fresh process would need ~15 s for that on this machine),
     or as new processes where fork does not exist."""
     import multiprocessing
@@ -244,98 +244,30 @@ def _train_in_process(monkeypatch, models, argv):
 def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comfy, tmp_path, monkeypatch, capsys):
     data = make_dataset(tmp_path / "data", objects=4, images=2, size=RES)
     runs = tmp_path / "runs"
-    common = [
-        "--checkpoint",
-        "tiny.safetensors",
-        "--data",
-        str(data),
-        "--resolution",
-        str(RES),
-        "--num-workers",
-        "0",
-        "--no-progress",
-        "--lr",
-        "1e-3",
-        "--init",
-        "reference",
-        "--seed",
-        "0",
-        "--comfyui",
-        str(comfy),
-        "--device",
-        "cpu",
-    ]
-    resume_common = ["--num-workers", "0", "--no-progress", "--comfyui", str(comfy), "--device", "cpu"]
-
-    # the ranks start first (importing ComfyUI takes them a while); meanwhile this process trains the reference:
-    # one process, batch 4, STEPS steps, with a checkpoint at step 1 for the 1 -> 2 resume
-    straight = runs / "straight" / "a.safetensors"
-    one_two = runs / "one_two"
-    ready = tmp_path / "straight.ready"
-    two = runs / "two" / "a.safetensors"
+    machine = f"--num-workers 0 --no-progress --device cpu --comfyui {comfy}".split()
+    common = f"--checkpoint tiny.safetensors --data {data} --resolution {RES} --lr 1e-3 --init reference".split()
+    common += machine
     dt = ["--dist-timeout", "60"]
-    spec = {
-        "timeout": 120,
-        "watch": str(runs),
-        "result": str(tmp_path / "result"),
-        "scenarios": [
-            {
-                "name": "2x2",
-                "argv": [
-                    *common,
-                    "--out",
-                    str(two),
-                    "--steps",
-                    str(STEPS),
-                    "--batch-size",
-                    "2",
-                    "--save-every",
-                    "1",
-                    *dt,
-                ],
-            },
-            {
-                "name": "resume 1->2",
-                "wait_for": str(ready),
-                "argv": [
-                    "--resume",
-                    str(one_two / "a-step000001.safetensors"),
-                    "--out",
-                    str(one_two / "a.safetensors"),
-                    *resume_common,
-                    *dt,
-                ],
-            },
-            {
-                "name": "oom on rank 1",
-                "oom_rank": 1,
-                "argv": [
-                    *common,
-                    "--out",
-                    str(runs / "oom" / "a.safetensors"),
-                    "--steps",
-                    "1",
-                    "--batch-size",
-                    "2",
-                    *dt,
-                ],
-            },
-            {
-                "name": "rank 1 dies",
-                "crash_rank": 1,
-                "argv": [
-                    *common,
-                    "--out",
-                    str(runs / "crash" / "a.safetensors"),
-                    "--steps",
-                    "1",
-                    "--batch-size",
-                    "2",
-                    *dt,
-                ],
-            },
-        ],
-    }
+    straight = runs / "straight" / "a.safetensors"  # the reference: one process, batch 4
+    one_two, two = runs / "one_two", runs / "two" / "a.safetensors"
+    ready = tmp_path / "straight.ready"
+    first = str(one_two / "a-step000001.safetensors")  # the reference's checkpoint at step 1
+
+    def scenario(name, out, *argv, **kw):
+        return {"name": name, "argv": [*argv, "--out", str(out), *dt], **kw}
+
+    spec = {"timeout": 120, "watch": str(runs), "result": str(tmp_path / "result"), "scenarios": [
+        scenario("2x2", two, *common, "--steps", str(STEPS), "--batch-size", "2", "--save-every", "1"),
+        scenario("resume 1->2", one_two / "a.safetensors", "--resume", first, *machine, wait_for=str(ready)),
+        scenario("init-from", runs / "init_from" / "a.safetensors", *common, "--init-from", first, "--steps", "1",
+                 "--batch-size", "2"),
+        scenario("ranks disagree", runs / "disagree" / "a.safetensors", *common, "--steps", "1", "--batch-size", "2",
+                 extra_rank1=["--seed", "1"]),
+        scenario("oom on rank 1", runs / "oom" / "a.safetensors", *common, "--steps", "1", "--batch-size", "2",
+                 oom_rank=1),
+        scenario("rank 1 dies", runs / "crash" / "a.safetensors", *common, "--steps", "1", "--batch-size", "2",
+                 crash_rank=1),
+    ]}  # fmt: skip
     t1 = time.monotonic()
     from tiny_models import make_clip, make_model, make_vae
 
@@ -343,53 +275,45 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
     models_s = time.monotonic() - t1
     t0 = time.monotonic()
     ranks = _start(spec, tmp_path, tiny_sd1)
-    try:
-        assert (
-            _train_in_process(
-                monkeypatch,
-                tiny_sd1,
-                [*common, "--out", str(straight), "--steps", str(STEPS), "--batch-size", "4", "--save-every", "1"],
-            )
-            == 0
-        ), capsys.readouterr().err
+    try:  # meanwhile, the reference run (with a checkpoint at step 1 for the 1 -> 2 resume and --init-from)
+        argv = [*common, "--out", str(straight), "--steps", str(STEPS), "--batch-size", "4", "--save-every", "1"]
+        assert _train_in_process(monkeypatch, tiny_sd1, argv) == 0, capsys.readouterr().err
         one_two.mkdir(parents=True)
         for name in ("a-step000001.safetensors", "a-step000001.state.safetensors"):
             shutil.copy(straight.parent / name, one_two / name)
         ready.touch()
+        argv = [*common, "--out", str(runs / "init_from_1" / "a.safetensors"), "--init-from", first, "--steps", "1",
+                "--batch-size", "4"]  # fmt: skip
+        assert _train_in_process(monkeypatch, tiny_sd1, argv) == 0, capsys.readouterr().err
     except BaseException:
         for p in ranks:
             p.kill()
         raise
     straight_s = time.monotonic() - t0
     codes, logs, results, seconds = _wait(ranks, tmp_path)
-    print(f"tiny models {models_s:.1f} s, reference run {straight_s:.1f} s, then waited {seconds:.1f} s for the ranks")
+    print(f"tiny models {models_s:.1f} s, reference runs {straight_s:.1f} s, then waited {seconds:.1f} s for the ranks")
     assert results[0] is not None and results[1] is not None, logs
     rc0 = {r["name"]: r["rc"] for r in results[0]["results"]}
     rc1 = {r["name"]: r["rc"] for r in results[1]["results"]}
-    assert rc0["2x2"] == rc1["2x2"] == 0 and rc0["resume 1->2"] == rc1["resume 1->2"] == 0, logs
+    for name in ("2x2", "resume 1->2", "init-from"):
+        assert rc0[name] == rc1[name] == 0, (name, logs)
 
     # 2 ranks x batch 2 == 1 process x batch 4
     ref = _adapter(straight)
     assert _max_diff(_adapter(two), ref) <= TOL
     assert _max_diff(_adapter(one_two / "a.safetensors"), ref) <= TOL
-    assert (
-        _max_diff(
-            _adapter(two.parent / "a-step000001.safetensors"), _adapter(straight.parent / "a-step000001.safetensors")
-        )
-        <= TOL
-    )
-    assert (
-        _max_diff(_adapter(two), _adapter(straight.parent / "a-step000001.safetensors")) > 1e-4
-    )  # the steps did change it
+    step1 = _adapter(straight.parent / "a-step000001.safetensors")
+    assert _max_diff(_adapter(two.parent / "a-step000001.safetensors"), step1) <= TOL
+    assert _max_diff(_adapter(two), step1) > 1e-4  # the steps did change it
+    init_from = _adapter(runs / "init_from" / "a.safetensors")
+    assert _max_diff(init_from, _adapter(runs / "init_from_1" / "a.safetensors")) <= TOL
+    assert _max_diff(init_from, step1) > 1e-4
     rows, rows_ref = _csv(two.parent / "a.loss.csv"), _csv(straight.parent / "a.loss.csv")
     assert [r["step"] for r in rows] == ["1", "2"]
     for r, s in zip(rows, rows_ref):  # the logged loss is the global mean
         assert abs(float(r["loss"]) - float(s["loss"])) <= 1e-5 * abs(float(s["loss"])), (r, s)
-        assert (
-            float(r["images_per_second"]) > 0
-            and float(r["rank0_images_per_second"]) > 0
-            and float(r["rank1_images_per_second"]) > 0
-        )
+        for k in ("images_per_second", "rank0_images_per_second", "rank1_images_per_second"):
+            assert float(r[k]) > 0
         assert r["peak_gpu_mib"] == "" and r["rank1_peak_gpu_mib"] == ""  # CPU ranks: no GPU memory
     assert "peak_gpu_mib" in rows_ref[0] and "rank0_images_per_second" not in rows_ref[0]
     from dreamcache.apps.train import load_state
@@ -401,32 +325,24 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
 
     # only rank 0 wrote files (the audit hook saw rank 0's writes, so it would have seen rank 1's)
     assert results[1]["writes"] == [], results[1]["writes"]
-    assert any("a-step000001.safetensors" in w for w in results[0]["writes"]) and any(
-        "a.loss.csv" in w for w in results[0]["writes"]
-    )
+    assert any("a-step000001.safetensors" in w for w in results[0]["writes"])
+    assert any("a.loss.csv" in w for w in results[0]["writes"])
 
     # resume 2 -> 1: the 2-rank checkpoint of step 1, continued by one process (batch 2 x accumulate 2)
     two_one = runs / "two_one"
     two_one.mkdir()
     for name in ("a-step000001.safetensors", "a-step000001.state.safetensors"):
         shutil.copy(two.parent / name, two_one / name)
-    assert (
-        _train_in_process(
-            monkeypatch,
-            tiny_sd1,
-            [
-                "--resume",
-                str(two_one / "a-step000001.safetensors"),
-                "--out",
-                str(two_one / "a.safetensors"),
-                *resume_common,
-            ],
-        )
-        == 0
-    ), capsys.readouterr().err
+    argv = ["--resume", str(two_one / "a-step000001.safetensors"), "--out", str(two_one / "a.safetensors"), *machine]
+    assert _train_in_process(monkeypatch, tiny_sd1, argv) == 0, capsys.readouterr().err
     assert _max_diff(_adapter(two_one / "a.safetensors"), ref) <= TOL
     assert load_state(str(two_one / "a.state.safetensors")).config.accumulate == 2
 
+    # ranks that were given different settings stop before the first step, both naming rank 1
+    assert rc0["ranks disagree"] == rc1["ranks disagree"] == 2
+    for log in logs:
+        assert "rank(s) 1 differ from rank 0 in their settings" in log.split("=== scenario ranks disagree")[1]
+    assert not (runs / "disagree" / "a.safetensors").exists()
     # out of memory on rank 1: both ranks stop at step 1 with a message naming rank 1
     assert rc0["oom on rank 1"] == 2 and rc1["oom on rank 1"] == 2
     assert "rank 0 of 2" in logs[0] and "rank 1 ran out of GPU memory at step 1" in logs[0]
@@ -434,9 +350,9 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
     # a rank that dies: the other stops (no hang) with a non-zero exit and a message
     assert codes[1] == 3 and "rank 1 dies" not in rc1
     assert codes[0] == 2 and rc0["rank 1 dies"] == 2
-    assert (
-        "lost contact with the other ranks in the all-reduce of step 1" in logs[0].split("=== scenario rank 1 dies")[1]
-    )
+    died = logs[0].split("=== scenario rank 1 dies")[1]
+    assert "lost contact with the other ranks in the all-reduce of step 1" in died
+    assert "=== end" in logs[0] and "=== end" not in logs[1]
     assert not (runs / "crash" / "a.safetensors").exists()
 
 

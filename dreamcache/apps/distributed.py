@@ -246,7 +246,7 @@ class DistContext:
                 extra = f" ({rows[bad[0]][4]} items on rank {bad[0]}, {rows[0][4]} on rank 0)" if i == 1 else ""
                 extra = f" (step {rows[bad[0]][3]} on rank {bad[0]}, {rows[0][3]} on rank 0)" if i == 3 else extra
                 raise DistributedStop(
-                    f"rank(s) {', '.join(map(str, bad))} start with a different {label} than rank 0{extra}; every "
+                    f"rank(s) {', '.join(map(str, bad))} differ from rank 0 in their {label}{extra}; every "
                     "rank must get the same command line and see the same files (on every machine)."
                 )
 
