@@ -27,12 +27,14 @@ MODEL_FILES = [
         "what": "a DreamCache adapter (required)",
         "hint": "the authors' SD 2.1-base adapter cross_attention-199999.pt from "
                 "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K (optionally convert it with "
-                "`python -m dreamcache convert cross_attention-199999.pt --family sd2`), or one you trained with `python -m dreamcache.train`",
+                "`python -m dreamcache convert cross_attention-199999.pt --family sd2`), or one you trained with "
+                "`python -m dreamcache.train`",
     },
     {
         "folder": "sams", "patterns": (".pth", ".pt", ".safetensors"),
         "what": "a Segment Anything checkpoint (optional: only for SubjectMask's auto/box/points modes)",
-        "hint": "sam_vit_b_01ec64.pth (375 MB) from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
+        "hint": "sam_vit_b_01ec64.pth (375 MB) from "
+                "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
                 "(or vit_l / vit_h from the same place)",
     },
     {
@@ -105,14 +107,16 @@ def copy_examples(input_dir: str) -> list[str]:
     copied = []
     examples = os.path.join(HERE, "workflows")
     for name in sorted(os.listdir(examples)):
-        if name.startswith("dreamcache_example_") and name.endswith(".png") and not os.path.exists(os.path.join(input_dir, name)):
+        example = name.startswith("dreamcache_example_") and name.endswith(".png")
+        if example and not os.path.exists(os.path.join(input_dir, name)):
             shutil.copyfile(os.path.join(examples, name), os.path.join(input_dir, name))
             copied.append(name)
     return copied
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model checklist")
+    ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model "
+                                             "checklist")
     ap.add_argument("--comfyui", help="ComfyUI directory (default: COMFYUI_PATH or the folder two levels up)")
     ap.add_argument("--no-install", action="store_true", help="only report missing requirements, do not pip install")
     args = ap.parse_args(argv)
@@ -132,7 +136,8 @@ def main(argv=None) -> int:
 
     root = find_comfyui(args.comfyui)
     if root is None:
-        print("[DreamCache] ComfyUI not found (put the pack in ComfyUI/custom_nodes/ or pass --comfyui); model folders not created.")
+        print("[DreamCache] ComfyUI not found (put the pack in ComfyUI/custom_nodes/ or pass --comfyui); model folders "
+              "not created.")
         return 0
     models = os.path.join(root, "models")
     for name in FOLDERS:

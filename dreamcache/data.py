@@ -1,7 +1,17 @@
-"""``python -m dreamcache.data``: entry point of the training-data commands (dreamcache.apps.data)."""
+"""``python -m dreamcache.data``: entry point of the training-data commands (dreamcache.apps.data.cli).
+
+Imported rather than run (the 0.1 module path), it gives the library of :mod:`dreamcache.apps.data`, with a
+DeprecationWarning."""
 import sys
 
-from .apps.data import main
+from .apps.data.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    import warnings
+
+    from .apps.data import *  # noqa: F401,F403
+
+    warnings.warn("dreamcache.data moved to dreamcache.apps.data; import it from there.", DeprecationWarning,
+                  stacklevel=2)

@@ -1,7 +1,17 @@
-"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train)."""
+"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train_cli).
+
+Imported rather than run (the 0.1 module path), it gives the configuration and state API of
+:mod:`dreamcache.apps.train`, with a DeprecationWarning."""
 import sys
 
-from .apps.train import main
+from .apps.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    import warnings
+
+    from .apps.train import *  # noqa: F401,F403
+
+    warnings.warn("dreamcache.train moved to dreamcache.apps.train; import it from there.", DeprecationWarning,
+                  stacklevel=2)

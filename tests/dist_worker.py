@@ -88,7 +88,7 @@ def run_rank(spec: dict, models=None):
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["timeout"]))
     _audit(spec["watch"])
 
-    from dreamcache.apps import train, trainer
+    from dreamcache.apps import train_cli, trainer
     from dreamcache.comfy import loading
 
     models = [models] if models is not None else []
@@ -126,7 +126,7 @@ def run_rank(spec: dict, models=None):
                     raise SystemExit(f"{sc['wait_for']} did not appear")
                 time.sleep(0.2)
         print(f"=== scenario {sc['name']} (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)
-        rc = train.main(sc["argv"] + sc.get(f"extra_rank{rank}", []))
+        rc = train_cli.main(sc["argv"] + sc.get(f"extra_rank{rank}", []))
         results.append({"name": sc["name"], "rc": rc})
         result_path.write_text(json.dumps({"results": results, "writes": WRITES}))
     print(f"=== end (at {time.monotonic() - T0:.1f} s)", file=sys.stderr, flush=True)

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from synthetic_data import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,7 +226,7 @@ def _csv(path):
 
 
 def _train_in_process(monkeypatch, models, argv):
-    from dreamcache.apps import train
+    from dreamcache.apps import train_cli
     from dreamcache.comfy import loading
 
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: models)
@@ -235,7 +234,7 @@ def _train_in_process(monkeypatch, models, argv):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): on a loaded machine 2 threads spin and wait
     try:
-        return train.main(argv)
+        return train_cli.main(argv)
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
@@ -416,6 +415,7 @@ def _items(root: Path) -> dict:
 def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path, monkeypatch, capsys):
     from dreamcache.apps import data as D
     from dreamcache.apps import synth
+    from dreamcache.apps.data import cli as DC
     from dreamcache.apps.distributed import synth_shard
     from dreamcache.core.errors import DreamCacheError
 
@@ -445,7 +445,7 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
         "synth_rejected-shard2of3.jsonl",
         "synth_rejected.jsonl",
     ]
-    assert D.main(["check", str(merged), "--no-progress"]) == 0
+    assert DC.main(["check", str(merged), "--no-progress"]) == 0
     assert "6 objects" not in capsys.readouterr().out  # (the two kite captions were rejected: 4 objects remain)
     # a shard run again renders nothing and skips its finished (and rejected) items
     n = len(calls)
@@ -482,8 +482,8 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
 
 
 def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
-    from dreamcache.apps import data as D
     from dreamcache.apps import synth
+    from dreamcache.apps.data import cli as DC
     from dreamcache.comfy import loading
 
     calls = []
@@ -510,20 +510,20 @@ def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
         "--cpu",
         "--no-progress",
     ]
-    assert D.main([*base, "--shard", "0/2"]) == 0
+    assert DC.main([*base, "--shard", "0/2"]) == 0
     out = capsys.readouterr().out
     assert "2 written" in out and "shard 0/2" in out and len(calls) == 2
-    assert D.main([*base, "--shard", "1/2"]) == 0 and len(calls) == 3
-    assert D.main(["check", str(tmp_path / "ds"), "--no-progress"]) == 0
-    assert D.main([*base, "--shard", "2/2"]) == 2
+    assert DC.main([*base, "--shard", "1/2"]) == 0 and len(calls) == 3
+    assert DC.main(["check", str(tmp_path / "ds"), "--no-progress"]) == 0
+    assert DC.main([*base, "--shard", "2/2"]) == 2
     assert "--shard '2/2'" in capsys.readouterr().err
 
 
 def test_docs_give_the_commands_and_every_option():
     """docs/training-distributed.md has the 1-GPU, 4-GPU and 2-machine commands and explains every option added
     for several processes; the README links it."""
-    from dreamcache.apps import data as D
     from dreamcache.apps import train as T
+    from dreamcache.apps.data import cli as DC
 
     text = (ROOT / "docs" / "training-distributed.md").read_text()
     assert "torchrun --standalone --nproc_per_node 4 -m dreamcache.train" in text
@@ -531,6 +531,6 @@ def test_docs_give_the_commands_and_every_option():
     assert "python -m dreamcache.train --checkpoint" in text and "synth --shard $i/4" in text
     for flag in ("--global-batch", "--dist-timeout", "--dist-backend"):
         assert f"`{flag}`" in text and flag in T.build_parser().format_help()
-    assert "--shard" in D.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
+    assert "--shard" in DC.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
     assert "no GPU" in text and "12 images/s" in text
     assert "docs/training-distributed.md" in (ROOT / "README.md").read_text()

@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 SUBJECT = ROOT / "workflows" / "dreamcache_example_subject.png"
 PERMANENT_IDS = ["DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
-                 "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine", "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
-TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64, "output_blocks.10.1": 32}
+                 "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine",
+                 "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
+TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64,
+                 "output_blocks.10.1": 32}
 
 
 def write_tiny_adapter(path: Path, family: str | None, seed: int = 0):
@@ -54,7 +56,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.apps.server import ComfyServer
+    from dreamcache.apps.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -70,16 +72,23 @@ def basic_prompt(adapter="tiny_sd1.safetensors", family="sd1", steps=2):
         "1": {"class_type": "DreamCacheTestTinyCheckpoint", "inputs": {"family": family, "seed": 0}},
         "2": {"class_type": "DreamCacheLoader", "inputs": {"adapter_name": adapter, "base_family": "from file"}},
         "3": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
-        "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "clip": ["1", 1],
-                                                                      "adapter": ["2", 0], "seed": 0, "resolution": 64, "fit": "pad", "batch_mode": "concat"}},
-        "5": {"class_type": "DreamCacheApply", "inputs": {"model": ["1", 0], "adapter": ["2", 0], "cache": ["4", 0], "strength": 1.0,
+        "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {"model": ["1", 0], "vae": ["1", 2],
+                                                                      "image": ["3", 0], "clip": ["1", 1],
+                                                                      "adapter": ["2", 0], "seed": 0, "resolution": 64,
+                                                                      "fit": "pad", "batch_mode": "concat"}},
+        "5": {"class_type": "DreamCacheApply", "inputs": {"model": ["1", 0], "adapter": ["2", 0], "cache": ["4", 0],
+                                                          "strength": 1.0,
                                                           "start_percent": 0.0, "end_percent": 1.0}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a mug on a beach"}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "9": {"class_type": "DreamCacheDualGuidanceSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["8", 0],
-                                                                        "seed": 0, "steps": steps, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-                                                                        "text_scale": 7.5, "image_scale": 5.0, "mode": "combined"}},
+        "9": {"class_type": "DreamCacheDualGuidanceSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0],
+                                                                        "negative": ["7", 0], "latent_image": ["8", 0],
+                                                                        "seed": 0, "steps": steps,
+                                                                        "sampler_name": "euler", "scheduler": "normal",
+                                                                        "denoise": 1.0,
+                                                                        "text_scale": 7.5, "image_scale": 5.0,
+                                                                        "mode": "combined"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "e2e"}},
     }
@@ -114,7 +123,7 @@ def test_graph_runs_to_a_saved_image(server):
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -135,7 +144,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)
@@ -149,13 +158,16 @@ def test_run_command_against_a_running_server(server, tmp_path):
     wf = tmp_path / "prompt.json"
     wf.write_text(json.dumps(basic_prompt()))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "9.seed=3",
-                        "--set", "SaveImage.filename_prefix=cli", "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set",
+                        "9.seed=3",
+                        "--set", "SaveImage.filename_prefix=cli", "--output", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "queued prompt.json" in r.stdout and "done in" in r.stdout
     saved = list(out.iterdir())
     assert len(saved) == 1 and saved[0].name.startswith("11_cli")
-    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "nope.seed=3"],
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set",
+                        "nope.seed=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "matches 0 nodes" in r.stderr
 
@@ -233,4 +245,5 @@ def test_shipped_workflow_runs(server, live_info, path):
         prompt = tiny_prompt(workflow, info)
         entry = server.client.wait(server.client.queue(prompt), timeout=900)
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file() for img in saved if img["type"] == "output")
+    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
+                         for img in saved if img["type"] == "output")

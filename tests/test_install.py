@@ -17,7 +17,8 @@ def fake_comfyui(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "install.py"), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "install.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_creates_folders_and_lists_missing_models(tmp_path):
@@ -28,10 +29,12 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
         assert (root / "models" / name).is_dir()
     assert r.stdout.count("MISSING") == 3
     assert "drive.google.com" in r.stdout and "dl.fbaipublicfiles.com" in r.stdout
-    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
+    shipped = (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == shipped
     (root / "input" / "dreamcache_example_subject.png").write_bytes(b"the user's own file")
     run("--comfyui", root, "--no-install")
-    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"  # never overwritten
+    # never overwritten
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"
     (root / "models" / "dreamcache" / "cross_attention-199999.pt").write_bytes(b"x")
     r = run("--comfyui", root, "--no-install")
     assert "ok      dreamcache/: cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 2
@@ -56,6 +59,7 @@ def test_without_comfyui_it_says_so(tmp_path):
 
     if ROOT.parent.name == "custom_nodes":
         pytest.skip("the pack sits inside a ComfyUI tree, so install.py finds it")
-    r = subprocess.run([sys.executable, str(ROOT / "install.py"), "--no-install"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, str(ROOT / "install.py"), "--no-install"], capture_output=True, text=True,
+                       timeout=120,
                        cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and "ComfyUI not found" in r.stdout

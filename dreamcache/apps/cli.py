@@ -1,6 +1,7 @@
-"""``python -m dreamcache``: command-line tools that need no ComfyUI (convert, info).
-
-Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules.
+"""``python -m dreamcache``: the pack's command line. ``convert`` and ``info`` need no ComfyUI; ``run`` runs a
+workflow against a ComfyUI server (:mod:`.runner`). :data:`COMMANDS` lists the subcommands; training has its own
+command lines (``python -m dreamcache.data``, ``python -m dreamcache.train``). :func:`run_main` (parse, run, a
+DreamCacheError becomes one ``error:`` line and exit code 2) serves the data command line too.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import sys
 from .. import __version__
 from ..core.adapter_io import STORAGE_DTYPES
 from ..core.errors import DreamCacheError
-
 
 
 def cmd_convert(args) -> int:
@@ -28,19 +28,20 @@ def cmd_convert(args) -> int:
     print(f"wrote {dst}: {len(written.layers)} layers, {written.parameter_count():,} parameters, "
           f"base family {written.family or 'unknown'}, {os.path.getsize(dst) / 1e6:.1f} MB")
     if written.family is None:
-        print("note: the base family is unknown (a reference .pt cannot say it); pass --family sd2 for the released SD 2.1-base adapter.")
+        print("note: the base family is unknown (a reference .pt cannot say it); pass --family sd2 for the released SD "
+              "2.1-base adapter.")
     return 0 if af else 1
 
 
 def _is_cache(path: str) -> bool:
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return False
-    from safetensors import safe_open
+    from ..core.cache import CACHE_FORMAT
+    from ..core.files import SAFETENSORS_EXTENSIONS, read_safetensors
 
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return False
     try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "dreamcache.cache"
-    except Exception:
+        return read_safetensors(path, path, "not a cache", tensors=False)[1].get("format") == CACHE_FORMAT
+    except DreamCacheError:
         return False
 
 
@@ -55,17 +56,21 @@ def cmd_info(args) -> int:
 
         a = read_adapter(args.file)
         info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),
-                "layers": {str(r): a.channels[r] for r in a.layers}, "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
+                "layers": {str(r): a.channels[r] for r in a.layers},
+                "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
     print(json.dumps(info, indent=2))
     return 0
 
 
 def _add_convert(sub):
-    p = sub.add_parser("convert", help="convert a reference .pt adapter to the pack's .safetensors format (lossless, strict)")
+    p = sub.add_parser("convert", help="convert a reference .pt adapter to the pack's .safetensors format (lossless, "
+                                       "strict)")
     p.add_argument("src", help="adapter file to read (.pt from the reference code, or .safetensors)")
     p.add_argument("dst", nargs="?", help="output .safetensors (default: next to src)")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family to record (the released adapter is sd2)")
-    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="keep", help="storage precision (fp16 halves the size)")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family to record (the released adapter "
+                                                                    "is sd2)")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="keep",
+                   help="storage precision (fp16 halves the size)")
     p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -87,8 +92,10 @@ COMMANDS = {"convert": _add_convert, "info": _add_info, "run": _add_run}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dreamcache", description=f"ComfyUI-DreamCache {__version__} command-line tools",
-                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, python -m dreamcache.train (see README).")
+    parser = argparse.ArgumentParser(prog="python -m dreamcache",
+                                     description=f"ComfyUI-DreamCache {__version__} command-line tools",
+                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, "
+                                            "python -m dreamcache.train (see README).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)

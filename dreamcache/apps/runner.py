@@ -12,16 +12,17 @@ import sys
 import time
 import urllib.parse
 
-from . import workflow as wf
 from ..core.errors import DreamCacheError
-from .server import Client, ComfyServer, ServerError
+from . import workflow as wf
+from .comfy_client import Client, ComfyServer, ServerError
 
 
 def _log(msg: str):
     print(msg, flush=True)
 
 
-def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrides: list[str], object_info: dict | None = None) -> dict:
+def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrides: list[str],
+                   object_info: dict | None = None) -> dict:
     object_info = object_info if object_info is not None else client.object_info()
     if wf.is_ui_workflow(data):
         prompt = wf.ui_to_api(data, object_info)
@@ -30,7 +31,8 @@ def prepare_prompt(client: Client, data: dict, workflow_dir: str | None, overrid
     else:
         raise wf.WorkflowError("This JSON is neither a UI-format workflow nor an API-format prompt.")
     prompt = wf.apply_overrides(prompt, overrides)
-    available = set(wf.combo_options(object_info.get("LoadImage", {}).get("input", {}).get("required", {}).get("image")))
+    available = set(wf.combo_options(object_info.get("LoadImage", {}).get("input", {}).get("required",
+                                                                                           {}).get("image")))
     for node in prompt.values():
         if node["class_type"] in ("LoadImage", "LoadImageMask"):
             name = node["inputs"].get("image")
@@ -78,7 +80,8 @@ def save_outputs(client: Client, entry: dict, out_dir: str) -> list[str]:
 
 
 def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | None = None, server: str | None = None,
-                 output: str = "dreamcache_outputs", timeout: float = 3600, cpu: bool | None = None, base_directory: str | None = None) -> list[str]:
+                 output: str = "dreamcache_outputs", timeout: float = 3600, cpu: bool | None = None,
+                 base_directory: str | None = None) -> list[str]:
     data = wf.load(path)
     workflow_dir = os.path.dirname(os.path.abspath(path))
     started = None
@@ -90,7 +93,8 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
 
             root = find_comfyui(comfyui)
             if root is None:
-                raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or --server URL.")
+                raise DreamCacheError("ComfyUI was not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or "
+                                      "--server URL.")
             _log(f"starting ComfyUI from {root} ...")
             started = ComfyServer(root, base_directory=base_directory, cpu=cpu).start()
             client = started.client
@@ -126,7 +130,8 @@ def add_parser(sub):
 
 def _main(args) -> int:
     try:
-        run_workflow(args.workflow, args.overrides, args.comfyui, args.server, args.output, args.timeout, args.cpu, args.base_directory)
+        run_workflow(args.workflow, args.overrides, args.comfyui, args.server, args.output, args.timeout, args.cpu,
+                     args.base_directory)
     except ServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -45,7 +45,8 @@ def is_ui_workflow(data) -> bool:
 
 
 def is_api_prompt(data) -> bool:
-    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    return isinstance(data, dict) and bool(data) and all(isinstance(v,
+                                                                    dict) and "class_type" in v for v in data.values())
 
 
 def load(path: str) -> dict:
@@ -62,7 +63,8 @@ def links_of(workflow: dict) -> dict[int, Link]:
     out = {}
     for raw in workflow.get("links") or []:
         if isinstance(raw, dict):  # newer serialisation
-            link = Link(raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"], str(raw.get("type", "*")))
+            link = Link(raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"],
+                        str(raw.get("type", "*")))
         else:
             link = Link(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]), str(raw[5]))
         out[link.id] = link
@@ -82,7 +84,8 @@ def widget_slots(spec) -> tuple[bool, int]:
     """(is a widget, how many extra values the frontend stores after it)."""
     typ = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
     opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-    is_widget = (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput") and not opts.get("rawLink")
+    is_widget = (isinstance(typ,
+                            list) or typ in WIDGET_TYPES) and not opts.get("forceInput") and not opts.get("rawLink")
     if not is_widget:
         return False, 0
     extra = 1 if opts.get("control_after_generate") else 0
@@ -91,7 +94,8 @@ def widget_slots(spec) -> tuple[bool, int]:
 
 
 def combo_options(spec) -> list:
-    """The choices of a COMBO input spec, in either /object_info form (V1 ``[[...], opts]`` or V3 ``["COMBO", {"options": [...]}]``)."""
+    """The choices of a COMBO input spec, in either /object_info form (V1 ``[[...], opts]`` or
+    V3 ``["COMBO", {"options": [...]}]``)."""
     if isinstance(spec, (list, tuple)) and spec:
         if isinstance(spec[0], list):
             return list(spec[0])
@@ -111,7 +115,8 @@ def _title(node: dict) -> str:
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow to an API prompt ``{id: {"class_type", "inputs", "_meta"}}``."""
     if not is_ui_workflow(workflow):
-        raise WorkflowError("This is not a UI-format workflow (no 'nodes' and 'links'); API-format prompts need no conversion.")
+        raise WorkflowError("This is not a UI-format workflow (no 'nodes' and 'links'); API-format prompts need no "
+                            "conversion.")
     nodes = {int(n["id"]): n for n in workflow["nodes"]}
     links = links_of(workflow)
 
@@ -147,7 +152,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         info = object_info.get(kind)
         if info is None:
-            raise WorkflowError(f"{_title(node)}: node type '{kind}' is not installed in this ComfyUI; install the pack that provides it.")
+            raise WorkflowError(f"{_title(node)}: node type '{kind}' is not installed in this ComfyUI; install the "
+                                "pack that provides it.")
         values = node.get("widgets_values")
         by_name = values if isinstance(values, dict) else None
         values = list(values or []) if by_name is None else []
@@ -171,7 +177,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = value
             elif section == "required":
                 raise WorkflowError(f"{_title(node)}: required input '{name}' is not connected and has no value.")
-        prompt[str(nid)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
+        prompt[str(nid)] = {"class_type": kind, "inputs": inputs,
+                            "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
     return prompt
 
 
@@ -190,8 +197,10 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
             problems.append(f"link {link.id} is not listed on output {link.origin_slot} of {_title(o)}")
         if link.target_slot >= len(ins) or ins[link.target_slot].get("link") != link.id:
             problems.append(f"link {link.id} is not the link of input {link.target_slot} of {_title(t)}")
-        elif link.type != "*" and ins[link.target_slot].get("type") not in (link.type, "*") and link.type not in str(ins[link.target_slot].get("type")).split(","):
-            problems.append(f"link {link.id} carries {link.type} into input '{ins[link.target_slot].get('name')}' ({ins[link.target_slot].get('type')}) of {_title(t)}")
+        elif link.type != "*" and ins[link.target_slot].get("type") not in (link.type, "*") \
+                and link.type not in str(ins[link.target_slot].get("type")).split(","):
+            problems.append(f"link {link.id} carries {link.type} into input '{ins[link.target_slot].get('name')}' "
+                            f"({ins[link.target_slot].get('type')}) of {_title(t)}")
     for nid, node in nodes.items():
         kind = node.get("type")
         if kind in FRONTEND_ONLY:
@@ -205,7 +214,8 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
             problems.append(f"{_title(node)}: {len(values)} widget values, the schema has {widget_value_count(info)}")
         for slot, out in enumerate(node.get("outputs") or []):
             declared = info.get("output", [])
-            if slot < len(declared) and out.get("type") not in (declared[slot], "*") and not isinstance(declared[slot], list):
+            if slot < len(declared) and out.get("type") not in (declared[slot], "*") and not isinstance(declared[slot],
+                                                                                                        list):
                 problems.append(f"{_title(node)}: output {slot} is {out.get('type')}, the schema says {declared[slot]}")
     for dep in workflow.get("models", []):
         if not {"name", "directory"} <= set(dep):
@@ -219,7 +229,8 @@ def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
     out = {k: {**v, "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise WorkflowError(f"Override '{item}' must look like NODE.INPUT=VALUE (e.g. 3.seed=7 or KSampler.steps=20).")
+            raise WorkflowError(f"Override '{item}' must look like NODE.INPUT=VALUE (e.g. 3.seed=7 or "
+                                "KSampler.steps=20).")
         key, raw = item.split("=", 1)
         node_ref, name = key.rsplit(".", 1)
         matches = [k for k, v in out.items() if node_ref in (k, v.get("_meta", {}).get("title"))]

@@ -45,7 +45,8 @@ class Client:
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
 
-    def _request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 60):
+    def _request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 60):
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -72,7 +73,8 @@ class Client:
 
     def queue(self, prompt: dict, extra: dict | None = None) -> str:
         payload = {"prompt": prompt, "client_id": self.client_id, **(extra or {})}
-        status, body = self._request("POST", "/prompt", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        status, body = self._request("POST", "/prompt", json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
         try:
             answer = json.loads(body)
         except json.JSONDecodeError:
@@ -87,11 +89,14 @@ class Client:
         with open(path, "rb") as f:
             content = f.read()
         parts = [
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n",
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n{'true' if overwrite else 'false'}\r\n".encode(),
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: "
+            "application/octet-stream\r\n\r\n".encode() + content + b"\r\n",
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            f"name=\"overwrite\"\r\n\r\n{'true' if overwrite else 'false'}\r\n".encode(),
             f"--{boundary}--\r\n".encode(),
         ]
-        status, body = self._request("POST", "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        status, body = self._request("POST", "/upload/image", b"".join(parts),
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         if status != 200:
             raise ServerError(f"Uploading {name} failed with HTTP {status}.")
         return json.loads(body)["name"]
@@ -115,7 +120,8 @@ class Client:
             while time.monotonic() < deadline:
                 if ws is not None:
                     msg = ws.receive(timeout=0.5)
-                    if msg is not None and on_event is not None and msg.get("data", {}).get("prompt_id", prompt_id) == prompt_id:
+                    if msg is not None and on_event is not None and msg.get("data", {}).get("prompt_id",
+                                                                                            prompt_id) == prompt_id:
                         on_event(msg)
                 else:
                     time.sleep(0.3)
@@ -136,14 +142,16 @@ def describe_rejection(answer: dict) -> str:
     lines = [err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")]
     for nid, ne in (answer.get("node_errors") or {}).items():
         for e in ne.get("errors", []):
-            lines.append(f"node {nid} ({ne.get('class_type')}): {e.get('message')}" + (f" — {e['details']}" if e.get("details") else ""))
+            details = f" — {e['details']}" if e.get("details") else ""
+            lines.append(f"node {nid} ({ne.get('class_type')}): {e.get('message')}" + details)
     return "; ".join(lines)
 
 
 def describe_failure(entry: dict) -> str:
     for kind, data in entry.get("status", {}).get("messages", []):
         if kind == "execution_error":
-            return f"node {data.get('node_id')} ({data.get('node_type')}) failed: {data.get('exception_message', '').strip()}"
+            return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                    f"{data.get('exception_message', '').strip()}")
         if kind == "execution_interrupted":
             return "The prompt was interrupted."
     return "The prompt failed."
@@ -167,7 +175,8 @@ class WebSocket:
                 raise OSError("websocket handshake closed")
             head += chunk
         header, self.buf = head.split(b"\r\n\r\n", 1)
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        accept = base64.b64encode(digest).decode()
         if b" 101 " not in header.split(b"\r\n", 1)[0] or accept.encode() not in header:
             raise OSError("websocket handshake refused")
 
@@ -189,7 +198,8 @@ class WebSocket:
         else:
             head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack(">Q", n)
         mask = os.urandom(4)
-        masked = (int.from_bytes(payload, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")).to_bytes(n + 4, "little")[:n] if n else b""
+        mixed = int.from_bytes(payload, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")
+        masked = mixed.to_bytes(n + 4, "little")[:n] if n else b""
         self.sock.sendall(head + mask + masked)
 
     def send_json(self, obj):
@@ -231,7 +241,8 @@ class ComfyServer:
     """A ComfyUI server started for a run: ``with ComfyServer(comfyui_dir) as server: server.client.queue(...)``."""
 
     def __init__(self, comfyui: str | os.PathLike, base_directory: str | None = None, cpu: bool | None = None,
-                 extra_args: list[str] | None = None, python: str | None = None, log_path: str | None = None, startup_timeout: float = 600):
+                 extra_args: list[str] | None = None, python: str | None = None, log_path: str | None = None,
+                 startup_timeout: float = 600):
         self.comfyui = Path(comfyui)
         self.base_directory = base_directory
         self.cpu = cpu
@@ -270,7 +281,8 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log: {self.log_tail()}")
+                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log: "
+                                  f"{self.log_tail()}")
             try:
                 self.client.get_json("/system_stats", timeout=5)
                 return self
