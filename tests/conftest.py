@@ -50,26 +50,42 @@ for p in (str(ROOT), str(TESTS)):
     if p not in sys.path:
         sys.path.append(p)
 
+from helpers import ON_GPU, TEST_DEVICE  # noqa: E402  (tests/ is on sys.path now)
+
 
 def pytest_report_header(config):
     where = f"ComfyUI at {COMFYUI}" if COMFYUI else NO_COMFY
-    return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}"]
+    return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}",
+            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE)"]
 
 
 @pytest.fixture(scope="session")
 def comfy():
-    """Imports ComfyUI in CPU mode and returns its root path (skips the test without ComfyUI)."""
+    """Imports ComfyUI in CPU mode (or on the GPU with DREAMCACHE_TEST_DEVICE=cuda) and returns its root path
+    (skips the test without ComfyUI)."""
     if COMFYUI is None:
         pytest.skip(NO_COMFY)
+    import torch
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = not ON_GPU
     args.disable_api_nodes = True
+    if ON_GPU:
+        if TEST_DEVICE != "cuda" or not torch.cuda.is_available():
+            raise pytest.UsageError(f"DREAMCACHE_TEST_DEVICE={TEST_DEVICE}: only 'cuda' is supported, and it needs a CUDA GPU")
+        # parity at 1e-5 needs full fp32 matmuls and convolutions (TF32 rounds to 10 mantissa bits)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import comfy.samplers  # noqa: F401
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
 
     assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    if ON_GPU:  # ComfyUI may change these while importing; the parity bounds assume fp32 everywhere
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        assert comfy.model_management.get_torch_device().type == "cuda"
     return COMFYUI
 
 
