@@ -18,6 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
+# One CPU thread for the tests and the processes they start (ComfyUI servers, CLIs), unless DREAMCACHE_TEST_THREADS
+# says otherwise: the tiny models' operations are far too small to split, and on a 2-core machine two OpenMP threads
+# spin-wait on each other (a ControlNet guidance test: 4.8 s with one thread, 78 s with two on a busy machine).
+# benchmarks/bench.py sets its own thread count.
+TEST_THREADS = os.environ.get("DREAMCACHE_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
+os.environ["MKL_NUM_THREADS"] = TEST_THREADS
+
 
 def _find_comfyui() -> Path | None:
     env = os.environ.get("COMFYUI_PATH")
@@ -53,10 +61,16 @@ for p in (str(ROOT), str(TESTS)):
 from helpers import ON_GPU, TEST_DEVICE  # noqa: E402  (tests/ is on sys.path now)
 
 
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(TEST_THREADS))
+
+
 def pytest_report_header(config):
     where = f"ComfyUI at {COMFYUI}" if COMFYUI else NO_COMFY
     return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}",
-            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE)"]
+            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE), {TEST_THREADS} CPU thread(s)"]
 
 
 @pytest.fixture(scope="session")
