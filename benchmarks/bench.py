@@ -170,7 +170,7 @@ def count_flops(model, patch, latent, cond) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     import comfy.ldm.modules.attention as A
-    from dreamcache.patch import DreamCachePatch
+    from dreamcache.core.patch import DreamCachePatch
 
     def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
         assert mask is None and not skip_reshape and not skip_output_reshape
@@ -232,12 +232,12 @@ def main(argv=None):
     import comfy.model_management as mm
     import comfy.samplers
 
-    from dreamcache.adapter_io import AdapterFile, save_adapter
-    from dreamcache.adapter import DreamCacheAdapter
-    from dreamcache.cache import save_cache
+    from dreamcache.core.adapter_io import AdapterFile, save_adapter
+    from dreamcache.core.adapter import DreamCacheAdapter
+    from dreamcache.core.cache import save_cache
     from dreamcache.comfy import cache_pass, guidance, patching
     from dreamcache.comfy.model import model_channels_at
-    from dreamcache.layers import default_layers
+    from dreamcache.core.layers import default_layers
 
     device = mm.get_torch_device()
     t_start = time.perf_counter()
@@ -289,7 +289,7 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             pass_times.append(time.perf_counter() - t0)
-    from dreamcache.cache import from_captures
+    from dreamcache.core.cache import from_captures
 
     cache = from_captures({r: c.cpu() for r, c in caps.items()}, model_family=family_core)
 

@@ -24,8 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dreamcache import sam as core_sam  # noqa: E402
-from dreamcache import subject  # noqa: E402
+from dreamcache.core import sam as core_sam  # noqa: E402
+from dreamcache.core import subject  # noqa: E402
 
 
 def photo(size: int) -> torch.Tensor:

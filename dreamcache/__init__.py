@@ -1,6 +1,13 @@
-"""DreamCache: finetuning-free personalised generation by feature caching (CVPR 2025), as a library.
+"""DreamCache: finetuning-free personalised generation by feature caching (CVPR 2025).
 
-The framework-light core of the ComfyUI-DreamCache pack: tensors in, tensors out. ComfyUI-specific glue
-lives in :mod:`dreamcache.comfy` (imported only inside ComfyUI) and in the pack's ``nodes/``.
+Three layers, imports going one way only (``apps -> comfy -> core``), see docs/architecture.md:
+
+* :mod:`dreamcache.core`: the method, tensors in and tensors out (torch, safetensors); no ComfyUI.
+* :mod:`dreamcache.comfy`: the glue to ComfyUI's model patcher, samplers and model management.
+* :mod:`dreamcache.apps`: applications built on both (command lines, headless runner, data synthesis, training).
 """
 __version__ = "0.1.0"
+
+from . import _aliases
+
+_aliases.install(__name__)

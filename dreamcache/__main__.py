@@ -1,5 +1,6 @@
+"""``python -m dreamcache``: the pack's command line (dreamcache.apps.cli)."""
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 sys.exit(main())

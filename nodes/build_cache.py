@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..dreamcache.comfy.cache_pass import build_feature_cache
-from ..dreamcache.image import FIT_MODES
+from ..dreamcache.core.image import FIT_MODES
 from .types import Adapter, Cache
 from .validation import combo_check
 

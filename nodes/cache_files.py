@@ -6,8 +6,8 @@ import os
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..dreamcache.adapter_io import STORAGE_DTYPES
-from ..dreamcache.cache import concat_caches, load_cache, save_cache
+from ..dreamcache.core.adapter_io import STORAGE_DTYPES
+from ..dreamcache.core.cache import concat_caches, load_cache, save_cache
 from . import paths
 from .types import Cache
 from .validation import combo_check

@@ -4,9 +4,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
-from ..dreamcache.adapter_io import read_adapter
-from ..dreamcache.errors import DreamCacheError
-from ..dreamcache.layers import FAMILIES
+from ..dreamcache.core.adapter_io import read_adapter
+from ..dreamcache.core.errors import DreamCacheError
+from ..dreamcache.core.layers import FAMILIES
 from . import paths
 from .types import Adapter
 from .validation import combo_check

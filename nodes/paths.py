@@ -35,7 +35,7 @@ def resolve_file(folder: str, name: str, what: str, hint: str) -> str:
     """Full path of a file picked in a combo, or one clear error naming the folders searched."""
     import folder_paths
 
-    from ..dreamcache.errors import DreamCacheError
+    from ..dreamcache.core.errors import DreamCacheError
 
     path = folder_paths.get_full_path(folder, name)
     if path is None:
@@ -63,7 +63,7 @@ def register_folders():
 def safe_output_path(base_dir: str, prefix: str, extension: str = ".safetensors") -> str:
     """A new file path for ``prefix`` inside ``base_dir``. ``prefix`` may name subfolders but never leaves
     ``base_dir`` (no absolute paths, no '..'); a 5-digit counter keeps earlier files."""
-    from ..dreamcache.errors import DreamCacheError
+    from ..dreamcache.core.errors import DreamCacheError
 
     raw = (prefix or "").strip().replace("\\", "/")
     parts = [p for p in raw.split("/") if p not in ("", ".")]

@@ -7,7 +7,7 @@ from functools import partial
 import folder_paths
 from comfy_api.latest import io
 
-from ..dreamcache import subject
+from ..dreamcache.core import subject
 from ..dreamcache.comfy import sam as sam_glue
 from . import paths
 from .types import Sam

@@ -111,23 +111,16 @@ def random_adapter(core, model, seed: int = 0, layers=None, family=None, scale: 
     import torch
 
     fam = family or core.comfy.model.model_family(model)
-    layers = layers or core.layers.default_layers(fam)
+    layers = layers or core.core.layers.default_layers(fam)
     channels = {ref: core.comfy.model.model_channels_at(model, ref) for ref in layers}
-    module = core.adapter.DreamCacheAdapter(channels)
+    module = core.core.adapter.DreamCacheAdapter(channels)
     module.reset_reference_init(seed)
     if scale != 1.0:
         with torch.no_grad():
             for p in module.parameters():
                 p.mul_(scale)
     tensors = {ref: {k: v.clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
-    return core.adapter_io.AdapterFile(name=f"random-{fam}-{seed}", channels=channels, tensors=tensors, family=fam)
-
-
-def core_module(core, name: str):
-    """A submodule of the pack's core as ComfyUI loaded it (e.g. ``core_module(pack.dreamcache, "reference")``)."""
-    import importlib
-
-    return importlib.import_module(f"{core.__name__}.{name}")
+    return core.core.adapter_io.AdapterFile(name=f"random-{fam}-{seed}", channels=channels, tensors=tensors, family=fam)
 
 
 def prompt_executor(server):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamcache.adapter import DreamCacheAdapter, layer_parameter_count
-from dreamcache.adapter_io import ADAPTER_FORMAT, convert_adapter, read_adapter, save_adapter
-from dreamcache.errors import DreamCacheError
-from dreamcache.layers import SD_LAYERS, SDXL_LAYERS, LayerRef
+from dreamcache.core.adapter import DreamCacheAdapter, layer_parameter_count
+from dreamcache.core.adapter_io import ADAPTER_FORMAT, convert_adapter, read_adapter, save_adapter
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.layers import SD_LAYERS, SDXL_LAYERS, LayerRef
 
 SD_CHANNELS = {"middle_block.1": 1280, "output_blocks.4.1": 1280, "output_blocks.6.1": 640, "output_blocks.8.1": 640, "output_blocks.10.1": 320}
 

@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 
-from dreamcache import reference
-from dreamcache.adapter import DreamCacheAdapter
-from dreamcache.block import fuse, memory_attention, project_memory
-from dreamcache.cache import from_captures
-from dreamcache.errors import DreamCacheError
-from dreamcache.layers import LayerRef
-from dreamcache.patch import PLAN_KEY, SWITCH_KEY, DreamCachePatch, PatchEntry
+import oracle
+from dreamcache.core.adapter import DreamCacheAdapter
+from dreamcache.core.block import fuse, memory_attention, project_memory
+from dreamcache.core.cache import from_captures
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.layers import LayerRef
+from dreamcache.core.patch import PLAN_KEY, SWITCH_KEY, DreamCachePatch, PatchEntry
 
 C, HEADS, CTX = 32, 4, 24
 REF = LayerRef("output_blocks.4.1")
@@ -70,15 +70,15 @@ def host_block(patch, x, text, bsd, to, block=("output", 4), block_index=0):
         extra = {k: v for k, v in to.items() if k not in ("patches", "patches_replace")}
         extra.update(block=block, block_index=block_index, n_heads=HEADS, dim_head=C // HEADS, attn_precision=None)
         patches = to.get("patches", {})
-        n = reference._ln(x, bsd, "norm1.")
-        a = reference._cross_attention(n, n, bsd, "attn1.", HEADS)
+        n = oracle._ln(x, bsd, "norm1.")
+        a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
         for p in patches.get("attn1_output_patch", []):
             a = p(a, extra)
         x = a + x
         for p in patches.get("middle_patch", []):
             x = p(x, extra)
-        x = x + reference._cross_attention(reference._ln(x, bsd, "norm2."), context, bsd, "attn2.", HEADS)
-        h = reference._ln(x, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
+        x = x + oracle._cross_attention(oracle._ln(x, bsd, "norm2."), context, bsd, "attn2.", HEADS)
+        h = oracle._ln(x, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
         h, gate = h.chunk(2, -1)
         return x + (h * torch.nn.functional.gelu(gate)) @ bsd["ff.net.2.weight"].T + bsd["ff.net.2.bias"]
 
@@ -98,9 +98,9 @@ def test_hooked_block_matches_reference():
     x, text = data()
     got = host_block(DreamCachePatch([e]), x, text, bsd, {})
     r = e.cache.tokens[REF]
-    want = reference.dreamcache_block(x, text, r, bsd, adapter_sd(e), HEADS)
+    want = oracle.dreamcache_block(x, text, r, bsd, adapter_sd(e), HEADS)
     assert (got - want).abs().max().item() < 2e-5
-    base = reference.dreamcache_block(x, text, None, bsd, None, HEADS)
+    base = oracle.dreamcache_block(x, text, None, bsd, None, HEADS)
     assert (got - base).abs().max().item() > 1e-2
 
 
@@ -116,7 +116,7 @@ def test_norm2_mem_sees_the_true_input_even_with_near_zero_layernorm_weights():
     x = x * 1000.0  # large activations: x + a - a is far from x in fp32
     got = host_block(DreamCachePatch([e]), x, text, bsd, {})
     xs = x.double()
-    want = reference.dreamcache_block(xs, text.double(), e.cache.tokens[REF].double(), {k: v.double() for k, v in bsd.items()},
+    want = oracle.dreamcache_block(xs, text.double(), e.cache.tokens[REF].double(), {k: v.double() for k, v in bsd.items()},
                                       {k: v.double() for k, v in adapter_sd(e).items()}, HEADS)
     rel = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-6
@@ -124,8 +124,8 @@ def test_norm2_mem_sees_the_true_input_even_with_near_zero_layernorm_weights():
 
 def _block_tail(x, text, bsd):
     """The block after its self-attention residual: cross-attention and the GEGLU feed-forward."""
-    x = x + reference._cross_attention(reference._ln(x, bsd, "norm2."), text, bsd, "attn2.", HEADS)
-    h = reference._ln(x, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
+    x = x + oracle._cross_attention(oracle._ln(x, bsd, "norm2."), text, bsd, "attn2.", HEADS)
+    h = oracle._ln(x, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
     h, gate = h.chunk(2, -1)
     return x + (h * torch.nn.functional.gelu(gate)) @ bsd["ff.net.2.weight"].T + bsd["ff.net.2.bias"]
 
@@ -147,15 +147,15 @@ def test_strength_endpoints_are_exact():
     layer = e.adapter.layer(REF)
     with torch.no_grad():
         k, v = project_memory(layer, e.cache.tokens[REF])
-        n = reference._ln(x, bsd, "norm1.")
-        a = reference._cross_attention(n, n, bsd, "attn1.", HEADS)
+        n = oracle._ln(x, bsd, "norm1.")
+        a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
         a_c = memory_attention(layer, x, k.expand(x.shape[0], -1, -1), v.expand(x.shape[0], -1, -1), HEADS, patch.attention)
         want_full = _block_tail(x + fuse(layer, a, a_c), text, bsd)
     assert torch.equal(full, want_full)
-    ref_full = reference.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
+    ref_full = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
     assert (full - ref_full).abs().max().item() < 2e-5
     half = host_block(DreamCachePatch([make_entry(strength=0.5)]), x, text, bsd, {})
-    want_half = reference.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS, strength=0.5)
+    want_half = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS, strength=0.5)
     assert (half - want_half).abs().max().item() < 2e-5
     assert not torch.equal(half, full) and not torch.equal(half, zero)
 
@@ -191,12 +191,12 @@ def test_one_cache_broadcasts_and_per_image_caches_map_to_batch_items():
     e1 = make_entry(refs=1)
     got = host_block(DreamCachePatch([e1]), x, text, bsd, {})
     for i in range(2):
-        want = reference.dreamcache_block(x[i:i + 1], text[i:i + 1], e1.cache.tokens[REF], bsd, adapter_sd(e1), HEADS)
+        want = oracle.dreamcache_block(x[i:i + 1], text[i:i + 1], e1.cache.tokens[REF], bsd, adapter_sd(e1), HEADS)
         assert (got[i:i + 1] - want).abs().max().item() < 2e-5
     ep = make_entry(refs=2, per_image=True)
     got = host_block(DreamCachePatch([ep]), x, text, bsd, {"cond_or_uncond": [0]})
     for i in range(2):
-        want = reference.dreamcache_block(x[i:i + 1], text[i:i + 1], ep.cache.tokens[REF][i:i + 1], bsd, adapter_sd(ep), HEADS)
+        want = oracle.dreamcache_block(x[i:i + 1], text[i:i + 1], ep.cache.tokens[REF][i:i + 1], bsd, adapter_sd(ep), HEADS)
         assert (got[i:i + 1] - want).abs().max().item() < 2e-5
     with pytest.raises(DreamCacheError, match="2 per-image references but the batch has 3"):
         host_block(DreamCachePatch([ep]), *data(b=3), bsd, {})
@@ -208,7 +208,7 @@ def test_multi_reference_concat_attends_to_all_tokens():
     e = make_entry(refs=3)
     assert e.cache.tokens[REF].shape == (1, 48, C)
     got = host_block(DreamCachePatch([e]), x, text, bsd, {})
-    want = reference.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
+    want = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
     assert (got - want).abs().max().item() < 2e-5
 
 
@@ -217,16 +217,16 @@ def test_two_entries_add_their_updates():
     x, text = data(b=1)
     e1, e2 = make_entry(seed=1, strength=0.7), make_entry(seed=2, strength=0.4)
     got = host_block(DreamCachePatch([e1, e2]), x, text, bsd, {})
-    n = reference._ln(x, bsd, "norm1.")
-    a = reference._cross_attention(n, n, bsd, "attn1.", HEADS)
+    n = oracle._ln(x, bsd, "norm1.")
+    a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
 
     def fused(e):
-        ac = reference.memory_branch(x, e.cache.tokens[REF], adapter_sd(e), HEADS)
+        ac = oracle.memory_branch(x, e.cache.tokens[REF], adapter_sd(e), HEADS)
         return torch.cat([a, ac], -1) @ adapter_sd(e)["linear_cat.weight"].T + adapter_sd(e)["linear_cat.bias"]
 
     x1 = x + a + 0.7 * (fused(e1) - a) + 0.4 * (fused(e2) - a)
-    x1 = x1 + reference._cross_attention(reference._ln(x1, bsd, "norm2."), text, bsd, "attn2.", HEADS)
-    h = reference._ln(x1, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
+    x1 = x1 + oracle._cross_attention(oracle._ln(x1, bsd, "norm2."), text, bsd, "attn2.", HEADS)
+    h = oracle._ln(x1, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
     h, gate = h.chunk(2, -1)
     want = x1 + (h * torch.nn.functional.gelu(gate)) @ bsd["ff.net.2.weight"].T + bsd["ff.net.2.bias"]
     assert (got - want).abs().max().item() < 2e-5
@@ -275,8 +275,8 @@ def test_other_packs_hooks_keep_their_order_around_ours():
     assert lists == snapshot  # caller's lists untouched
     want = host_block(patch, x, text, bsd, {})
     assert torch.equal(got, want)
-    n = reference._ln(x, bsd, "norm1.")
-    assert (seen["a"] - reference._cross_attention(n, n, bsd, "attn1.", HEADS)).abs().max().item() < 1e-6
+    n = oracle._ln(x, bsd, "norm1.")
+    assert (seen["a"] - oracle._cross_attention(n, n, bsd, "attn1.", HEADS)).abs().max().item() < 1e-6
     assert seen["x"].shape == x.shape and not torch.equal(seen["x"], x)
 
 
@@ -287,8 +287,8 @@ def test_hooks_without_the_wrapper_still_compute_correctly():
     bsd = block_state()
     x, text = data()
     extra = {"block": ("output", 4), "block_index": 0, "n_heads": HEADS}
-    n = reference._ln(x, bsd, "norm1.")
-    a = reference._cross_attention(n, n, bsd, "attn1.", HEADS)
+    n = oracle._ln(x, bsd, "norm1.")
+    a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
     z = patch.output_hook(a, extra)
     assert z.shape == a.shape and not z.any()
     mid = patch.middle_hook(z + x, extra)
@@ -299,7 +299,7 @@ def test_hooks_without_the_wrapper_still_compute_correctly():
         return x
 
     patch.wrapper(ex, x, None, text, None, None, {})
-    ac = reference.memory_branch(x, e.cache.tokens[REF], adapter_sd(e), HEADS)
+    ac = oracle.memory_branch(x, e.cache.tokens[REF], adapter_sd(e), HEADS)
     want = x + torch.cat([a, ac], -1) @ adapter_sd(e)["linear_cat.weight"].T + adapter_sd(e)["linear_cat.bias"]
     assert (mid - want).abs().max().item() < 2e-5
     assert with_wrapper["plan"].ordered

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dreamcache.adapter_io import read_adapter
+from dreamcache.core.adapter_io import read_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +47,8 @@ def test_convert_errors(tmp_path):
 
 
 def test_info_on_a_cache(tmp_path):
-    from dreamcache.cache import from_captures, save_cache
-    from dreamcache.layers import LayerRef
+    from dreamcache.core.cache import from_captures, save_cache
+    from dreamcache.core.layers import LayerRef
 
     save_cache(from_captures({LayerRef("middle_block.1"): torch.randn(1, 8, 2, 2)}, model_family="sd1"), str(tmp_path / "c.safetensors"))
     info = json.loads(run("info", tmp_path / "c.safetensors").stdout)

@@ -11,7 +11,8 @@ import zlib
 import pytest
 import torch
 
-from helpers import core_module, random_adapter
+import oracle
+from helpers import random_adapter
 
 PERMANENT_IDS = {
     "DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider", "DreamCacheDualGuidanceSampler",
@@ -57,9 +58,9 @@ def test_real_block_matches_reference(pack, family):
         x = torch.randn(2, 24, c, generator=g)
         text = torch.randn(2, 7, blk.attn2.to_k.in_features, generator=g)
         caps = {ref: torch.randn(1, c, 3, 4, generator=g) * 2}
-        single = core.adapter_io.AdapterFile(name=str(ref), channels={ref: c}, tensors={ref: adapter.tensors[ref]})
-        entry = core.patch.PatchEntry(single.build(), core.cache.from_captures(caps))
-        patch = core.patch.DreamCachePatch([entry], attention=core.comfy.patching.comfy_attention)
+        single = core.core.adapter_io.AdapterFile(name=str(ref), channels={ref: c}, tensors={ref: adapter.tensors[ref]})
+        entry = core.core.patch.PatchEntry(single.build(), core.core.cache.from_captures(caps))
+        patch = core.core.patch.DreamCachePatch([entry], attention=core.comfy.patching.comfy_attention)
         to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]}, "block": ref.comfy_block, "block_index": ref.block_index}
 
         def run(to):
@@ -72,8 +73,8 @@ def test_real_block_matches_reference(pack, family):
             base = run({**to, "patches": {}})
             off = run({**to, "cond_or_uncond": [0], "dreamcache_image": (False,)})
         sd = {k: v.float() for k, v in blk.state_dict().items()}
-        want = core_module(core, "reference").dreamcache_block(x, text, entry.cache.tokens[ref], sd, adapter.tensors[ref], heads)
-        want_base = core_module(core, "reference").dreamcache_block(x, text, None, sd, None, heads)
+        want = oracle.dreamcache_block(x, text, entry.cache.tokens[ref], sd, adapter.tensors[ref], heads)
+        want_base = oracle.dreamcache_block(x, text, None, sd, None, heads)
         assert (got - want).abs().max().item() < 5e-5, ref
         assert (base - want_base).abs().max().item() < 5e-5
         assert torch.equal(off, base)
@@ -85,7 +86,7 @@ def test_real_block_exact_with_norm1_weights_at_zero(pack):
 
     core = pack.dreamcache
     model = make_model("sd2", seed=5)
-    ref = core.layers.LayerRef("output_blocks.4.1")
+    ref = core.core.layers.LayerRef("output_blocks.4.1")
     adapter = random_adapter(core, model, seed=6, layers=[ref])
     blk = _block_and_options(core, model, ref)
     with torch.no_grad():
@@ -95,13 +96,13 @@ def test_real_block_exact_with_norm1_weights_at_zero(pack):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, c, generator=g) * 50
     text = torch.randn(1, 7, blk.attn2.to_k.in_features, generator=g)
-    entry = core.patch.PatchEntry(adapter.build(), core.cache.from_captures({ref: torch.randn(1, c, 2, 2, generator=g)}))
-    patch = core.patch.DreamCachePatch([entry])
+    entry = core.core.patch.PatchEntry(adapter.build(), core.core.cache.from_captures({ref: torch.randn(1, c, 2, 2, generator=g)}))
+    patch = core.core.patch.DreamCachePatch([entry])
     to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]}, "block": ref.comfy_block, "block_index": 0}
     with torch.inference_mode():
         got = patch.wrapper(lambda x, ts, ctx, y, cn, to, **kw: blk(x, context=ctx, transformer_options=to), x, None, text, None, None, to)
     sd = {k: v.double() for k, v in blk.state_dict().items()}
-    want = core_module(core, "reference").dreamcache_block(x.double(), text.double(), entry.cache.tokens[ref].double(), sd,
+    want = oracle.dreamcache_block(x.double(), text.double(), entry.cache.tokens[ref].double(), sd,
                                            {k: v.double() for k, v in adapter.tensors[ref].items()}, blk.n_heads)
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import core_module, cpu_only, denoise_once, eps_from_denoised, run_node
+import oracle
+from helpers import cpu_only, denoise_once, eps_from_denoised, run_node
 
 SIGMA = 3.0
 
@@ -41,7 +42,7 @@ def formula(core, model, x, pos, neg, s_t, s_i, sigma=SIGMA):
     e_it = denoise_once(model, x, sigma, pos, switch=(True,))
     e_i0 = denoise_once(model, x, sigma, neg, switch=(True,))
     e_00 = denoise_once(model, x, sigma, neg, switch=(False,))
-    return core_module(core, "reference").combined_guidance(e_00, e_i0, e_it, s_i, s_t), (e_it, e_i0, e_00)
+    return oracle.combined_guidance(e_00, e_i0, e_it, s_i, s_t), (e_it, e_i0, e_00)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +98,11 @@ def test_combined_guidance_batched_equals_formula(sd1, patched, cond_batches, mo
 def test_combined_guidance_is_the_method_formula_in_eps_space(sd1, patched):
     """method.md states the guidance on noise predictions; the guider combines ComfyUI's x0 predictions. The weights
     sum to one, so both agree: the guided x0 is x − σ·ε̂ with ε̂ the reference formula on the three branches' ε."""
-    reference = core_module(sd1.core, "reference")
     g = sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     x = _x()
     _, branches = formula(sd1.core, patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
     e_it, e_i0, e_00 = (eps_from_denoised(x, b, SIGMA) for b in branches)
-    eps = reference.combined_guidance(e_00, e_i0, e_it, 3.0, 7.5)
+    eps = oracle.combined_guidance(e_00, e_i0, e_it, 3.0, 7.5)
     got = guided_once(g, x)
     assert (got - (x - SIGMA * eps)).abs().max().item() < 1e-4
     # and it is not the plain CFG of the image-on branches (the image term matters)
@@ -253,7 +253,7 @@ def test_an_error_during_sampling_leaves_nothing_patched(sd1, patched):
 
 
 def test_guider_errors(sd1, patched):
-    err = sd1.core.errors.DreamCacheError
+    err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="no DreamCache patch"):
         run_node("DreamCacheGuider", model=sd1.model, positive=sd1.positive, negative=sd1.negative, text_scale=7.5, image_scale=5.0, mode="combined")
     with pytest.raises(err, match="image_scale -1.0 is out of range"):

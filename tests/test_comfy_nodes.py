@@ -60,7 +60,7 @@ def test_build_cache_matches_a_manual_pass(sd1):
         x = scaled + sigma * noise
         got = core.comfy.cache_pass.run_capture_pass(sd1.model, torch.zeros_like(latent), x / sigma, sigma, empty, sd1.adapter.layers)
     for ref in sd1.adapter.layers:
-        assert torch.allclose(core.cache.from_captures(got).tokens[ref], sd1.cache.tokens[ref], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(core.core.cache.from_captures(got).tokens[ref], sd1.cache.tokens[ref], atol=1e-5, rtol=1e-5)
 
 
 def test_multi_reference_concat_and_per_image(sd1):
@@ -75,7 +75,7 @@ def test_multi_reference_concat_and_per_image(sd1):
     # per-image cache: batch item i uses reference i
     (m,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=per)
     out = _den(m, sd1.positive, x=_x(batch=2))
-    (m0,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.core.cache.FeatureCache(
+    (m0,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.core.core.cache.FeatureCache(
         tokens={r: t[:1] for r, t in per.tokens.items()}, spatial=per.spatial, model_family="sd1"))
     assert torch.allclose(out[:1], _den(m0, sd1.positive, x=_x(batch=2)[:1]), atol=1e-5)
 
@@ -89,7 +89,7 @@ def test_alpha_odd_sizes_and_conditioning_override(sd1):
     over, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, adapter=sd1.adapter, resolution=64, conditioning=sd1.positive)
     assert over.conditioning == "custom conditioning"
     assert not torch.equal(over.tokens[sd1.adapter.layers[-1]], sd1.cache.tokens[sd1.adapter.layers[-1]])
-    with pytest.raises(sd1.core.errors.DreamCacheError, match="needs a CLIP"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match="needs a CLIP"):
         run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, adapter=sd1.adapter, resolution=64)
 
 
@@ -151,7 +151,7 @@ def _lora_sd(core, model, scale=0.5, seed=9):
     keymap = comfy.lora.model_lora_keys_unet(model.model, {})
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for ref in core.layers.SD_LAYERS:
+    for ref in core.core.layers.SD_LAYERS:
         prefix = f"diffusion_model.{ref.module}.transformer_blocks.0."
         for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
             wkey = prefix + name + ".weight"
@@ -259,11 +259,11 @@ def test_adapter_that_does_not_fit_names_both(pack, sd1):
 
     xl = make_model("sdxl")
     before_xl, before_sd1 = _patch_state(xl), _patch_state(sd1.model)
-    with pytest.raises(sd1.core.errors.DreamCacheError, match=r"Adapter 'random-sd1-0' \(for SD1.x\) does not fit this SDXL model: .*channels in the adapter but .* in the model"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"Adapter 'random-sd1-0' \(for SD1.x\) does not fit this SDXL model: .*channels in the adapter but .* in the model"):
         run_node("DreamCacheApply", model=xl, adapter=sd1.adapter, cache=sd1.cache)
     sd2 = make_model("sd2")
     wrong_family = random_adapter(sd1.core, sd2, family="sd2")
-    with pytest.raises(sd1.core.errors.DreamCacheError, match=r"trained for SD2.x but this model is SD1.x"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"trained for SD2.x but this model is SD1.x"):
         run_node("DreamCacheApply", model=sd1.model, adapter=wrong_family, cache=sd1.cache)
     # a failed apply leaves nothing patched on the models it was given
     assert _patch_state(xl) == before_xl and _patch_state(sd1.model) == before_sd1
@@ -278,16 +278,16 @@ def test_cache_from_another_family_or_adapter(pack, sd1):
 
     sd2 = make_model("sd2")
     ad2 = random_adapter(sd1.core, sd2)
-    with pytest.raises(sd1.core.errors.DreamCacheError, match=r"cache was built with a SD1.x model but the model here is SD2.x"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"cache was built with a SD1.x model but the model here is SD2.x"):
         run_node("DreamCacheApply", model=sd2, adapter=ad2, cache=sd1.cache)
-    ref = sd1.core.layers.LayerRef("input_blocks.4.1")
+    ref = sd1.core.core.layers.LayerRef("input_blocks.4.1")
     other = random_adapter(sd1.core, sd1.model, layers=[ref], family="sd1")
-    with pytest.raises(sd1.core.errors.DreamCacheError, match=r"no features for layer\(s\) input_blocks.4.1"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"no features for layer\(s\) input_blocks.4.1"):
         run_node("DreamCacheApply", model=sd1.model, adapter=other, cache=sd1.cache)
 
 
 def test_out_of_range_values(sd1):
-    err = sd1.core.errors.DreamCacheError
+    err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="strength 5.0 is out of range"):
         sd1.core.comfy.patching.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, strength=5.0)
     with pytest.raises(err, match="start_percent 0.8 and end_percent 0.2"):
@@ -302,7 +302,7 @@ def test_out_of_range_values(sd1):
 def test_loader_errors(sd1, models_dir):
     import folder_paths
 
-    err = sd1.core.errors.DreamCacheError
+    err = sd1.core.core.errors.DreamCacheError
     folder = models_dir / "dreamcache"
     folder.mkdir(exist_ok=True)
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -313,7 +313,7 @@ def test_loader_errors(sd1, models_dir):
     # a typed '../' cannot leave the folder, even to a file that exists beside it
     outside = models_dir / "dreamcache_caches" / "escape_target.safetensors"
     outside.parent.mkdir(exist_ok=True)
-    sd1.core.adapter_io.save_adapter(str(outside), sd1.adapter)  # a valid adapter: loading it would succeed
+    sd1.core.core.adapter_io.save_adapter(str(outside), sd1.adapter)  # a valid adapter: loading it would succeed
     assert folder_paths.get_full_path("dreamcache", "../dreamcache_caches/escape_target.safetensors") is None
     with pytest.raises(err, match="was not found in .*dreamcache"):
         run_node("DreamCacheLoader", adapter_name="../dreamcache_caches/escape_target.safetensors")
@@ -353,7 +353,7 @@ def test_save_and_load_cache_nodes(sd1, models_dir):
 
 @pytest.mark.parametrize("prefix", ["../escape", "/abs/path", "a/../../b", "", "C:/x"])
 def test_save_rejects_paths_outside_the_caches_folder(sd1, prefix):
-    with pytest.raises(sd1.core.errors.DreamCacheError, match="caches folder"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match="caches folder"):
         run_node("DreamCacheSave", cache=sd1.cache, filename_prefix=prefix)
 
 
@@ -363,7 +363,7 @@ def test_load_cache_errors(sd1, models_dir):
     folder = models_dir / "dreamcache_caches"
     folder.mkdir(exist_ok=True)
     save_file({"x": torch.zeros(2)}, str(folder / "foreign.safetensors"))
-    with pytest.raises(sd1.core.errors.DreamCacheError, match="not a DreamCache cache file"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match="not a DreamCache cache file"):
         run_node("DreamCacheLoad", cache_name="foreign.safetensors")
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamcache import data as D
-from dreamcache import train as T
-from dreamcache.adapter import DreamCacheAdapter
-from dreamcache.errors import DreamCacheError
-from dreamcache.layers import SD_LAYERS
+from dreamcache.apps import data as D
+from dreamcache.apps import train as T
+from dreamcache.core.adapter import DreamCacheAdapter
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.layers import SD_LAYERS
 from synthetic_data import make_dataset
 
 
@@ -254,15 +254,11 @@ def test_write_item_and_done(tmp_path):
     assert len(index) == 1 and D.load_mask(index.items[0].mask).sum() == 64
 
 
-def test_sam_masks_need_the_subjectmask_core(monkeypatch, tmp_path):
-    import dreamcache
+def test_sam_masker_prompts_sam_with_the_box_in_pixels(monkeypatch, tmp_path):
+    """--masks sam: the box given in fractions reaches SAM in pixels, and SAM's soft mask is thresholded."""
+    from dreamcache.core import sam as core_sam
 
     ns = argparse.Namespace(sam=str(tmp_path / "sam.pth"), sam_mode="auto", sam_box=None, white_threshold=0.94)
-    monkeypatch.setattr(dreamcache, "sam", None, raising=False)
-    monkeypatch.setitem(sys.modules, "dreamcache.sam", None)  # as on an install without SubjectMask's SAM code
-    with pytest.raises(DreamCacheError, match="SubjectMask core"):
-        D.MASKERS["sam"](ns)
-
     class FakeSam:
         calls = []
 
@@ -278,8 +274,8 @@ def test_sam_masks_need_the_subjectmask_core(monkeypatch, tmp_path):
             return out
 
     (tmp_path / "sam.pth").write_bytes(b"x")
-    monkeypatch.setattr(dreamcache, "sam", FakeSam, raising=False)
-    monkeypatch.setitem(sys.modules, "dreamcache.sam", FakeSam)
+    monkeypatch.setattr(core_sam, "load_sam", FakeSam.load_sam)
+    monkeypatch.setattr(core_sam, "predict", FakeSam.predict)
     ns.sam_mode, ns.sam_box = "box", "0.25,0.25,0.75,0.5"
     masker = D.MASKERS["sam"](ns)
     m = masker(torch.rand(8, 16, 3))
@@ -318,7 +314,7 @@ def test_training_state_round_trip_is_exact(tmp_path):
     assert T.find_latest_state(str(tmp_path / "a.safetensors")) == str(path)
     assert T.resolve_resume(str(tmp_path / "a-step000003.safetensors"), None) == str(path)
     with pytest.raises(DreamCacheError, match="not a DreamCache training state"):
-        from dreamcache.adapter_io import save_adapter
+        from dreamcache.core.adapter_io import save_adapter
         save_adapter(str(tmp_path / "x.safetensors"), adapter)
         T.load_state(str(tmp_path / "x.safetensors"))
 
@@ -344,7 +340,7 @@ def test_sam_masker_runs_the_subjectmask_core(tmp_path, monkeypatch):
     """With SubjectMask's SAM core present (dreamcache/sam.py), --masks sam loads a SAM file through it and returns
     boolean subject masks (a tiny seeded SAM stands in for the real checkpoint)."""
     try:
-        from dreamcache import sam as core_sam
+        from dreamcache.core import sam as core_sam
     except ImportError:
         pytest.skip("SubjectMask's SAM core (dreamcache/sam.py) is not in this checkout")
     tiny_sam = pytest.importorskip("tiny_sam")

@@ -30,9 +30,9 @@ TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks
 
 def write_tiny_adapter(path: Path, family: str | None, seed: int = 0):
     """An adapter whose channels fit the tiny SD1/SD2 models of tests/tiny_models.py."""
-    from dreamcache.adapter import DreamCacheAdapter
-    from dreamcache.adapter_io import save_adapter
-    from dreamcache.layers import LayerRef
+    from dreamcache.core.adapter import DreamCacheAdapter
+    from dreamcache.core.adapter_io import save_adapter
+    from dreamcache.core.layers import LayerRef
 
     a = DreamCacheAdapter({LayerRef(m): c for m, c in TINY_CHANNELS.items()})
     a.reset_reference_init(seed)
@@ -57,7 +57,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.server import ComfyServer
+    from dreamcache.apps.server import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -97,7 +97,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
         for section in ("required", "optional"):
             for name, s in spec["input"].get(section, {}).items():
                 assert len(s) > 1 and s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    from dreamcache.workflow import combo_options
+    from dreamcache.apps.workflow import combo_options
 
     assert "tiny_sd1.safetensors" in combo_options(info["DreamCacheLoader"]["input"]["required"]["adapter_name"])
 
@@ -117,7 +117,7 @@ def test_graph_runs_to_a_saved_image(server):
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.server import ServerError
+    from dreamcache.apps.server import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -138,7 +138,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.server import ServerError
+    from dreamcache.apps.server import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)
@@ -181,7 +181,7 @@ FAST = {  # small and quick on a CPU
 
 
 def tiny_prompt(workflow: dict, object_info: dict) -> dict:
-    from dreamcache.workflow import ui_to_api
+    from dreamcache.apps.workflow import ui_to_api
 
     prompt = ui_to_api(workflow, object_info)
     for node in prompt.values():

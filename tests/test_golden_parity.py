@@ -25,7 +25,7 @@ def setup(pack, golden, golden_path, models_dir):
     (models_dir / "dreamcache").mkdir(exist_ok=True)
     shutil.copy(golden_path / "golden_public_adapter.pt", models_dir / "dreamcache" / "golden_public_adapter.pt")
     core = pack.dreamcache
-    core.adapter_io.convert_adapter(str(golden_path / "golden_public_adapter.pt"), str(models_dir / "dreamcache" / "golden_converted.safetensors"), family="sd2")
+    core.core.adapter_io.convert_adapter(str(golden_path / "golden_public_adapter.pt"), str(models_dir / "dreamcache" / "golden_converted.safetensors"), family="sd2")
     model = golden_model(str(golden_path / "golden_public.safetensors"))
     order = json.loads(meta["cache_order"])
     return model, T, order, core
@@ -72,7 +72,7 @@ def test_cache_pass_matches_float64_truth_as_well_as_the_reference(setup, golden
     from tiny_models import golden_model
 
     model, T, order, core = setup
-    layers = core.layers.SD_LAYERS
+    layers = core.core.layers.SD_LAYERS
     m64 = golden_model(str(golden_path / "golden_public.safetensors"), dtype=torch.float64)
     T64 = {k: (v.double() if v.is_floating_point() else v) for k, v in T.items()}
     truth = capture_golden(core, m64, T64, layers)
@@ -85,8 +85,8 @@ def test_cache_pass_matches_float64_truth_as_well_as_the_reference(setup, golden
 
 
 def _golden_cache(core, T, order):
-    caps = {core.layers.LayerRef(m): T[f"expected.cache.memory_layer_{i}"] for i, m in enumerate(order)}
-    return core.cache.from_captures(caps, model_family="sd2", sigma=0.0413, seed=0)
+    caps = {core.core.layers.LayerRef(m): T[f"expected.cache.memory_layer_{i}"] for i, m in enumerate(order)}
+    return core.core.cache.from_captures(caps, model_family="sd2", sigma=0.0413, seed=0)
 
 
 def _eps(model, T, **kw):
@@ -118,7 +118,7 @@ def test_full_pipeline_own_cache_reproduces_reference_eps(setup):
     model, T, order, core = setup
     (adapter,) = run_node("DreamCacheLoader", adapter_name="golden_public_adapter.pt")
     got = capture_golden(core, model, T, adapter.layers)
-    cache = core.cache.from_captures(got, model_family="sd2")
+    cache = core.core.cache.from_captures(got, model_family="sd2")
     (patched,) = run_node("DreamCacheApply", model=model, adapter=adapter, cache=cache)
     assert (_eps(patched, T) - T["expected.eps_dreamcache"]).abs().max().item() <= EPS_TOL
 
@@ -152,6 +152,6 @@ def test_every_patch_point_fires(setup):
     cache = _golden_cache(core, T, order)
     base = _eps(model, T)
     for ref in adapter.layers:
-        single = core.adapter_io.AdapterFile(name=f"only {ref}", channels={ref: adapter.channels[ref]}, tensors={ref: adapter.tensors[ref]})
+        single = core.core.adapter_io.AdapterFile(name=f"only {ref}", channels={ref: adapter.channels[ref]}, tensors={ref: adapter.tensors[ref]})
         (patched,) = run_node("DreamCacheApply", model=model, adapter=single, cache=cache)
         assert (_eps(patched, T) - base).abs().max().item() > 1e-4, f"the hook at {ref} ({ref.hook_key}) never fired"

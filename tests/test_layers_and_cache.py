@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreamcache.cache import FeatureCache, concat_caches, from_captures, load_cache, save_cache
-from dreamcache.capture import StopPass, capture_inputs, run_and_capture
-from dreamcache.errors import DreamCacheError
-from dreamcache.image import prepare_reference, to_rgb_on_white
-from dreamcache.layers import SD_LAYERS, LayerRef, every_second_decoder_layer, sort_layers
+from dreamcache.core.cache import FeatureCache, concat_caches, from_captures, load_cache, save_cache
+from dreamcache.core.capture import StopPass, capture_inputs, run_and_capture
+from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.image import prepare_reference, to_rgb_on_white
+from dreamcache.core.layers import SD_LAYERS, LayerRef, every_second_decoder_layer, sort_layers
 
 
 def test_paper_layers_and_comfy_block_ids():

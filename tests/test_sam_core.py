@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreamcache import sam as core_sam
-from dreamcache import subject
-from dreamcache.errors import DreamCacheError
+from dreamcache.core import sam as core_sam
+from dreamcache.core import subject
+from dreamcache.core.errors import DreamCacheError
 
 pytest.importorskip("segment_anything", reason="segment-anything is not installed (pip install segment-anything)")
 

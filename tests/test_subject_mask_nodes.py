@@ -124,13 +124,13 @@ def test_each_sam_mode_runs_the_full_node_path(core, tiny_sam, monkeypatch, mode
     # SAM went through ComfyUI's model management
     assert spy.calls and all(c == [tiny_sam.patcher] for c in spy.calls)
     # the node's mask is the core SAM's with the same prompts, thresholded at 0.5
-    box, points, labels = core.subject.sam_prompts(mode, 64, 48, **prompts)
-    probs = core.sam.predict_batch(tiny_sam.patcher.model.sam, img, mode, box=box, points=points, labels=labels)
+    box, points, labels = core.core.subject.sam_prompts(mode, 64, 48, **prompts)
+    probs = core.core.sam.predict_batch(tiny_sam.patcher.model.sam, img, mode, box=box, points=points, labels=labels)
     assert torch.equal(mask, (probs > 0.5).float())
     # keep layout: the same mask, the photo's background painted white
     ref_keep, mask_keep = run_node("DreamCacheSubjectMask", image=img, prompt_mode=mode, sam=tiny_sam, layout="keep", **prompts)
     assert torch.equal(mask_keep, mask)
-    assert torch.equal(ref_keep, core.subject.composite(img, mask, (1.0, 1.0, 1.0)))
+    assert torch.equal(ref_keep, core.core.subject.composite(img, mask, (1.0, 1.0, 1.0)))
 
 
 def test_batch_images_are_segmented_one_by_one(tiny_sam):
@@ -172,7 +172,7 @@ def test_odd_inputs_through_the_node(tiny_sam):
 
 
 def test_user_errors_are_dreamcache_errors(core, tiny_sam):
-    err = core.errors.DreamCacheError
+    err = core.core.errors.DreamCacheError
     with pytest.raises(err, match="needs a SAM model"):
         run_node("DreamCacheSubjectMask", image=photo(), prompt_mode="auto")
     with pytest.raises(err, match="box_width and box_height"):
@@ -224,7 +224,7 @@ def test_loader_detects_loads_and_wraps_in_a_model_patcher(core, tiny_sam, sams_
     import comfy.model_patcher
     from tiny_sam import register_tiny_variant
 
-    register_tiny_variant(core.sam, monkeypatch)
+    register_tiny_variant(core.core.sam, monkeypatch)
     torch.save(tiny_sam.patcher.model.sam.state_dict(), str(sams_dir / "tiny_sam.pth"))
     (sam,) = run_node("DreamCacheSAMLoader", sam_name="tiny_sam.pth")
     assert sam.variant == "tiny" and sam.name == "tiny_sam.pth"
@@ -245,14 +245,14 @@ def test_loader_refuses_non_sam_and_missing_files(core, sams_dir, models_dir):
     from safetensors.torch import save_file
 
     save_file({"weight": torch.randn(3, 3)}, str(sams_dir / "not_sam.safetensors"))
-    with pytest.raises(core.errors.DreamCacheError, match="'not_sam.safetensors' is not a Segment Anything checkpoint"):
+    with pytest.raises(core.core.errors.DreamCacheError, match="'not_sam.safetensors' is not a Segment Anything checkpoint"):
         run_node("DreamCacheSAMLoader", sam_name="not_sam.safetensors")
-    with pytest.raises(core.errors.DreamCacheError, match="'nope.pth' was not found in .*sams"):
+    with pytest.raises(core.core.errors.DreamCacheError, match="'nope.pth' was not found in .*sams"):
         run_node("DreamCacheSAMLoader", sam_name="nope.pth")
     # a typed path never leaves the sams folder
     (models_dir / "outside.pth").write_bytes(b"x")
     for name in ("../outside.pth", str(models_dir / "outside.pth")):
-        with pytest.raises(core.errors.DreamCacheError, match="was not found in"):
+        with pytest.raises(core.core.errors.DreamCacheError, match="was not found in"):
             run_node("DreamCacheSAMLoader", sam_name=name)
 
 
@@ -347,8 +347,8 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
     file that is not a SAM at all: had it run, the graph would fail."""
     objects, captured = graph_env
     calls = []
-    real = core.subject.refine_masks
-    monkeypatch.setattr(core.subject, "refine_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = core.core.subject.refine_masks
+    monkeypatch.setattr(core.core.subject, "refine_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
     executor = prompt_executor(_Server())
     captured.clear()
     _run(executor, _prompt("mask", "broken_sam.pth"), "p1")
@@ -359,7 +359,7 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
     assert torch.equal(subject_img, expected) and torch.equal(got["mask"], expected_mask)
     # the cache was built from it: its reference is SubjectMask's output fitted to the cache resolution
     assert subject_img.shape == (2, 96, 96, 3) and reference.shape == (2, 64, 64, 3)
-    assert torch.equal(reference, core.image.prepare_reference(subject_img, resolution=64, fit="pad"))
+    assert torch.equal(reference, core.core.image.prepare_reference(subject_img, resolution=64, fit="pad"))
     assert cache.resolution == (64, 64) and cache.references == 2
     direct_cache, direct_ref = run_node("DreamCacheBuildFeatureCache", model=objects["model"], vae=objects["vae"], image=subject_img,
                                         clip=objects["clip"], adapter=objects["adapter"], seed=0, resolution=64)
@@ -378,12 +378,12 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
 def test_graph_auto_mode_loads_sam_once_and_does_not_rerun_it(core, graph_env, tiny_sam, sams_dir, monkeypatch):
     from tiny_sam import register_tiny_variant
 
-    register_tiny_variant(core.sam, monkeypatch)
+    register_tiny_variant(core.core.sam, monkeypatch)
     torch.save(tiny_sam.patcher.model.sam.state_dict(), str(sams_dir / "tiny_graph.pth"))
     objects, captured = graph_env
     runs = []
-    real = core.sam.predict
-    monkeypatch.setattr(core.sam, "predict", lambda *a, **k: runs.append(1) or real(*a, **k))
+    real = core.core.sam.predict
+    monkeypatch.setattr(core.core.sam, "predict", lambda *a, **k: runs.append(1) or real(*a, **k))
     executor = prompt_executor(_Server())
     captured.clear()
     _run(executor, _prompt("auto", "tiny_graph.pth"), "q1")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreamcache import subject
-from dreamcache.errors import DreamCacheError
+from dreamcache.core import subject
+from dreamcache.core.errors import DreamCacheError
 
 RED = torch.tensor([1.0, 0.0, 0.0])
 

@@ -42,7 +42,7 @@ def sd1(comfy):
 
 
 def _config(dataset, out, **kw):
-    from dreamcache.train import TrainConfig
+    from dreamcache.apps.train import TrainConfig
 
     base = dict(data=str(dataset), out=str(out), steps=2, batch_size=2, resolution=RES, num_workers=0, progress=False, lr=1e-3,
                 save_every=0, seed=0)
@@ -51,7 +51,7 @@ def _config(dataset, out, **kw):
 
 
 def _trainer(models, dataset, out, **kw):
-    from dreamcache.comfy.trainer import Trainer
+    from dreamcache.apps.trainer import Trainer
 
     model, clip, vae = models
     return Trainer(model, clip, vae, _config(dataset, out, **kw), checkpoint_name="tiny.safetensors", log=lambda *a: None)
@@ -72,7 +72,7 @@ def test_eps_objective_matches_comfyui_apply_model(sd1, dataset, tmp_path):
     sigma = t.ms.sigma(prep.t.float())
     x = prep.latents + sigma.view(-1, 1, 1, 1) * prep.noise
     with torch.no_grad():
-        from dreamcache.patch import DreamCachePatch, PatchEntry
+        from dreamcache.core.patch import DreamCachePatch, PatchEntry
 
         patch = DreamCachePatch([PatchEntry(t.adapter, prep.cache)], trainable=True)
         raw = t.unet_call(x, sigma, prep.context, None, patch.transformer_options()).float()
@@ -107,7 +107,7 @@ def test_v_prediction_objective(comfy, dataset, tmp_path):
 
 def test_cache_equals_the_sampling_time_cache_pass(sd1, dataset, tmp_path):
     """The per-step cache is BuildFeatureCache's: the reference latent at t=1, the encoded "" prompt, adapters off."""
-    from dreamcache.cache import from_captures
+    from dreamcache.core.cache import from_captures
     from dreamcache.comfy.cache_pass import pass_sigma, run_capture_pass
 
     t = _trainer(sd1, dataset, tmp_path / "a.safetensors")
@@ -152,7 +152,7 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
     steps of training change ApplyDreamCache's output; the file records family, layers, step and config."""
     import json
 
-    from dreamcache.adapter_io import read_adapter
+    from dreamcache.core.adapter_io import read_adapter
 
     folder = models_dir / "dreamcache"
     folder.mkdir(exist_ok=True)
@@ -183,9 +183,9 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
 
 def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     """4 steps straight == 2 steps, then a new process-like trainer resumed from the checkpoint for 2 more."""
-    from dreamcache.adapter_io import read_adapter
-    from dreamcache.comfy.trainer import Trainer
-    from dreamcache.train import load_state, log_path
+    from dreamcache.core.adapter_io import read_adapter
+    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train import load_state, log_path
 
     straight = _trainer(sd1, dataset, tmp_path / "s" / "a.safetensors", steps=4, init="reference", accumulate=2)
     straight.run()
@@ -252,7 +252,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(sd1, dataset, tmp_path,
 def test_sdxl_trains_one_step_with_its_y_vector(comfy, dataset, tmp_path):
     from tiny_models import make_clip, make_model, make_vae
 
-    from dreamcache.layers import SDXL_LAYERS
+    from dreamcache.core.layers import SDXL_LAYERS
 
     models = (make_model("sdxl"), make_clip("sdxl"), make_vae())
     t = _trainer(models, dataset, tmp_path / "xl.safetensors", steps=1, lr=1e-2, init="reference")
@@ -275,10 +275,10 @@ def test_bf16_autocast_keeps_fp32_master_weights(sd1, dataset, tmp_path):
 # ---- init, layers, errors -----------------------------------------------------------------------------------------
 
 def test_init_from_a_reference_pt_and_layer_overrides(sd1, dataset, tmp_path):
-    from dreamcache.adapter import DreamCacheAdapter
+    from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.comfy.model import model_channels_at
-    from dreamcache.errors import DreamCacheError
-    from dreamcache.layers import SD_LAYERS
+    from dreamcache.core.errors import DreamCacheError
+    from dreamcache.core.layers import SD_LAYERS
 
     model = sd1[0]
     src = DreamCacheAdapter({r: model_channels_at(model, r) for r in SD_LAYERS})
@@ -300,7 +300,7 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     from dreamcache.comfy import loading
-    from dreamcache.errors import DreamCacheError
+    from dreamcache.core.errors import DreamCacheError
 
     junk = tmp_path / "junk.safetensors"
     save_file({"some.weight": torch.zeros(3, 3)}, str(junk))
@@ -338,8 +338,8 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
 def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
     import json
 
-    from dreamcache import train
-    from dreamcache.adapter_io import read_adapter
+    from dreamcache.apps import train
+    from dreamcache.core.adapter_io import read_adapter
     from dreamcache.comfy import loading
 
     loaded = []
@@ -364,10 +364,10 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):
-    from dreamcache import data
+    from dreamcache.apps import data
     from dreamcache.comfy import loading
-    from dreamcache.comfy.synth import REJECTED, synthesize
-    from dreamcache.data import SynthSettings, dedupe, validate_dataset
+    from dreamcache.apps.synth import REJECTED, synthesize
+    from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
 
     model, clip, vae = sd1
     calls = []

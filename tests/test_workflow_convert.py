@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreamcache.workflow import WorkflowError, apply_overrides, check_structure, combo_options, ui_to_api, widget_value_count
+from dreamcache.apps.workflow import WorkflowError, apply_overrides, check_structure, combo_options, ui_to_api, widget_value_count
 
 INFO = {
     "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {"tooltip": "x"}]}}, "input_order": {"required": ["name"]},

@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 
-from dreamcache.server import WebSocket, free_port
+from dreamcache.apps.server import WebSocket, free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 

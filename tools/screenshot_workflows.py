@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from build_workflows import VIEW_SCALE, bounding_box  # noqa: E402
 from cdp import INSPECT_JS, Browser, dismiss_dialogs, load_workflow_js  # noqa: E402
 from dreamcache.comfy.env import find_comfyui  # noqa: E402
-from dreamcache.server import ComfyServer  # noqa: E402
+from dreamcache.apps.server import ComfyServer  # noqa: E402
 
 
 def prepare_base(base: str, workflows: list[dict]):

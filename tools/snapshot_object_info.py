@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dreamcache.comfy.env import find_comfyui  # noqa: E402
-from dreamcache.server import ComfyServer  # noqa: E402
+from dreamcache.apps.server import ComfyServer  # noqa: E402
 
 SNAPSHOT = ROOT / "tests" / "data" / "object_info_snapshot.json"
 #: Core nodes the shipped workflows may use, checked against ComfyUI 0.3.64 (see tests/test_workflows.py).

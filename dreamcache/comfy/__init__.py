@@ -1,4 +1,4 @@
 """Glue between the DreamCache core and ComfyUI's internals (model patcher, samplers, model management).
 
-Imported only inside a ComfyUI process (the nodes, the trainer, the run command); the core never imports it.
+Imported only inside a ComfyUI process (the nodes, the applications); it imports :mod:`dreamcache.core` only.
 """

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from ..adapter_io import AdapterFile
-from ..cache import FeatureCache, from_captures
-from ..capture import StopPass, run_and_capture
-from ..errors import DreamCacheError
-from ..image import prepare_reference
-from ..patch import DISABLE_KEY
+from ..core.adapter_io import AdapterFile
+from ..core.cache import FeatureCache, from_captures
+from ..core.capture import StopPass, run_and_capture
+from ..core.errors import DreamCacheError
+from ..core.image import prepare_reference
+from ..core.patch import DISABLE_KEY
 from .model import check_adapter_fits, model_family
 
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.

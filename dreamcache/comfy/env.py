@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import DreamCacheError
+from ..core.errors import DreamCacheError
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,8 @@ import math
 
 import comfy.samplers
 
-from ..errors import DreamCacheError
-from ..patch import SWITCH_KEY
+from ..core.errors import DreamCacheError
+from ..core.patch import SWITCH_KEY
 from .patching import cpu_chunked_attention, is_patched
 
 MODES = ("combined", "joint")

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from ..errors import DreamCacheError
+from ..core.errors import DreamCacheError
 from .model import FAMILY_NAMES, model_family
 
 SUPPORTED = ("sd1", "sd2", "sdxl")

@@ -5,10 +5,10 @@ import logging
 
 import torch
 
-from ..adapter_io import AdapterFile
-from ..cache import FeatureCache
-from ..errors import DreamCacheError
-from ..layers import LayerRef
+from ..core.adapter_io import AdapterFile
+from ..core.cache import FeatureCache
+from ..core.errors import DreamCacheError
+from ..core.layers import LayerRef
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", None: "an unknown family"}
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 
 
-from ..adapter_io import AdapterFile
-from ..cache import FeatureCache
-from ..errors import DreamCacheError
-from ..patch import DreamCachePatch, PatchEntry
+from ..core.adapter_io import AdapterFile
+from ..core.cache import FeatureCache
+from ..core.errors import DreamCacheError
+from ..core.patch import DreamCachePatch, PatchEntry
 from .model import check_adapter_fits, check_cache_fits, compute_dtype
 
 WRAPPER_KEY = "dreamcache"

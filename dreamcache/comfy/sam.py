@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import sam as core_sam
-from ..errors import DreamCacheError
+from ..core import sam as core_sam
+from ..core.errors import DreamCacheError
 
 
 class SamHolder(torch.nn.Module):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .adapter_io import atomic_save_safetensors
 from .errors import DreamCacheError
 from .layers import FAMILIES, LayerRef, sort_layers

@@ -30,19 +30,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..adapter import DreamCacheAdapter
-from ..adapter_io import AdapterFile, read_adapter, save_adapter
-from ..cache import from_captures
-from ..capture import run_and_capture
-from ..data import (AugmentConfig, TrainingData, TargetGeometry, batches, load_mask, load_rgb, mask_bbox, place_on_canvas, subject_on_white,
+from ..core.adapter import DreamCacheAdapter
+from ..core.adapter_io import AdapterFile, read_adapter, save_adapter
+from ..core.cache import from_captures
+from ..core.capture import run_and_capture
+from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, load_mask, load_rgb, mask_bbox, place_on_canvas, subject_on_white,
                     torch_generator, validate_dataset)
-from ..errors import DreamCacheError
-from ..layers import default_layers, sort_layers
-from ..patch import DreamCachePatch, PatchEntry
-from ..train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
+from ..core.errors import DreamCacheError
+from ..core.layers import default_layers, sort_layers
+from ..core.patch import DreamCachePatch, PatchEntry
+from .train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
                      state_path_for)
-from .loading import check_supported
-from .model import FAMILY_NAMES, model_channels_at
+from ..comfy.loading import check_supported
+from ..comfy.model import FAMILY_NAMES, model_channels_at
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEPS = 1000
@@ -192,7 +192,7 @@ class Trainer:
             if refs is not None and set(refs) != set(af.layers):
                 raise DreamCacheError(
                     f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' ({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
-            from .model import check_adapter_fits
+            from ..comfy.model import check_adapter_fits
 
             check_adapter_fits(self.model, af)
             refs = list(af.layers)
@@ -438,9 +438,9 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
-        from .cache_pass import build_feature_cache
-        from .guidance import make_guider
-        from .patching import apply_dreamcache
+        from ..comfy.cache_pass import build_feature_cache
+        from ..comfy.guidance import make_guider
+        from ..comfy.patching import apply_dreamcache
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()

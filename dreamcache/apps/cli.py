@@ -9,14 +9,14 @@ import json
 import os
 import sys
 
-from . import __version__
-from .adapter_io import STORAGE_DTYPES
-from .errors import DreamCacheError
+from .. import __version__
+from ..core.adapter_io import STORAGE_DTYPES
+from ..core.errors import DreamCacheError
 
 
 
 def cmd_convert(args) -> int:
-    from .adapter_io import convert_adapter, read_adapter
+    from ..core.adapter_io import convert_adapter, read_adapter
 
     dst = args.dst or os.path.splitext(args.src)[0] + ".safetensors"
     if os.path.abspath(dst) == os.path.abspath(args.src):
@@ -46,12 +46,12 @@ def _is_cache(path: str) -> bool:
 
 def cmd_info(args) -> int:
     if _is_cache(args.file):
-        from .cache import load_cache
+        from ..core.cache import load_cache
 
         c = load_cache(args.file)
         info = {"kind": "cache", "summary": c.describe(), "layers": {str(r): list(c.tokens[r].shape) for r in c.layers}}
     else:
-        from .adapter_io import read_adapter
+        from ..core.adapter_io import read_adapter
 
         a = read_adapter(args.file)
         info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),

@@ -20,7 +20,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .errors import DreamCacheError
+from ..core.errors import DreamCacheError
 
 
 class ServerError(DreamCacheError):

@@ -13,7 +13,7 @@ import time
 import urllib.parse
 
 from . import workflow as wf
-from .errors import DreamCacheError
+from ..core.errors import DreamCacheError
 from .server import Client, ComfyServer, ServerError
 
 
@@ -86,7 +86,7 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
         if server:
             client = Client(server)
         else:
-            from .comfy.env import find_comfyui
+            from ..comfy.env import find_comfyui
 
             root = find_comfyui(comfyui)
             if root is None:

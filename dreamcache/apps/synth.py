@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import SynthSettings, _progress, derive_seed, item_done, mask_ok, object_id_for, write_item
-from ..errors import DreamCacheError
+from .data import SynthSettings, _progress, derive_seed, item_done, mask_ok, object_id_for, write_item
+from ..core.errors import DreamCacheError
 
 REJECTED = "synth_rejected.jsonl"
 SETTINGS = "synth_settings.json"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .adapter import PARAM_SHAPES, DreamCacheAdapter, layer_parameter_count
 from .errors import DreamCacheError
 from .layers import FAMILIES, LayerRef, sort_layers

@@ -1,0 +1,402 @@
+"""``python -m dreamcache.train``: train (or fine-tune) DreamCache adapters on a frozen SD1.x / SD2.x / SDXL model.
+
+This module holds what needs no ComfyUI: the run configuration, checkpoint naming, the resumable training state
+(safetensors + JSON, nothing pickled) and the command line. The training engine itself is
+:mod:`dreamcache.comfy.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules).
+
+Checkpoints: ``<out>-step000500.safetensors`` (the pack's adapter format; metadata: base family, layers, step,
+config) beside ``<out>-step000500.state.safetensors`` (optimizer moments and step counts as tensors, RNG states as
+uint8 tensors, everything else JSON in the header). The final adapter is ``<out>`` with ``<out stem>.state.safetensors``,
+so a finished run can be extended with ``--resume`` and a larger ``--steps``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..core.errors import DreamCacheError
+from ..core.layers import LayerRef
+
+STATE_FORMAT = "dreamcache.train_state"
+STATE_FORMAT_VERSION = 1
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INITS = ("identity", "reference")
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Defaults are the reference trainer's where it has one
+    (AdamW lr 1e-5, weight decay 0.01, caption dropout 0.07, timesteps uniform in 0..999)."""
+
+    data: str = ""
+    out: str = "dreamcache_adapter.safetensors"
+    checkpoint: str = ""  # the base checkpoint (recorded in the metadata; the CLI loads it)
+    steps: int = 1000
+    batch_size: int = 1
+    accumulate: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.0  # 0 = no clipping (the reference does not clip)
+    precision: str = "auto"  # auto: bf16 on a CUDA GPU that has it, fp16 on older GPUs, fp32 on the CPU
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resolution: int = 0  # 0 = the family's native size (512 for SD1/SD2, 1024 for SDXL)
+    layers: list[str] | None = None  # None = the family's default set (dreamcache.layers.default_layers)
+    init: str = "identity"  # identity: linear_cat = [I | 0], step 0 is exactly the base model; reference: PyTorch default init
+    init_from: str | None = None  # an adapter file (.pt or .safetensors) to fine-tune
+    caption_dropout: float = 0.07
+    save_every: int = 1000
+    preview_every: int = 0
+    preview_prompt: str | None = None
+    preview_reference: str | None = None
+    preview_mask: str | None = None
+    preview_steps: int = 20
+    preview_text_scale: float = 7.5
+    preview_image_scale: float = 5.0
+    num_workers: int = 2
+    validate_files: bool = True
+    progress: bool = True
+
+    #: fields that define the optimisation; a resumed run must keep them (else it would not continue the same run)
+    IDENTITY = ("data", "batch_size", "accumulate", "lr", "weight_decay", "betas", "adam_eps", "max_grad_norm", "precision",
+                "seed", "resolution", "layers", "init", "init_from", "caption_dropout")
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        problems = []
+        if self.steps < 0:
+            problems.append(f"--steps {self.steps} is negative")
+        if self.batch_size < 1 or self.accumulate < 1:
+            problems.append(f"--batch-size {self.batch_size} and --accumulate {self.accumulate} must be at least 1")
+        if not self.lr > 0:
+            problems.append(f"--lr {self.lr} must be positive")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append("--weight-decay and --max-grad-norm must not be negative")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision} is not one of {', '.join(PRECISIONS)}")
+        if self.init not in INITS:
+            problems.append(f"--init {self.init} is not one of {', '.join(INITS)}")
+        if not 0 <= self.caption_dropout <= 1:
+            problems.append(f"--caption-dropout {self.caption_dropout} is not a probability")
+        if self.resolution and (self.resolution < 64 or self.resolution % 64):
+            problems.append(f"--resolution {self.resolution} must be a multiple of 64")
+        if self.save_every < 0 or self.preview_every < 0:
+            problems.append("--save-every and --preview-every must not be negative")
+        if problems:
+            raise DreamCacheError("Bad training settings: " + "; ".join(problems) + ".")
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "betas" else v) for k, v in d.items() if k in known})
+
+    def layer_refs(self) -> list[LayerRef] | None:
+        return None if self.layers is None else [parse_layer(s) for s in self.layers]
+
+
+def parse_layer(text: str) -> LayerRef:
+    """``output_blocks.4.1`` or ``output_blocks.4.1[2]`` (block index 2) or ``output_blocks.4.1:2``."""
+    m = re.fullmatch(r"\s*([\w.]+?)(?:\[(\d+)\]|:(\d+))?\s*", text)
+    if not m:
+        raise DreamCacheError(f"Layer '{text}' is not understood; write a SpatialTransformer path such as output_blocks.4.1 (optionally [block index]).")
+    return LayerRef(m.group(1), int(m.group(2) or m.group(3) or 0))
+
+
+def layer_names(refs) -> list[str]:
+    return [r.module if r.block_index == 0 else f"{r.module}[{r.block_index}]" for r in refs]
+
+
+# ---- file names ------------------------------------------------------------------------------------------------------
+
+def _stem(out: str) -> str:
+    p = str(out)
+    for ext in (".safetensors", ".sft"):
+        if p.lower().endswith(ext):
+            return p[: -len(ext)]
+    return p
+
+
+def checkpoint_path(out: str, step: int | None) -> str:
+    """The adapter file of ``step`` (None: the final ``out`` itself)."""
+    return str(out) if step is None else f"{_stem(out)}-step{step:06d}.safetensors"
+
+
+def state_path_for(adapter_path: str) -> str:
+    return f"{_stem(adapter_path)}.state.safetensors"
+
+
+def log_path(out: str) -> str:
+    return f"{_stem(out)}.loss.csv"
+
+
+def preview_path(out: str, step: int) -> str:
+    return f"{_stem(out)}-preview-step{step:06d}.png"
+
+
+def find_latest_state(out: str) -> str | None:
+    """The state file with the highest step among ``<out>-stepN.state.safetensors`` and ``<out stem>.state.safetensors``."""
+    best, best_step = None, -1
+    stem = Path(_stem(out))
+    folder = stem.parent if str(stem.parent) else Path(".")
+    if not folder.is_dir():
+        return None
+    pat = re.compile(re.escape(stem.name) + r"(?:-step(\d+))?\.state\.safetensors$")
+    for f in folder.iterdir():
+        if pat.fullmatch(f.name):
+            try:
+                step = read_state_header(str(f))[0]
+            except DreamCacheError:
+                continue
+            if step > best_step:
+                best, best_step = str(f), step
+    return best
+
+
+# ---- training state (resume) ------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int
+    config: TrainConfig
+    adapter_file: str  # path of the adapter checkpoint that goes with this state
+    param_names: list[str]
+    optimizer: dict  # torch optimizer state_dict (tensors inside)
+    scaler: dict | None = None
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+def _json_safe(v):
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def save_state(path: str, state: TrainState):
+    """Write a training state: optimizer tensors + RNG states in safetensors, the rest JSON in its header."""
+    from ..core.adapter_io import atomic_save_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    opt = state.optimizer
+    for idx, st in opt["state"].items():
+        name = state.param_names[int(idx)]
+        for k, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                v = torch.tensor(v)
+            tensors[f"optimizer.{name}.{k}"] = v.detach().cpu().contiguous()
+    for k, v in state.rng.items():
+        tensors[f"rng.{k}"] = v.detach().cpu().contiguous()
+    groups = [{k: _json_safe(v) for k, v in g.items()} for g in opt["param_groups"]]
+    meta = {
+        "format": STATE_FORMAT,
+        "format_version": str(STATE_FORMAT_VERSION),
+        "step": str(state.step),
+        "config": json.dumps(state.config.to_json()),
+        "adapter_file": os.path.basename(state.adapter_file),
+        "param_names": json.dumps(state.param_names),
+        "param_groups": json.dumps(groups),
+        "scaler": json.dumps(_json_safe(state.scaler)),
+        "extra": json.dumps(_json_safe(state.extra)),
+        "written_by": f"ComfyUI-DreamCache {__version__}",
+    }
+    if not tensors:  # safetensors needs at least one tensor for a readable header on every version
+        tensors["rng.none"] = torch.zeros(1, dtype=torch.uint8)
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def read_state_header(path: str) -> tuple[int, dict]:
+    from safetensors import safe_open
+
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise DreamCacheError(f"Training state '{path}' does not exist; pass a '<name>-stepN.safetensors' checkpoint whose .state.safetensors sits beside it.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}); the training state is damaged.") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise DreamCacheError(f"'{name}' is not a DreamCache training state (format {meta.get('format')!r}); pass the .state.safetensors written by the trainer.")
+    if int(meta.get("format_version", "0")) > STATE_FORMAT_VERSION:
+        raise DreamCacheError(f"'{name}' was written by a newer trainer; update ComfyUI-DreamCache to resume it.")
+    return int(meta["step"]), meta
+
+
+def load_state(path: str) -> TrainState:
+    """Read a training state (safetensors + JSON only; nothing is unpickled)."""
+    from safetensors import safe_open
+
+    step, meta = read_state_header(path)
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = TrainConfig.from_json(json.loads(meta["config"]))
+        param_names = json.loads(meta["param_names"])
+        groups = json.loads(meta["param_groups"])
+        scaler = json.loads(meta.get("scaler", "null"))
+        extra = json.loads(meta.get("extra", "{}"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise DreamCacheError(f"'{name}' has unreadable training-state metadata ({type(e).__name__}: {e}); the file is damaged.") from None
+    index = {n: i for i, n in enumerate(param_names)}
+    opt_state: dict[int, dict] = {}
+    rng = {}
+    for k, v in tensors.items():
+        if k.startswith("rng."):
+            if k != "rng.none":
+                rng[k[4:]] = v
+            continue
+        if not k.startswith("optimizer."):
+            raise DreamCacheError(f"'{name}' holds an unexpected tensor '{k}'; the training state is damaged.")
+        pname, _, key = k[len("optimizer."):].rpartition(".")
+        if pname not in index:
+            raise DreamCacheError(f"'{name}' has optimizer state for an unknown parameter '{pname}'; the training state is damaged.")
+        opt_state.setdefault(index[pname], {})[key] = v
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    adapter_file = os.path.join(os.path.dirname(os.path.abspath(path)), meta.get("adapter_file", ""))
+    return TrainState(step=step, config=config, adapter_file=adapter_file, param_names=param_names,
+                      optimizer={"state": opt_state, "param_groups": groups}, scaler=scaler, rng=rng, extra=extra)
+
+
+def resolve_resume(resume: str, out: str | None) -> str:
+    """``--resume`` accepts a state file, an adapter checkpoint (its state sits beside it) or ``latest``."""
+    if resume == "latest":
+        found = find_latest_state(out or "")
+        if found is None:
+            raise DreamCacheError(f"--resume latest found no training state next to '{out}'; pass a checkpoint file instead.")
+        return found
+    if resume.endswith(".state.safetensors"):
+        return resume
+    return state_path_for(resume)
+
+
+# ---- command line -----------------------------------------------------------------------------------------------------
+
+_ARG_FIELDS = {}
+
+
+def _arg(group, flag, field_name, **kw):
+    _ARG_FIELDS[field_name] = flag
+    group.add_argument(flag, dest=field_name, default=argparse.SUPPRESS, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dreamcache.train",
+        description="Train DreamCache adapters on a frozen SD1.x / SD2.x / SDXL checkpoint (only the adapters learn).")
+    g = p.add_argument_group("what to train")
+    _arg(g, "--checkpoint", "checkpoint", help="base checkpoint (.safetensors / .ckpt), loaded with ComfyUI's loader")
+    _arg(g, "--data", "data", help="dataset root: <object_id>/<n>_generation.png, <n>_caption.txt, <n>_mask.png")
+    _arg(g, "--out", "out", help="final adapter file (.safetensors); checkpoints, log and previews go beside it")
+    _arg(g, "--layers", "layers", type=lambda s: [x for x in re.split(r"[,\s]+", s) if x],
+         help="comma-separated SpatialTransformer paths (default: the family's set; SDXL: middle_block.1, output_blocks.1.1, 3.1, 5.1)")
+    _arg(g, "--init", "init", choices=INITS, help="identity (default: step 0 equals the base model) or reference (PyTorch default init)")
+    _arg(g, "--init-from", "init_from", help="an existing adapter (.pt or .safetensors) to fine-tune, e.g. the released cross_attention-199999.pt")
+    g = p.add_argument_group("optimisation")
+    _arg(g, "--steps", "steps", type=int, help="total optimizer steps (default 1000; resuming continues up to this)")
+    _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (default 1)")
+    _arg(g, "--accumulate", "accumulate", type=int, help="micro-batches per optimizer step (default 1)")
+    _arg(g, "--lr", "lr", type=float, help="AdamW learning rate (default 1e-5, the reference's)")
+    _arg(g, "--weight-decay", "weight_decay", type=float, help="AdamW weight decay (default 0.01)")
+    _arg(g, "--max-grad-norm", "max_grad_norm", type=float, help="clip the gradient norm (default 0: off)")
+    _arg(g, "--precision", "precision", choices=PRECISIONS, help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    _arg(g, "--gradient-checkpointing", "gradient_checkpointing", action="store_true",
+         help="recompute the frozen U-Net's blocks in the backward pass (less activation memory, slower)")
+    _arg(g, "--seed", "seed", type=int, help="seed of everything random (default 0)")
+    _arg(g, "--resolution", "resolution", type=int, help="training size (default: 512 for SD1/SD2, 1024 for SDXL)")
+    _arg(g, "--caption-dropout", "caption_dropout", type=float, help="probability of training on the empty caption (default 0.07)")
+    g = p.add_argument_group("checkpoints, logs, previews")
+    _arg(g, "--save-every", "save_every", type=int, help="write a checkpoint every N steps (default 1000; 0 = only at the end)")
+    _arg(g, "--preview-every", "preview_every", type=int, help="render a preview image every N steps (default 0 = never)")
+    _arg(g, "--preview-prompt", "preview_prompt", help="preview prompt (default: the first dataset item's caption)")
+    _arg(g, "--preview-reference", "preview_reference", help="preview subject image (default: the first dataset item)")
+    _arg(g, "--preview-mask", "preview_mask", help="mask of --preview-reference (white = subject; default: its alpha, or none)")
+    _arg(g, "--preview-steps", "preview_steps", type=int, help="sampling steps of a preview (default 20)")
+    _arg(g, "--num-workers", "num_workers", type=int, help="data loading processes (default 2)")
+    g.add_argument("--no-validate", dest="validate_files", action="store_false", default=argparse.SUPPRESS,
+                   help="only check that every item has its files (skip opening every image before training)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
+    p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' (next to --out)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to train (auto: CUDA when present)")
+    p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if saved is None:
+        missing = [_ARG_FIELDS[k] for k in ("checkpoint", "data", "out") if not given.get(k)]
+        if missing:
+            raise DreamCacheError(f"Training needs {', '.join(missing)}; see python -m dreamcache.train --help.")
+        return TrainConfig(**given)
+    clashes = []
+    for k in TrainConfig.IDENTITY:
+        if k in given:
+            a, b = given[k], getattr(saved, k)
+            if k == "betas":
+                a = tuple(a)
+            if k == "data":
+                same = os.path.abspath(a) == os.path.abspath(b)
+            else:
+                same = a == b
+            if not same:
+                clashes.append(f"{_ARG_FIELDS.get(k, k)} {a!r} (the run used {b!r})")
+    if clashes:
+        raise DreamCacheError("A resumed run keeps its settings, but " + "; ".join(clashes) +
+                              " differ; drop those options, or start a new run from this adapter with --init-from.")
+    d = saved.to_json()
+    d.update(given)
+    return TrainConfig.from_json(d)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        state = None
+        if args.resume:
+            state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
+        cfg = config_from_args(args, state.config if state else None)
+        from ..comfy.env import import_comfyui
+
+        cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) or fix the CUDA install.")
+        import_comfyui(args.comfyui, cpu=cpu)
+        if cpu:
+            torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
+        from ..comfy import loading
+        from . import trainer
+
+        precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
+        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
+        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
+        t.run()
+        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
+        return 0
+    except DreamCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
