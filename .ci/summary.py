@@ -60,7 +60,8 @@ def main(argv: list[str]) -> int:
         print(f"[ci] {label}: FAIL: {p}")
     verdict = "FAIL" if problems or counts["failed"] or counts["errors"] else "ok"
     print(f"[ci] {label}: {verdict} in {int(seconds)} s ({counts['errors']} errors)")
-    print(f"{label}: {counts['passed']} passed, {counts['failed'] + counts['errors']} failed, {counts['skipped']} skipped")
+    failed = counts["failed"] + counts["errors"]
+    print(f"{label}: {counts['passed']} passed, {failed} failed, {counts['skipped']} skipped")
     return 0 if verdict == "ok" else 1
 
 

@@ -70,7 +70,8 @@ def pytest_configure(config):
 def pytest_report_header(config):
     where = f"ComfyUI at {COMFYUI}" if COMFYUI else NO_COMFY
     return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}",
-            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE), {TEST_THREADS} CPU thread(s)"]
+            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE), "
+            f"{TEST_THREADS} CPU thread(s)"]
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +87,19 @@ def comfy():
     args.disable_api_nodes = True
     if ON_GPU:
         if TEST_DEVICE != "cuda" or not torch.cuda.is_available():
-            raise pytest.UsageError(f"DREAMCACHE_TEST_DEVICE={TEST_DEVICE}: only 'cuda' is supported, and it needs a CUDA GPU")
+            raise pytest.UsageError(f"DREAMCACHE_TEST_DEVICE={TEST_DEVICE}: only 'cuda' is supported, and it needs "
+                                    "a CUDA GPU")
         # parity at 1e-5 needs full fp32 matmuls and convolutions (TF32 rounds to 10 mantissa bits)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import comfy.samplers  # noqa: F401
+
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
 
-    assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    assert Path(nodes.__file__).resolve().parent == COMFYUI, \
+        f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
     if ON_GPU:  # ComfyUI may change these while importing; the parity bounds assume fp32 everywhere
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -113,6 +117,7 @@ def pack(comfy, models_dir):
     """This pack loaded by ComfyUI's own custom-node loader (as a user's install would be), with the model folders
     pointed at a temporary directory. Returns the loaded package module (its ``.dreamcache`` is the core it uses)."""
     import folder_paths
+
     import nodes
 
     folder_paths.models_dir = str(models_dir)
@@ -156,7 +161,8 @@ def sd1(pack):
     ns.adapter = random_adapter(ns.core, ns.model, seed=0)
     g = torch.Generator().manual_seed(5)
     ns.image = torch.rand(1, 64, 64, 3, generator=g)
-    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image, clip=ns.clip,
+    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image,
+                                      clip=ns.clip,
                                       adapter=ns.adapter, seed=0, resolution=64, fit="pad", batch_mode="concat")
     ns.positive = run_node("CLIPTextEncode", clip=ns.clip, text="a photo of a dog")[0]
     ns.negative = run_node("CLIPTextEncode", clip=ns.clip, text="")[0]
