@@ -391,13 +391,13 @@ def regional():
     mask = box_mask(wf, (1260, -520), 40, 140, 240, 330, feather=40)
     apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
     wf.link(mask, apply_, "mask")
-    preview_mask(wf, mask, (1720, -520), "Where the subject goes")
+    preview_mask(wf, mask, (2000, -560), "Where the subject goes")
     pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on the left of a wooden desk, a laptop and a plant on the right, morning light")
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_regional")
     wf.note("### Place the subject with a mask\nThe **mask** input of Apply DreamCache limits the subject to a region: 1 = fully, 0 = not at all "
             "(there the model is the plain one at every patched layer), soft in between. Here core nodes draw a feathered box on the "
             "left; or right-click a **Load Image**, *Open in MaskEditor*, paint the region and wire its MASK. The mask must have the "
-            "aspect of the image you generate (any resolution). Say in the prompt what goes where.", (2140, -520), size=(440, 250))
+            "aspect of the image you generate (any resolution). Say in the prompt what goes where.", (2320, -560), size=(440, 250))
     return wf, [CKPT, ADAPTER, SAM]
 
 
@@ -449,7 +449,7 @@ def two_subjects():
     wf.note("### Two subjects, one image\nEach **Apply DreamCache** brings its own cache and its own mask; chained, they act independently "
             "(each adapter reads the base model's features and its own subject) and their contributions add, so keep the masks apart "
             "(where they overlap the two subjects add up). **ConditioningSetMask** gives each half its own prompt, the scene prompt "
-            "covers all. Guidance switches both subjects on and off together as the image condition.", (1720, -560), size=(460, 260))
+            "covers all. Guidance switches both subjects on and off together as the image condition.", (2000, -560), size=(460, 260))
     return wf, [CKPT, ADAPTER, SAM]
 
 
@@ -476,7 +476,7 @@ def attention_maps():
             "= 32×32 tokens at 512²) and one step, how the image's locations attend to the cached reference; the image is unchanged. "
             "**Show Attention** draws it: red where the image draws most on the subject, and for the marked point "
             "(point_x/point_y) where it looks in the reference. Move the point and re-queue: only the show node runs again.",
-            (2440, 260), size=(460, 270))
+            (1720, -420), size=(460, 270))
     return wf, [CKPT, ADAPTER, SAM]
 
 
