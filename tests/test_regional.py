@@ -8,6 +8,7 @@ with disjoint masks every token is exactly what its subject alone gives; the ima
 together; a layer weight 0 is the base block exactly and unknown layer names list the valid ones; the recorder finds
 the cache token each query attends to, records the step asked for, and does not change the result.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -51,7 +52,9 @@ def host_mid(patch, x, bsd, to=None):
 
 
 def with_mask(e: PatchEntry, mask, strength=None, layer_weights=None) -> PatchEntry:
-    return PatchEntry(e.adapter, e.cache, e.strength if strength is None else strength, mask=mask, layer_weights=layer_weights)
+    return PatchEntry(
+        e.adapter, e.cache, e.strength if strength is None else strength, mask=mask, layer_weights=layer_weights
+    )
 
 
 def fused_of(e, x, a):
@@ -67,6 +70,7 @@ def soft_mask(seed=0, b=1):
 
 # ---- exactness ------------------------------------------------------------------------------------------------------
 
+
 def test_mask_zero_is_the_base_block_and_mask_one_is_no_mask_bit_for_bit():
     e = make_entry(strength=0.7)
     bsd = block_state()
@@ -77,7 +81,9 @@ def test_mask_zero_is_the_base_block_and_mask_one_is_no_mask_bit_for_bit():
     one = host_block(DreamCachePatch([with_mask(e, torch.ones(1, 16, 20))]), x, text, bsd, SHAPES)
     assert torch.equal(zero, base) and torch.equal(one, plain) and not torch.equal(plain, base)
     # a mask above one is clamped to one (still the plain path); the batch of ones too
-    assert torch.equal(host_block(DreamCachePatch([with_mask(e, 2 * torch.ones(2, 8, 10))]), x, text, bsd, SHAPES), plain)
+    assert torch.equal(
+        host_block(DreamCachePatch([with_mask(e, 2 * torch.ones(2, 8, 10))]), x, text, bsd, SHAPES), plain
+    )
 
 
 def test_soft_mask_adds_w_s_fused_minus_a_per_token_with_area_averaging():
@@ -103,7 +109,9 @@ def test_a_mask_of_any_resolution_with_the_latents_aspect():
     e = make_entry()
     bsd = block_state()
     x, _ = data()
-    small, _ = host_mid(DreamCachePatch([with_mask(e, soft_mask().reshape(1, 4, 4, 5, 4).mean((2, 4)))]), x, bsd)  # 4x5 = the grid
+    small, _ = host_mid(
+        DreamCachePatch([with_mask(e, soft_mask().reshape(1, 4, 4, 5, 4).mean((2, 4)))]), x, bsd
+    )  # 4x5 = the grid
     big, _ = host_mid(DreamCachePatch([with_mask(e, soft_mask())]), x, bsd)
     assert (small - big).abs().max().item() < 1e-5
 
@@ -113,11 +121,15 @@ def test_mask_batches_map_to_the_latent_batch():
     bsd = block_state()
     x, _ = data(b=4)
     masks = soft_mask(1, b=2)
-    to = {"cond_or_uncond": [1, 0], "original_shape": [4, 4, 8, 10], "activations_shape": [4, C, H, W]}  # 2 chunks x 2 latents
+    to = {
+        "cond_or_uncond": [1, 0],
+        "original_shape": [4, 4, 8, 10],
+        "activations_shape": [4, C, H, W],
+    }  # 2 chunks x 2 latents
     got, _ = host_mid(DreamCachePatch([with_mask(e, masks)]), x, bsd, to)
     for i in range(4):
-        one, _ = host_mid(DreamCachePatch([with_mask(e, masks[i % 2:i % 2 + 1])]), x[i:i + 1], bsd)
-        assert torch.equal(got[i:i + 1], one), i
+        one, _ = host_mid(DreamCachePatch([with_mask(e, masks[i % 2 : i % 2 + 1])]), x[i : i + 1], bsd)
+        assert torch.equal(got[i : i + 1], one), i
     # rows with the image off are the base block whatever the mask
     got_off, a = host_mid(DreamCachePatch([with_mask(e, masks)]), x, bsd, {**to, SWITCH_KEY: (True, False)})
     assert torch.equal(got_off[:2], (x + a)[:2]) and torch.equal(got_off[2:], got[2:])  # chunk 0 is cond 1: off
@@ -129,7 +141,9 @@ def test_bad_masks_are_clear_errors():
     e = make_entry()
     bsd = block_state()
     x, _ = data()
-    with pytest.raises(DreamCacheError, match=r"mask is 20×20 \(width×height\) but the latent is 10×8 \(80×64 pixels\)"):
+    with pytest.raises(
+        DreamCacheError, match=r"mask is 20×20 \(width×height\) but the latent is 10×8 \(80×64 pixels\)"
+    ):
         host_mid(DreamCachePatch([with_mask(e, torch.rand(1, 20, 20))]), x, bsd)
     with pytest.raises(DreamCacheError, match="mask is empty"):
         with_mask(e, torch.zeros(1, 0, 20))
@@ -148,6 +162,7 @@ def test_token_grid_follows_the_layer():
 
 
 # ---- several subjects -----------------------------------------------------------------------------------------------
+
 
 def constant_subject(value: float, channel: int, dim=C, tokens=16) -> PatchEntry:
     """An adapter + cache whose update is recognisable: every cached token is value·e_channel, to_v and to_out are the
@@ -191,7 +206,10 @@ def test_disjoint_masks_give_each_region_exactly_its_subject_alone():
     bsd = block_state()
     x, _ = data()
     left, right = halves()
-    for e1, e2 in ((constant_subject(3.0, 0), constant_subject(5.0, 1)), (make_entry(seed=1, strength=0.9), make_entry(seed=2, strength=1.3))):
+    for e1, e2 in (
+        (constant_subject(3.0, 0), constant_subject(5.0, 1)),
+        (make_entry(seed=1, strength=0.9), make_entry(seed=2, strength=1.3)),
+    ):
         two, a = host_mid(DreamCachePatch([with_mask(e1, left), with_mask(e2, right)]), x, bsd)
         only1, _ = host_mid(DreamCachePatch([with_mask(e1, left)]), x, bsd)
         only2, _ = host_mid(DreamCachePatch([with_mask(e2, right)]), x, bsd)
@@ -223,6 +241,7 @@ def test_the_image_switch_turns_every_subject_off_together():
 
 # ---- per-layer weights ----------------------------------------------------------------------------------------------
 
+
 def test_layer_weight_zero_is_the_base_block_and_weights_scale_the_strength():
     e = make_entry()
     bsd = block_state()
@@ -230,7 +249,9 @@ def test_layer_weight_zero_is_the_base_block_and_weights_scale_the_strength():
     base = host_block(DreamCachePatch([e]), x, text, bsd, {"patches": {}})
     off = host_block(DreamCachePatch([PatchEntry(e.adapter, e.cache, 1.0, layer_weights={REF: 0.0})]), x, text, bsd, {})
     assert torch.equal(off, base)
-    half_layer = host_block(DreamCachePatch([PatchEntry(e.adapter, e.cache, 1.0, layer_weights={REF: 0.5})]), x, text, bsd, {})
+    half_layer = host_block(
+        DreamCachePatch([PatchEntry(e.adapter, e.cache, 1.0, layer_weights={REF: 0.5})]), x, text, bsd, {}
+    )
     half_strength = host_block(DreamCachePatch([PatchEntry(e.adapter, e.cache, 0.5)]), x, text, bsd, {})
     assert torch.equal(half_layer, half_strength)
     one = host_block(DreamCachePatch([PatchEntry(e.adapter, e.cache, 0.7, layer_weights={REF: 1.0})]), x, text, bsd, {})
@@ -238,12 +259,19 @@ def test_layer_weight_zero_is_the_base_block_and_weights_scale_the_strength():
 
 
 def test_layer_weight_names():
-    layers = [LayerRef("middle_block.1"), LayerRef("output_blocks.4.1"), LayerRef("output_blocks.6.1", 1), LayerRef("input_blocks.7.1")]
+    layers = [
+        LayerRef("middle_block.1"),
+        LayerRef("output_blocks.4.1"),
+        LayerRef("output_blocks.6.1", 1),
+        LayerRef("input_blocks.7.1"),
+    ]
     assert [layer_name(r) for r in layers] == ["middle", "output_4", "output_6_1", "input_7"]
     got = parse_layer_weights("middle=1, output_4=0.8\n output_6_1 = 0 ; input_blocks.7.1=0.5", layers)
     assert got == {layers[0]: 1.0, layers[1]: 0.8, layers[2]: 0.0, layers[3]: 0.5}
     assert parse_layer_weights("  ", layers) == {}
-    with pytest.raises(DreamCacheError, match="no layer 'output_10'; its layers are: middle, output_4, output_6_1, input_7"):
+    with pytest.raises(
+        DreamCacheError, match="no layer 'output_10'; its layers are: middle, output_4, output_6_1, input_7"
+    ):
         parse_layer_weights("output_10=1", layers)
     with pytest.raises(DreamCacheError, match="name=value"):
         parse_layer_weights("middle 1", layers)
@@ -310,9 +338,15 @@ def test_recorder_finds_the_token_each_query_attends_to():
     q = layer.attn_mem.to_q(layer.norm2_mem(x))
     k, v = layer.attn_mem.to_k(entry.cache.tokens[REF]), layer.attn_mem.to_v(entry.cache.tokens[REF])
     d = C // HEADS
-    ref_out = torch.nn.functional.scaled_dot_product_attention(q.view(2, -1, HEADS, d).transpose(1, 2), k.view(1, -1, HEADS, d).transpose(1, 2).expand(2, -1, -1, -1),
-                                                               v.view(1, -1, HEADS, d).transpose(1, 2).expand(2, -1, -1, -1))
-    probs_h = torch.softmax(q.view(2, -1, HEADS, d).transpose(1, 2) @ k.view(1, -1, HEADS, d).transpose(1, 2).transpose(-1, -2) * d ** -0.5, -1)
+    ref_out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(2, -1, HEADS, d).transpose(1, 2),
+        k.view(1, -1, HEADS, d).transpose(1, 2).expand(2, -1, -1, -1),
+        v.view(1, -1, HEADS, d).transpose(1, 2).expand(2, -1, -1, -1),
+    )
+    probs_h = torch.softmax(
+        q.view(2, -1, HEADS, d).transpose(1, 2) @ k.view(1, -1, HEADS, d).transpose(1, 2).transpose(-1, -2) * d**-0.5,
+        -1,
+    )
     assert torch.allclose(probs_h @ v.view(1, -1, HEADS, d).transpose(1, 2), ref_out, atol=1e-5)
     assert torch.allclose(head_mean_probs(q, k, HEADS), probs_h.mean(1), atol=1e-6)
 
@@ -328,12 +362,24 @@ def test_recorder_records_the_step_asked_for_and_only_the_positive_prompt():
         host_mid(p, xs, bsd, {"sample_sigmas": schedule, "sigmas": sigma[None], "cond_or_uncond": [1, 0]})
         if float(sigma) == 3.0:
             layer = entry.adapter.layer(REF)
-            want = head_mean_probs(layer.attn_mem.to_q(layer.norm2_mem(xs[1:])), layer.attn_mem.to_k(entry.cache.tokens[REF]), HEADS)
+            want = head_mean_probs(
+                layer.attn_mem.to_q(layer.norm2_mem(xs[1:])), layer.attn_mem.to_k(entry.cache.tokens[REF]), HEADS
+            )
     r = rec.get(1)
     assert rec.step == 2 and rec.steps == 5 and rec.sigma == 3.0
     assert r.probs.shape[0] == 1 and torch.allclose(r.probs, want, atol=1e-6)  # row 1 is the positive prompt's
     # a new run (new schedule) starts a new recording; a run where the positive prompt never has the image: nothing
-    host_mid(p, x, bsd, {"sample_sigmas": schedule.clone(), "sigmas": schedule[2:3], "cond_or_uncond": [0, 1], SWITCH_KEY: (False, True)})
+    host_mid(
+        p,
+        x,
+        bsd,
+        {
+            "sample_sigmas": schedule.clone(),
+            "sigmas": schedule[2:3],
+            "cond_or_uncond": [0, 1],
+            SWITCH_KEY: (False, True),
+        },
+    )
     with pytest.raises(DreamCacheError, match="recorded nothing"):
         rec.get(1)
     with pytest.raises(DreamCacheError, match="step_percent"):
@@ -345,7 +391,9 @@ def test_recorder_averages_the_chunks_of_regional_prompts():
     bsd = block_state()
     rec = AttentionRecorder(REF, 0.0)
     xb = torch.cat([x[:1], x[1:], x[:1]])  # positive prompt area 1, area 2, negative
-    host_mid(DreamCachePatch([entry], recorder=rec), xb, bsd, {"cond_or_uncond": [0, 0, 1], "original_shape": [3, 4, 8, 10]})
+    host_mid(
+        DreamCachePatch([entry], recorder=rec), xb, bsd, {"cond_or_uncond": [0, 0, 1], "original_shape": [3, 4, 8, 10]}
+    )
     r = rec.get(1)
     layer = entry.adapter.layer(REF)
     k = layer.attn_mem.to_k(entry.cache.tokens[REF])

@@ -22,10 +22,11 @@ COMFYUI_VERSION = "0.3.64"
 #: Core nodes the workflows may use, as of ComfyUI 0.3.64 (MarkdownNote/Note are frontend-only).
 CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage",
               "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise", "KSamplerSelect",
-              "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage", "ConditioningSetMask",
-              "ConditioningCombine", "MarkdownNote", "Note"}
+              "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
+              "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note"}
 EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet", "dreamcache_cache_library",
-            "dreamcache_custom_sampling", "dreamcache_regional", "dreamcache_two_subjects", "dreamcache_attention_maps"}
+            "dreamcache_custom_sampling", "dreamcache_regional", "dreamcache_two_subjects",
+            "dreamcache_attention_maps"}
 PLACEHOLDERS = {"your_sd21_lora.safetensors"}
 LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "DreamCacheLoader": "adapter_name", "DreamCacheSAMLoader": "sam_name",
                  "LoraLoader": "lora_name", "ControlNetLoader": "control_net_name"}

@@ -52,7 +52,9 @@ def teapot(size=S):
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
     cx, cy, r = 250, 300, 130
-    d.polygon([(cx - 100, cy - 10), (cx - 215, cy - 95), (cx - 200, cy - 110), (cx - 80, cy - 50)], fill=(30, 70, 150))  # spout
+    d.polygon(
+        [(cx - 100, cy - 10), (cx - 215, cy - 95), (cx - 200, cy - 110), (cx - 80, cy - 50)], fill=(30, 70, 150)
+    )  # spout
     d.arc([cx + 60, cy - 90, cx + 190, cy + 70], -130, 130, fill=(30, 70, 150), width=26)  # handle
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     body = (xx - cx) ** 2 + ((yy - cy) * 1.15) ** 2 <= r * r

@@ -25,8 +25,8 @@ SNAPSHOT = ROOT / "tests" / "data" / "object_info_snapshot.json"
 CORE_NODES = sorted([
     "CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage",
     "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise", "KSamplerSelect",
-    "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage", "ConditioningSetMask",
-    "ConditioningCombine",
+    "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
+    "ConditioningSetMask", "ConditioningCombine",
 ])
 VOLATILE = {"tooltip"}
 

@@ -68,8 +68,8 @@ def build_adapter_patcher(model, adapter: AdapterFile):
     return module, comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
 
 
-def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength: float = 1.0, start_percent: float = 0.0, end_percent: float = 1.0,
-                     mask=None, layer_weights=None):
+def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength: float = 1.0,
+                     start_percent: float = 0.0, end_percent: float = 1.0, mask=None, layer_weights=None):
     """A patched clone of ``model``. Applying again adds another adapter+cache (their updates are summed).
     ``mask`` (a MASK) limits the subject to a region; ``layer_weights`` ({LayerRef: w} or text such as
     ``"middle=1, output_4=0.8"``) scales it per layer."""
@@ -87,13 +87,15 @@ def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength:
     if isinstance(layer_weights, str):
         layer_weights = parse_layer_weights(layer_weights, adapter.layers)
     module, adapter_patcher = build_adapter_patcher(model, adapter)
-    entry = PatchEntry(module, cache, float(strength), sigma_start, sigma_end, name=adapter.name, mask=mask, layer_weights=layer_weights)
+    entry = PatchEntry(module, cache, float(strength), sigma_start, sigma_end, name=adapter.name, mask=mask,
+                       layer_weights=layer_weights)
 
     m = model.clone()
     old = find_patch(m)
     entries = (old.entries if old else ()) + (entry,)
     models = (old.models_list if old else ()) + (adapter_patcher,)
-    patch = DreamCachePatch(list(entries), attention=comfy_attention, models=models, recorder=old.recorder if old else None)
+    recorder = old.recorder if old else None
+    patch = DreamCachePatch(list(entries), attention=comfy_attention, models=models, recorder=recorder)
     return install_patch(m, patch, old)
 
 

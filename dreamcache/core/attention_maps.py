@@ -14,6 +14,7 @@ Two maps are read from P:
   grid);
 * **point map** (over the reference): ``P[n*, m]`` for the query token n* under a chosen point.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -133,8 +134,16 @@ class AttentionRecorder:
             e = patch.entries[w.entry]
             rec = self.records.get(w.entry)
             if rec is None:
-                self.records[w.entry] = Record(p, chunks, grid, latent, tuple(e.cache.spatial[w.ref]),
-                                               1 if e.cache.per_image else e.cache.references, e.cache.per_image, e.name)
+                self.records[w.entry] = Record(
+                    p,
+                    chunks,
+                    grid,
+                    latent,
+                    tuple(e.cache.spatial[w.ref]),
+                    1 if e.cache.per_image else e.cache.references,
+                    e.cache.per_image,
+                    e.name,
+                )
             else:
                 rec.probs_sum += p
                 rec.count += chunks
@@ -143,12 +152,16 @@ class AttentionRecorder:
         """The record of subject ``subject`` (1 = the first Apply DreamCache of the chain)."""
         if not self.records:
             raise DreamCacheError(
-                "The attention recorder recorded nothing: connect its MODEL output to the sampler (the recording happens "
+                "The attention recorder recorded nothing: connect its MODEL output to the sampler (the recording "
+                "happens "
                 "while sampling), and its LATENT output to this node; the positive prompt must run with the subject on."
             )
         keys = sorted(self.records)
         if not 1 <= subject <= len(keys):
-            raise DreamCacheError(f"Subject {subject} was not recorded; this recording has {len(keys)} subject(s) at layer {self.layer_name}.")
+            raise DreamCacheError(
+                f"Subject {subject} was not recorded; this recording has {len(keys)} subject(s) at layer "
+                f"{self.layer_name}."
+            )
         return self.records[keys[subject - 1]]
 
 
@@ -160,14 +173,20 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tenso
     kh = k.float().expand(b, -1, -1).reshape(b, k.shape[1], heads, d)
     out = torch.zeros(b, n, k.shape[1], dtype=torch.float32, device=q.device)
     for h in range(heads):  # one head at a time: memory (B, N, M), not (B, heads, N, M)
-        out += torch.softmax(qh[:, :, h] @ kh[:, :, h].transpose(1, 2) * d ** -0.5, dim=-1)
+        out += torch.softmax(qh[:, :, h] @ kh[:, :, h].transpose(1, 2) * d**-0.5, dim=-1)
     return out / heads
 
 
 # ---- the maps -----------------------------------------------------------------------------------------------------
 
-def reference_subject(ref_grid: tuple[int, int], references: int, mask: torch.Tensor | None = None, image: torch.Tensor | None = None,
-                      white: float = 0.05) -> torch.Tensor:
+
+def reference_subject(
+    ref_grid: tuple[int, int],
+    references: int,
+    mask: torch.Tensor | None = None,
+    image: torch.Tensor | None = None,
+    white: float = 0.05,
+) -> torch.Tensor:
     """Subject weight of each cached token, (references·h·w,) in [0, 1]: the reference's subject mask, else the
     pixels that are not white (the training layout puts the subject on white), area-averaged to the token grid."""
     if mask is None:
@@ -178,7 +197,9 @@ def reference_subject(ref_grid: tuple[int, int], references: int, mask: torch.Te
     if m.dim() == 2:
         m = m[None]
     if m.shape[0] not in (1, references):
-        raise DreamCacheError(f"The reference mask has a batch of {m.shape[0]} but the cache holds {references} references.")
+        raise DreamCacheError(
+            f"The reference mask has a batch of {m.shape[0]} but the cache holds {references} references."
+        )
     m = m.expand(references, -1, -1) if m.shape[0] == 1 else m
     pooled = F.adaptive_avg_pool2d(m[:, None], ref_grid)[:, 0]
     return pooled.reshape(-1).clamp(0.0, 1.0)
@@ -188,7 +209,9 @@ def subject_map(rec: Record, subject: torch.Tensor) -> torch.Tensor:
     """(B, h, w): per generated location, the share of its attention on the subject's tokens."""
     p = rec.probs
     if p.shape[-1] != subject.numel():
-        raise DreamCacheError(f"The recorded attention has {p.shape[-1]} reference tokens but the reference gives {subject.numel()}.")
+        raise DreamCacheError(
+            f"The recorded attention has {p.shape[-1]} reference tokens but the reference gives {subject.numel()}."
+        )
     return (p @ subject.to(p)).reshape(p.shape[0], *rec.grid)
 
 
@@ -204,7 +227,9 @@ def point_map(rec: Record, point_x: float, point_y: float) -> tuple[torch.Tensor
 
 # ---- drawing ------------------------------------------------------------------------------------------------------
 
-_STOPS = torch.tensor([[0.0, 0.0, 0.3], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [0.9, 0.9, 0.0], [1.0, 0.3, 0.0], [1.0, 0.0, 0.0]])
+_STOPS = torch.tensor(
+    [[0.0, 0.0, 0.3], [0.0, 0.3, 1.0], [0.0, 0.9, 0.9], [0.9, 0.9, 0.0], [1.0, 0.3, 0.0], [1.0, 0.0, 0.0]]
+)
 
 
 def colormap(v: torch.Tensor) -> torch.Tensor:
@@ -232,6 +257,6 @@ def mark_point(images: torch.Tensor, point_x: float, point_y: float) -> torch.Te
     for colour, extra in ((0.0, t), (1.0, 0)):
         y0, y1 = max(cy - r - extra, 0), min(cy + r + extra + 1, hh)
         x0, x1 = max(cx - r - extra, 0), min(cx + r + extra + 1, ww)
-        out[:, max(cy - t - extra, 0):cy + t + extra + 1, x0:x1] = colour
-        out[:, y0:y1, max(cx - t - extra, 0):cx + t + extra + 1] = colour
+        out[:, max(cy - t - extra, 0) : cy + t + extra + 1, x0:x1] = colour
+        out[:, y0:y1, max(cx - t - extra, 0) : cx + t + extra + 1] = colour
     return out

@@ -48,10 +48,11 @@ def mix(a: torch.Tensor, fused: list[torch.Tensor], strengths: list[float]) -> t
 
 
 def mix_weighted(a: torch.Tensor, fused: list[torch.Tensor], scales: list, weights: list) -> torch.Tensor:
-    """What is added to x when some subjects carry a mask: a + Σ wsᵢ·(fusedᵢ − a), where wsᵢ is the per-token
-    tensor w·λ·s (B or 1, N, 1) of a masked subject or the scalar λ·s of an unmasked one. Without any tensor this is
-    :func:`mix` exactly. A token where every wsᵢ is 0 gets ``a`` bit for bit, and one subject's term is the same
-    whether or not other subjects are added (so disjoint masks give each region what its subject alone gives)."""
+    """What is added to x when some subjects carry a mask: a + Σ wsᵢ·(fusedᵢ − a), where wsᵢ is the
+    per-token tensor w·λ·s (B or 1, N, 1) of a masked subject or the scalar λ·s of an unmasked one. Without any
+    tensor this is :func:`mix` exactly. A token where every wsᵢ is 0 gets ``a`` bit for bit, and one subject's term
+    is the same whether or not other subjects are added (so disjoint masks give each region what its subject alone
+    gives)."""
     if all(w is None for w in weights):
         return mix(a, fused, scales)
     out = a

@@ -59,7 +59,8 @@ class PatchEntry:
         if self.mask is not None:
             m = prepare_mask(self.mask)
             object.__setattr__(self, "mask", None if mask_kind(m) == "none" else m)  # one everywhere = no mask
-        object.__setattr__(self, "layer_weights", check_layer_weights(dict(self.layer_weights or {}), self.adapter.layers))
+        weights = check_layer_weights(dict(self.layer_weights or {}), self.adapter.layers)
+        object.__setattr__(self, "layer_weights", weights)
         if not math.isfinite(self.strength) or not -1.0 <= self.strength <= 3.0:
             raise DreamCacheError(f"DreamCache strength {self.strength} is out of range; use a value between -1 and 3 (1 = the method as trained).")
         missing = [str(r) for r in self.adapter.layers if r not in self.cache.tokens]

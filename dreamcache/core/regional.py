@@ -9,6 +9,7 @@ instead of the plain ``x + a``. Exact cases: a mask that is zero everywhere (or 
 layer, so the block is the base block bit for bit; a mask that is one everywhere is the same as no mask (the plain
 path of :mod:`.block`, bit for bit).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ LAYER_WEIGHT_RANGE = (-1.0, 3.0)
 
 
 # ---- layer names ------------------------------------------------------------------------------------------------
+
 
 def layer_name(ref: LayerRef) -> str:
     """The short name an artist types: ``middle``, ``output_4``, ``input_7`` (``output_4_1`` for block index 1)."""
@@ -73,11 +75,14 @@ def check_layer_weights(weights: dict, layers) -> dict[LayerRef, float]:
             valid = ", ".join(layer_name(r) for r in layers)
             raise DreamCacheError(f"The adapter has no layer '{layer_name(ref)}'; its layers are: {valid}.")
         if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi):
-            raise DreamCacheError(f"Layer weight {v} for '{layer_name(ref)}' is out of range; use a value between {lo:g} and {hi:g}.")
+            raise DreamCacheError(
+                f"Layer weight {v} for '{layer_name(ref)}' is out of range; use a value between {lo:g} and {hi:g}."
+            )
     return {ref: float(v) for ref, v in weights.items()}
 
 
 # ---- masks --------------------------------------------------------------------------------------------------------
+
 
 def prepare_mask(mask) -> torch.Tensor:
     """A ComfyUI MASK ((H, W) or (B, H, W), or (B, 1, H, W)) as a float32 CPU tensor (B, H, W) clamped to [0, 1]."""
@@ -89,9 +94,13 @@ def prepare_mask(mask) -> torch.Tensor:
     if m.dim() == 2:
         m = m[None]
     if m.dim() != 3:
-        raise DreamCacheError(f"The DreamCache mask has shape {tuple(mask.shape)}; a MASK is (height, width) or (batch, height, width).")
+        raise DreamCacheError(
+            f"The DreamCache mask has shape {tuple(mask.shape)}; a MASK is (height, width) or (batch, height, width)."
+        )
     if m.numel() == 0:
-        raise DreamCacheError(f"The DreamCache mask is empty (shape {tuple(mask.shape)}); connect a mask with at least one pixel.")
+        raise DreamCacheError(
+            f"The DreamCache mask is empty (shape {tuple(mask.shape)}); connect a mask with at least one pixel."
+        )
     m = m.to(device="cpu", dtype=torch.float32)
     if not torch.isfinite(m).all():
         raise DreamCacheError("The DreamCache mask contains NaN or infinite values.")
@@ -121,8 +130,10 @@ def token_grid(n_tokens: int, activations_shape=None, original_shape=None) -> tu
             if h * w == n_tokens:
                 return h, w
             h, w = (h + 1) // 2, (w + 1) // 2
-    raise DreamCacheError(f"Cannot tell the token grid of a layer with {n_tokens} tokens (latent {original_shape}); "
-                          "the DreamCache mask needs a U-Net with square-pixel token grids.")
+    raise DreamCacheError(
+        f"Cannot tell the token grid of a layer with {n_tokens} tokens (latent {original_shape}); "
+        "the DreamCache mask needs a U-Net with square-pixel token grids."
+    )
 
 
 def check_aspect(mask: torch.Tensor, latent_hw: tuple[int, int]):
@@ -131,12 +142,15 @@ def check_aspect(mask: torch.Tensor, latent_hw: tuple[int, int]):
     lh, lw = latent_hw
     if abs(mh * lw / mw - lh) >= 1.0 or abs(mw * lh / mh - lw) >= 1.0:
         raise DreamCacheError(
-            f"The DreamCache mask is {mw}×{mh} (width×height) but the latent is {lw}×{lh} ({lw * 8}×{lh * 8} pixels): "
+            f"The DreamCache mask is {mw}×{mh} (width×height) but the latent is {lw}×{lh} "
+            f"({lw * 8}×{lh * 8} pixels): "
             "their aspect ratios differ; make the mask the size of the image you generate."
         )
 
 
-def token_weights(mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], scale: float, device, dtype) -> torch.Tensor:
+def token_weights(
+    mask: torch.Tensor, grid: tuple[int, int], latent_hw: tuple[int, int], scale: float, device, dtype
+) -> torch.Tensor:
     """``w·scale`` per token, (B_mask, h·w, 1): the mask area-averaged over each token's cell of the grid."""
     check_aspect(mask, latent_hw)
     h, w = grid
@@ -150,6 +164,8 @@ def batch_index(n_masks: int, batch: int, chunk: int, device) -> torch.Tensor | 
     if n_masks == 1:
         return None
     if n_masks != chunk:
-        raise DreamCacheError(f"The DreamCache mask has a batch of {n_masks} but the latent batch is {chunk}; "
-                              "use one mask (it serves every latent) or one per latent.")
+        raise DreamCacheError(
+            f"The DreamCache mask has a batch of {n_masks} but the latent batch is {chunk}; "
+            "use one mask (it serves every latent) or one per latent."
+        )
     return torch.arange(batch, device=device) % chunk
