@@ -58,7 +58,9 @@ class PatchEntry:
     def __post_init__(self):
         if self.mask is not None:
             m = prepare_mask(self.mask)
-            object.__setattr__(self, "mask", None if mask_kind(m) == "none" else m)  # one everywhere = no mask
+            kind = mask_kind(m)
+            object.__setattr__(self, "mask", None if kind == "none" else m)  # one everywhere = no mask
+            object.__setattr__(self, "_mask_off", kind == "zero")
         weights = check_layer_weights(dict(self.layer_weights or {}), self.adapter.layers)
         object.__setattr__(self, "layer_weights", weights)
         if not math.isfinite(self.strength) or not -1.0 <= self.strength <= 3.0:
@@ -79,7 +81,7 @@ class PatchEntry:
     @property
     def mask_off(self) -> bool:
         """A mask that is zero everywhere: the subject is off (the base model exactly)."""
-        return self.mask is not None and mask_kind(self.mask) == "zero"
+        return getattr(self, "_mask_off", False)
 
     def scale(self, ref: LayerRef) -> float:
         """λ·s at this layer (exactly s where λ = 1)."""
