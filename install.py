@@ -5,7 +5,8 @@
 2. Creates the model folders: models/dreamcache (adapters), models/dreamcache_caches (saved subject caches),
    models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ into
    ComfyUI's input folder (never overwriting), so the example workflows open with their images loaded.
-3. Prints which model files are still missing and where to get them.
+3. Prints, per shipped workflow, which of its model files are still missing, where to get them, and how to run
+   it with a file you have instead.
 
     python install.py [--comfyui PATH] [--no-install]
 """
@@ -20,32 +21,35 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-#: What the user needs, where it goes and where to get it (kept in sync with README's model table).
-MODEL_FILES = [
-    {
-        "folder": "dreamcache", "patterns": (".safetensors", ".pt", ".pth", ".sft", ".ckpt", ".bin"),
-        "what": "a DreamCache adapter (required)",
-        "hint": "the authors' SD 2.1-base adapter cross_attention-199999.pt from "
-                "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K (optionally convert it with "
-                "`python -m dreamcache convert cross_attention-199999.pt --family sd2`), or one you trained with `python -m dreamcache.train`",
-    },
-    {
-        "folder": "sams", "patterns": (".pth", ".pt", ".safetensors"),
-        "what": "a Segment Anything checkpoint (optional: only for SubjectMask's auto/box/points modes)",
-        "hint": "sam_vit_b_01ec64.pth (375 MB) from https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
-                "(or vit_l / vit_h from the same place)",
-    },
-    {
-        "folder": "checkpoints", "patterns": (".safetensors", ".ckpt"),
-        "what": "a Stable Diffusion checkpoint of the adapter's family (SD 2.1-base for the released adapter)",
-        "hint": "v2-1_512-ema-pruned.safetensors from https://huggingface.co/stabilityai/stable-diffusion-2-1-base",
-    },
-]
+#: What a shipped workflow's model file is, and its size (the workflows' own ``models`` lists give the link).
+ABOUT = {
+    "v2-1_512-ema-pruned.safetensors": "Stable Diffusion 2.1-base, the released adapter's base model, 5.2 GB",
+    "cross_attention-199999.pt": "the authors' DreamCache adapter for SD 2.1-base, 101 MB; the link is a Google Drive "
+                                 "folder: download this file from it",
+    "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB",
+    "control_v11p_sd21_depth.safetensors": "an SD 2.1 depth ControlNet",
+}
+#: Loader node type -> (models folder, index of its file name in widgets_values, input name for --set).
+LOADERS = {
+    "CheckpointLoaderSimple": ("checkpoints", 0, "ckpt_name"),
+    "DreamCacheLoader": ("dreamcache", 0, "adapter_name"),
+    "DreamCacheSAMLoader": ("sams", 0, "sam_name"),
+    "ControlNetLoader": ("controlnet", 0, "control_net_name"),
+    "LoraLoader": ("loras", 0, "lora_name"),
+}
+#: File names in the shipped workflows that are placeholders for a file of the user's choice.
+PLACEHOLDERS = {"your_sd21_lora.safetensors": "a placeholder: pick any SD 2.x LoRA you have"}
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin")
 FOLDERS = ("dreamcache", "dreamcache_caches", "sams")
 
 
 def find_comfyui(explicit: str | None = None) -> str | None:
-    for cand in (explicit, os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(HERE))):
+    """An explicit --comfyui wins and must be a ComfyUI folder (SystemExit naming it otherwise)."""
+    if explicit:
+        if not os.path.isfile(os.path.join(explicit, "comfy", "model_patcher.py")):
+            sys.exit(f"[DreamCache] error: --comfyui '{explicit}' is not a ComfyUI folder (no comfy/model_patcher.py).")
+        return os.path.abspath(explicit)
+    for cand in (os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(HERE))):
         if cand and os.path.isfile(os.path.join(cand, "comfy", "model_patcher.py")):
             return os.path.abspath(cand)
     return None
@@ -83,18 +87,79 @@ def missing_requirements(path: str) -> list[str]:
     return missing
 
 
-def model_report(models_dir: str) -> list[str]:
+def workflow_needs(path: str) -> list[dict]:
+    """The model files a workflow needs: its top-level ``models`` list and the file names in its active loader
+    nodes (muted nodes and files the workflow makes itself, like a saved cache, are left out)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    needs = {}
+    for m in data.get("models") or []:
+        needs[(m["directory"], m["name"])] = {"folder": m["directory"], "name": m["name"], "url": m.get("url"),
+                                              "node": None}
+    for node in data.get("nodes") or []:
+        loader = LOADERS.get(node.get("type"))
+        values = node.get("widgets_values")
+        if loader is None or node.get("mode", 0) in (2, 4) or not isinstance(values, list) or len(values) <= loader[1]:
+            continue
+        folder, idx, input_name = loader
+        entry = needs.setdefault((folder, values[idx]),
+                                 {"folder": folder, "name": values[idx], "url": None, "node": None})
+        entry["node"] = (node["id"], node.get("type"), input_name)
+    return list(needs.values())
+
+
+def files_in(folder: str) -> list[str]:
+    """Model files under a folder, as ComfyUI names them (relative paths, '/' separated)."""
+    out = []
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            if f.lower().endswith(MODEL_EXTENSIONS):
+                out.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def model_report(models_dir: str, workflows_dir: str | None = None) -> list[str]:
+    """Each model file the shipped workflows need (missing ones with where to get them and how to use a file you
+    have instead), then per workflow what it still lacks."""
+    workflows_dir = workflows_dir or os.path.join(HERE, "workflows")
+    per_workflow, files = {}, {}
+    for wf in sorted(f for f in os.listdir(workflows_dir) if f.endswith(".json")):
+        needs = workflow_needs(os.path.join(workflows_dir, wf))
+        per_workflow[wf[:-5]] = needs
+        for n in needs:
+            entry = files.setdefault((n["folder"], n["name"]), dict(n))
+            entry["url"] = entry.get("url") or n.get("url")
+            entry["node"] = entry.get("node") or n.get("node")
+    have = {}
     lines = []
-    for m in MODEL_FILES:
-        folder = os.path.join(models_dir, m["folder"])
-        have = []
-        if os.path.isdir(folder):
-            for root, _dirs, files in os.walk(folder):
-                have += [f for f in files if f.lower().endswith(m["patterns"])]
-        if have:
-            lines.append(f"  ok      {m['folder']}/: {', '.join(sorted(have)[:3])}{' ...' if len(have) > 3 else ''}")
+    for (folder, name), n in files.items():
+        present = files_in(os.path.join(models_dir, folder))
+        have[(folder, name)] = name in present
+        if have[(folder, name)]:
+            lines.append(f"  ok      {folder}/{name}")
+            continue
+        if name in PLACEHOLDERS:
+            lines.append(f"  PICK    {folder}/{name} is {PLACEHOLDERS[name]}")
         else:
-            lines.append(f"  MISSING {m['what']}\n          put it in {folder}\n          get {m['hint']}")
+            lines.append(f"  MISSING {folder}/{name}" + (f" ({ABOUT[name]})" if name in ABOUT else ""))
+            where = f"; get it from {n['url']}" if n.get("url") else ""
+            lines.append(f"          put it in {os.path.join(models_dir, folder)}{where}")
+        if present and n.get("node"):
+            _nid, kind, input_name = n["node"]
+            shown = ", ".join(present[:3]) + (" ..." if len(present) > 3 else "")
+            lines.append(f"          or use a file you have ({shown}): pick it in {kind} in the UI, or "
+                         f"`run WORKFLOW --set {kind}.{input_name}={present[0]}`")
+    lines.append("  per workflow:")
+    width = max(map(len, per_workflow))
+    for wf, needs in per_workflow.items():
+        lacking = [n["name"] for n in needs if not have[(n["folder"], n["name"])]]
+        lines.append(f"    {wf:<{width}}  " + (f"missing {', '.join(lacking)}" if lacking else "ready"))
+    lines.append("  To use another file than the workflow names: pick it in the loader node in the UI, or pass "
+                 "`python -m dreamcache run WORKFLOW --set NODE.INPUT=FILE` (`--list` shows the nodes and inputs).")
+    lines.append("  An adapter only fits its model family: cross_attention-199999.pt needs an SD 2.x checkpoint (SD "
+                 "2.1-base); for SD 1.x or SDXL train an adapter with `python -m dreamcache.train`.")
     return lines
 
 
@@ -105,14 +170,16 @@ def copy_examples(input_dir: str) -> list[str]:
     copied = []
     examples = os.path.join(HERE, "workflows")
     for name in sorted(os.listdir(examples)):
-        if name.startswith("dreamcache_example_") and name.endswith(".png") and not os.path.exists(os.path.join(input_dir, name)):
+        example = name.startswith("dreamcache_example_") and name.endswith(".png")
+        if example and not os.path.exists(os.path.join(input_dir, name)):
             shutil.copyfile(os.path.join(examples, name), os.path.join(input_dir, name))
             copied.append(name)
     return copied
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model checklist")
+    ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model "
+                                             "checklist")
     ap.add_argument("--comfyui", help="ComfyUI directory (default: COMFYUI_PATH or the folder two levels up)")
     ap.add_argument("--no-install", action="store_true", help="only report missing requirements, do not pip install")
     args = ap.parse_args(argv)
@@ -132,7 +199,8 @@ def main(argv=None) -> int:
 
     root = find_comfyui(args.comfyui)
     if root is None:
-        print("[DreamCache] ComfyUI not found (put the pack in ComfyUI/custom_nodes/ or pass --comfyui); model folders not created.")
+        print("[DreamCache] ComfyUI not found (put the pack in ComfyUI/custom_nodes/ or pass --comfyui); model folders "
+              "not created.")
         return 0
     models = os.path.join(root, "models")
     for name in FOLDERS:
@@ -141,7 +209,7 @@ def main(argv=None) -> int:
     copied = copy_examples(os.path.join(root, "input"))
     if copied:
         print(f"[DreamCache] example images copied to {os.path.join(root, 'input')}: {', '.join(copied)}")
-    print("[DreamCache] model files (nothing is downloaded automatically):")
+    print("[DreamCache] model files of the shipped workflows (nothing is downloaded automatically):")
     print("\n".join(model_report(models)))
     return 0
 

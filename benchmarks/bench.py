@@ -45,16 +45,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def unet_config(family: str) -> dict:
     f = FAMILIES[family]
-    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+           "legacy": False,
            "in_channels": 4, "model_channels": 320, "use_temporal_attention": False, "use_temporal_resblock": False,
            "context_dim": f["context_dim"], "use_linear_in_transformer": f["use_linear_in_transformer"],
            "num_heads": f["num_heads"], "num_head_channels": f["num_head_channels"]}
     if family == "sdxl":
         cfg.update(adm_in_channels=2816, num_classes="sequential", channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
-                   transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10)
+                   transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+                   transformer_depth_middle=10)
     else:
         cfg.update(adm_in_channels=None, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
-                   transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3, transformer_depth_middle=1)
+                   transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1] * 9 + [0] * 3,
+                   transformer_depth_middle=1)
     return cfg
 
 
@@ -86,7 +89,8 @@ def build_model(family: str, dtype, device):
     random_init_(model.diffusion_model)
     model.diffusion_model.to(dtype)
     model.requires_grad_(False)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def conditioning(family: str, batch_text: int = 1, seed: int = 1):
@@ -136,7 +140,8 @@ def measure(guider, latent, sigma, warmup, repeats, device):
             torch.cuda.synchronize()
 
     class Timing(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
             sig = sigmas[0] * noise.new_ones([noise.shape[0]])
             for i in range(warmup + repeats):
                 if i == warmup:
@@ -160,7 +165,8 @@ def measure(guider, latent, sigma, warmup, repeats, device):
             return noise
 
     with torch.inference_mode():
-        guider.sample(latent * sigma, torch.zeros_like(latent), Timing(), torch.tensor([sigma, 0.0]), disable_pbar=True, seed=0)
+        guider.sample(latent * sigma, torch.zeros_like(latent), Timing(), torch.tensor([sigma, 0.0]),
+                      disable_pbar=True, seed=0)
     return times, peak["bytes"] - peak["start"]
 
 
@@ -170,9 +176,9 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
     counter does not see the fused CPU SDPA kernel; the FLOPs are the same whichever kernel runs. The patch's
     attention recorder, if any, is kept; ``transformer_options`` are added to the call's (e.g. a sampling
     schedule)."""
+    import comfy.ldm.modules.attention as A
     from torch.utils.flop_counter import FlopCounterMode
 
-    import comfy.ldm.modules.attention as A
     from dreamcache.core.patch import DreamCachePatch
 
     def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
@@ -188,7 +194,8 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
     counting = DreamCachePatch(list(patch.entries), attention=explicit, recorder=getattr(patch, "recorder", None))
     x, ctx = latent.to(p), cond[0][0].to(p)
     t = torch.full((1,), 500.0, device=p.device)
-    y = {"y": torch.zeros(1, dm.label_emb[0][0].in_features).to(p)} if dm.num_classes is not None else {}  # SDXL's vector
+    y = {"y": torch.zeros(1,
+                          dm.label_emb[0][0].in_features).to(p)} if dm.num_classes is not None else {}  # SDXL's vector
     saved = A.optimized_attention
     out = {}
     try:
@@ -221,8 +228,10 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--attention", choices=["comfy-default", "pytorch"], default="comfy-default",
-                    help="ComfyUI's attention for the whole model (ours uses the same): its default for the device, or --use-pytorch-cross-attention")
-    ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one U-Net forward, base and with DreamCache")
+                    help="ComfyUI's attention for the whole model (ours uses the same): its default for the device, or "
+                         "--use-pytorch-cross-attention")
+    ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one U-Net forward, base and with "
+                                                         "DreamCache")
     ap.add_argument("--mask", action="store_true",
                     help="also time one evaluation with a soft left-half mask on Apply DreamCache")
     ap.add_argument("--comfyui")
@@ -231,17 +240,18 @@ def main(argv=None):
     dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(args.threads)
-    import_comfyui(args.comfyui, cpu=args.device == "cpu", **({"use_pytorch_cross_attention": True} if args.attention == "pytorch" else {}))
+    import_comfyui(args.comfyui, cpu=args.device == "cpu",
+                   **({"use_pytorch_cross_attention": True} if args.attention == "pytorch" else {}))
 
     import comfy.ldm.modules.attention as comfy_attention
     import comfy.model_management as mm
     import comfy.samplers
 
-    from dreamcache.core.adapter_io import AdapterFile, save_adapter
-    from dreamcache.core.adapter import DreamCacheAdapter
-    from dreamcache.core.cache import save_cache
-    from dreamcache.comfy import cache_pass, guidance, patching
+    from dreamcache.comfy import apply_patch, cache_pass, guidance
     from dreamcache.comfy.model import model_channels_at
+    from dreamcache.core.adapter import DreamCacheAdapter
+    from dreamcache.core.adapter_io import adapter_file_of, save_adapter
+    from dreamcache.core.cache import save_cache
     from dreamcache.core.layers import default_layers
 
     device = mm.get_torch_device()
@@ -252,22 +262,18 @@ def main(argv=None):
     channels = {r: model_channels_at(model, r) for r in layers}
     module = DreamCacheAdapter(channels)
     module.reset_reference_init(0)
-    adapter = AdapterFile(name="random", channels=channels, family=family_core,
-                          tensors={r: {k: v.clone() for k, v in module.layer(r).state_dict().items()} for r in layers})
+    adapter = adapter_file_of(module, family_core, name="random")
     h = w = args.res // 8
     latent = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(2))
     cond, neg = conditioning(args.family, seed=1), conditioning(args.family, seed=3)
     sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(500.0)))
-    results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name, "threads": args.threads,
+    results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name,
+                          "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
                           "attention": comfy_attention.optimized_attention.__name__, "mask": args.mask}}
 
-    class OneEval(comfy.samplers.CFGGuider):
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
-
     def single(m):
-        g = OneEval(m)
+        g = guidance.PositiveOnlyGuider(m)
         g.inner_set_conds({"positive": cond})
         return g
 
@@ -299,7 +305,7 @@ def main(argv=None):
     cache = from_captures({r: c.cpu() for r, c in caps.items()}, model_family=family_core)
 
     # ---- evaluations and steps -------------------------------------------------------------------------------
-    patched = patching.apply_dreamcache(model, adapter, cache)
+    patched = apply_patch.apply_dreamcache(model, adapter, cache)
     guiders = {
         "eval_base": single(model),
         "eval_dreamcache": single(patched),
@@ -310,7 +316,7 @@ def main(argv=None):
     if args.mask:  # the subject on the left half, with a soft 1/8-wide edge: every layer runs the masked path
         ramp = torch.linspace(0, 1, args.res)
         mask = ((0.5625 - ramp) * 8).clamp(0, 1).expand(1, args.res, args.res)
-        guiders["eval_dreamcache_mask"] = single(patching.apply_dreamcache(model, adapter, cache, mask=mask))
+        guiders["eval_dreamcache_mask"] = single(apply_patch.apply_dreamcache(model, adapter, cache, mask=mask))
     # Interleaved rounds (A B C D E, A B C D E, ...): slow drift of the machine (other load, allocator state,
     # clock) spreads over every measure instead of biasing whichever ran first. Warm-up in the first round only.
     runs = {k: ([], 0) for k in guiders}
@@ -318,7 +324,8 @@ def main(argv=None):
         for k, g in guiders.items():
             ts, peak = measure(g, latent, sigma, args.warmup if rnd == 0 else 0, 1, device)
             runs[k] = (runs[k][0] + ts, max(runs[k][1], peak))
-    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in patching.find_patch(patched)._kv.values())
+    kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k,
+                   v in apply_patch.find_patch(patched)._kv.values())
 
     # ---- sizes -----------------------------------------------------------------------------------------------
     with tempfile.TemporaryDirectory() as td:
@@ -359,11 +366,12 @@ def main(argv=None):
     }
     results["sizes_bytes"] = sizes
     if args.flops:
-        results["flops"] = count_flops(model, patching.find_patch(patched), latent.to(device), cond)
+        results["flops"] = count_flops(model, apply_patch.find_patch(patched), latent.to(device), cond)
     results["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
-    out = args.out or str(ROOT / "bench_out" / f"{args.family}_{args.res}_{device.type}_{dtype_name}_{results['config']['attention']}.json")
+    stem = f"{args.family}_{args.res}_{device.type}_{dtype_name}_{results['config']['attention']}"
+    out = args.out or str(ROOT / "bench_out" / f"{stem}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=2)
@@ -373,12 +381,14 @@ def main(argv=None):
 
 def markdown(r) -> str:
     c = r["config"]
-    lines = [f"### {c['family']} {c['res']}² on {c['device']} ({c['dtype']}, {c['threads']} threads, attention {c['attention']}, torch {c['torch']})", "",
+    lines = [f"### {c['family']} {c['res']}² on {c['device']} ({c['dtype']}, {c['threads']} threads, attention "
+             f"{c['attention']}, torch {c['torch']})", "",
              "| measure | median s | min s | max s |", "|---|---|---|---|"]
     for k, s in r["timings_s"].items():
         lines.append(f"| {k} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    targets = {"eval_dreamcache / eval_base": "≤ 1.10", "step_joint / step_cfg": "≤ 1.12", "step_combined / step_cfg": "≤ 1.60", "cache_pass / eval_base": "≤ 1.10"}
+    targets = {"eval_dreamcache / eval_base": "≤ 1.10", "step_joint / step_cfg": "≤ 1.12",
+               "step_combined / step_cfg": "≤ 1.60", "cache_pass / eval_base": "≤ 1.10"}
     targets["eval_dreamcache_mask / eval_dreamcache"] = "≤ 1.02"
     for k, v in r["ratios"].items():
         lines.append(f"| {k} | {v:.3f} | {targets[k]} |")
@@ -388,12 +398,17 @@ def markdown(r) -> str:
               f"| adapter file fp16 / fp32 | {s['adapter_fp16'] / 1e6:.1f} MB / {s['adapter_fp32'] / 1e6:.1f} MB |",
               f"| cache per subject (fp16 file) | {s['cache_fp16'] / 1e6:.2f} MB ({m['cache_values']:,} values) |",
               f"| K/V memo on the device | {m['kv_memo_bytes'] / 1e6:.1f} MB |",
-              f"| resident: adapter weights ({c['dtype']}) + K/V memo + cache (CPU) | {m['adapter_bytes_in_compute_dtype'] / 1e6:.1f} + {m['kv_memo_bytes'] / 1e6:.1f} + {m['cache_bytes_resident'] / 1e6:.1f} MB |",
-              f"| working memory of one evaluation, base / DreamCache ({m['working_kind']}) | {m['working_eval_base'] / 1e6:.0f} MB / {m['working_eval_dreamcache'] / 1e6:.0f} MB ({m['working_added_by_dreamcache'] / 1e6:+.0f} MB) |",
+              f"| resident: adapter weights ({c['dtype']}) + K/V memo + cache (CPU) | "
+              f"{m['adapter_bytes_in_compute_dtype'] / 1e6:.1f} + {m['kv_memo_bytes'] / 1e6:.1f} + "
+              f"{m['cache_bytes_resident'] / 1e6:.1f} MB |",
+              f"| working memory of one evaluation, base / DreamCache ({m['working_kind']}) | "
+              f"{m['working_eval_base'] / 1e6:.0f} MB / {m['working_eval_dreamcache'] / 1e6:.0f} MB "
+              f"({m['working_added_by_dreamcache'] / 1e6:+.0f} MB) |",
               f"| wall time of this run | {r['wall_s']:.0f} s |"]
     if "flops" in r:
         f = r["flops"]
-        lines.append(f"| FLOPs of one U-Net forward, base / DreamCache | {f['base'] / 1e9:.1f} / {f['dreamcache'] / 1e9:.1f} GFLOP "
+        lines.append(f"| FLOPs of one U-Net forward, base / DreamCache | {f['base'] / 1e9:.1f} / "
+                     f"{f['dreamcache'] / 1e9:.1f} GFLOP "
                      f"(+{f['added'] / 1e9:.1f}, {100 * f['added'] / f['base']:.1f}%) |")
     return "\n".join(lines)
 

@@ -79,8 +79,10 @@ def main():
 
     def rerun_other_options():
         """The node again on the same photo with other mask options: the embedding comes from the SAM's cache."""
-        probs = subject.subject_probabilities(img, "auto", segment=lambda rgb: core_sam.predict_batch(sam, rgb, "auto", cache=cache))
-        return subject.make_reference(img, subject.refine_masks(probs, threshold=0.0, feather=4), layout="train", size=512)
+        probs = subject.subject_probabilities(img, "auto", segment=lambda rgb: core_sam.predict_batch(sam, rgb, "auto",
+                                                                                                      cache=cache))
+        return subject.make_reference(img, subject.refine_masks(probs, threshold=0.0, feather=4), layout="train",
+                                      size=512)
 
     with torch.inference_mode():
         run_node_path()  # warm-up
@@ -102,10 +104,12 @@ def main():
             reruns.append(time.perf_counter() - t)
 
     result = {
-        "variant": args.variant, "image": f"{args.size}x{args.size}", "device": str(device), "threads": torch.get_num_threads(),
+        "variant": args.variant, "image": f"{args.size}x{args.size}", "device": str(device),
+              "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "build_random_weights_s": round(build_s, 2), "repeats": args.repeats,
-        "subject_mask_auto_s_median": round(statistics.median(totals), 3), "subject_mask_auto_s_min": round(min(totals), 3),
+        "subject_mask_auto_s_median": round(statistics.median(totals), 3),
+              "subject_mask_auto_s_min": round(min(totals), 3),
         "subject_mask_auto_s_all": [round(t, 3) for t in totals],
         "image_encoder_s_median": round(statistics.median(encs), 3), "image_encoder_s_min": round(min(encs), 3),
         "rerun_same_photo_other_options_s_median": round(statistics.median(reruns), 3),

@@ -15,9 +15,12 @@ import warnings
 MOVED = {
     **{m: f"core.{m}" for m in ("adapter", "adapter_io", "attention", "block", "cache", "capture", "errors", "image",
                                 "layers", "patch", "sam", "subject")},
-    **{m: f"apps.{m}" for m in ("cli", "runner", "server", "workflow")},
+    **{m: f"apps.{m}" for m in ("cli", "runner", "workflow")},
+    "server": "apps.comfy_client",
+    "apps.server": "apps.comfy_client",
     "comfy.trainer": "apps.trainer",
     "comfy.synth": "apps.synth",
+    "comfy.patching": "comfy.apply_patch",
 }
 
 
@@ -29,7 +32,8 @@ class _AliasLoader(importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        warnings.warn(f"{module.__name__} moved to {self.target}; import it from there.", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"{module.__name__} moved to {self.target}; import it from there.", DeprecationWarning,
+                      stacklevel=2)
         # The import system re-reads sys.modules after exec_module, so the old name now *is* the new module.
         sys.modules[module.__name__] = importlib.import_module(self.target)
 

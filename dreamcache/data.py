@@ -1,7 +1,25 @@
-"""``python -m dreamcache.data``: entry point of the training-data commands (dreamcache.apps.data)."""
+"""``python -m dreamcache.data``: entry point of the training-data commands (dreamcache.apps.data.cli).
+
+Imported rather than run (the 0.1 module path), it gives the library of :mod:`dreamcache.apps.data`, with a
+DeprecationWarning."""
 import sys
 
-from .apps.data import main
+try:
+    from .apps.data.cli import main
+except ModuleNotFoundError as e:  # e.g. no torch in this Python: one line, not a traceback
+    from .apps.cli import missing_module_message
+
+    if missing_module_message(e) is None:
+        raise
+    print("error: " + missing_module_message(e, "'python -m dreamcache.data'"), file=sys.stderr)
+    sys.exit(2)
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    import warnings
+
+    from .apps.data import *  # noqa: F401,F403
+
+    warnings.warn("dreamcache.data moved to dreamcache.apps.data; import it from there.", DeprecationWarning,
+                  stacklevel=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..dreamcache.comfy.patching import apply_dreamcache
+from ..dreamcache.comfy.apply_patch import apply_dreamcache
 from .types import Adapter, Cache
 
 _MASK_TIP = (

@@ -22,14 +22,18 @@ class DreamCacheSave(io.ComfyNode):
             node_id="DreamCacheSave",
             display_name="Save DreamCache Cache",
             category="DreamCache/cache",
-            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata (model family, layers, "
-                        "seed, resolution), so the subject is cached once and reused or shared without the reference image.",
+            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata (model "
+                        "family, layers, "
+                        "seed, resolution), so the subject is cached once and reused or shared without the reference "
+                        "image.",
             inputs=[
                 Cache.Input("cache", tooltip="The cache to save."),
-                io.String.Input("filename_prefix", default="subject", tooltip="File name (may include subfolders) inside "
+                io.String.Input("filename_prefix", default="subject",
+                                tooltip="File name (may include subfolders) inside "
                                 "models/dreamcache_caches; a counter is appended, nothing is overwritten."),
                 io.Combo.Input("dtype", options=list(STORAGE_DTYPES), default="fp16",
-                               tooltip="Storage precision: fp16 halves the size (≈6 MB per 512² reference for SD1.5/2.1); keep stores it as computed."),
+                               tooltip="Storage precision: fp16 halves the size (≈6 MB per 512² reference for "
+                                       "SD1.5/2.1); keep stores it as computed."),
             ],
             outputs=[],
             is_output_node=True,
@@ -45,7 +49,8 @@ class DreamCacheSave(io.ComfyNode):
         path = paths.safe_output_path(base, filename_prefix)
         save_cache(cache, path, dtype=STORAGE_DTYPES[dtype])
         rel = os.path.relpath(path, base)
-        return io.NodeOutput(ui=ui.PreviewText(f"Saved {rel} ({os.path.getsize(path) / 1e6:.1f} MB). {cache.describe()}"))
+        text = f"Saved {rel} ({os.path.getsize(path) / 1e6:.1f} MB). {cache.describe()}"
+        return io.NodeOutput(ui=ui.PreviewText(text))
 
 
 class DreamCacheLoad(io.ComfyNode):
@@ -57,7 +62,8 @@ class DreamCacheLoad(io.ComfyNode):
             category="DreamCache/cache",
             description="Loads a saved feature cache from models/dreamcache_caches (its metadata is checked).",
             inputs=[io.Combo.Input("cache_name", options=folder_paths.get_filename_list(paths.CACHES),
-                                   tooltip="A cache file written by DreamCacheSave, in ComfyUI/models/dreamcache_caches.")],
+                                   tooltip="A cache file written by DreamCacheSave, in "
+                                           "ComfyUI/models/dreamcache_caches.")],
             outputs=[Cache.Output(display_name="cache", tooltip="The loaded cache, for ApplyDreamCache.")],
         )
 
@@ -75,7 +81,8 @@ class DreamCacheLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, cache_name) -> io.NodeOutput:
-        return io.NodeOutput(load_cache(paths.resolve_file(paths.CACHES, cache_name, "Cache", CACHE_HINT), name=cache_name))
+        return io.NodeOutput(load_cache(paths.resolve_file(paths.CACHES, cache_name, "Cache", CACHE_HINT),
+                                        name=cache_name))
 
 
 class DreamCacheCombine(io.ComfyNode):
@@ -85,7 +92,8 @@ class DreamCacheCombine(io.ComfyNode):
             node_id="DreamCacheCombine",
             display_name="Combine DreamCache Caches",
             category="DreamCache/cache",
-            description="Concatenates the references of two caches of the same subject (built with the same model and adapter), "
+            description="Concatenates the references of two caches of the same subject (built with the same model and "
+                        "adapter), "
                         "so every generated image attends to both.",
             inputs=[
                 Cache.Input("cache_a", tooltip="First cache."),

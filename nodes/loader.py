@@ -24,16 +24,21 @@ class DreamCacheLoader(io.ComfyNode):
             node_id="DreamCacheLoader",
             display_name="DreamCache Loader",
             category="DreamCache/loaders",
-            description="Loads a DreamCache adapter (the pack's .safetensors or the reference .pt) from models/dreamcache. "
+            description="Loads a DreamCache adapter (the pack's .safetensors or the reference .pt) from "
+                        "models/dreamcache. "
                         "Every key is checked; the layers it patches come from the file.",
             inputs=[
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(paths.ADAPTERS),
-                               tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference cross_attention-199999.pt)."),
+                               tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference "
+                                       "cross_attention-199999.pt)."),
                 io.Combo.Input("base_family", options=FAMILY_CHOICES, default="from file", optional=True,
-                               tooltip="Model family the adapter was trained for. 'from file' uses the file's metadata; "
-                                       "set it for a reference .pt (the released one is sd2) to get a clear error on a wrong model."),
+                               tooltip="Model family the adapter was trained for. 'from file' uses the file's "
+                                       "metadata; "
+                                       "set it for a reference .pt (the released one is sd2) to get a clear error on a "
+                                       "wrong model."),
             ],
-            outputs=[Adapter.Output(display_name="adapter", tooltip="The validated adapter, for BuildFeatureCache and ApplyDreamCache.")],
+            outputs=[Adapter.Output(display_name="adapter", tooltip="The validated adapter, for BuildFeatureCache and "
+                                                                    "ApplyDreamCache.")],
         )
 
     @classmethod
@@ -42,7 +47,8 @@ class DreamCacheLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        return paths.missing_file_message(paths.ADAPTERS, value, "Adapter", ADAPTER_HINT) if name == "adapter_name" else None
+        return paths.missing_file_message(paths.ADAPTERS, value, "Adapter",
+                                          ADAPTER_HINT) if name == "adapter_name" else None
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name, base_family="from file"):
@@ -50,9 +56,11 @@ class DreamCacheLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name, base_family="from file") -> io.NodeOutput:
-        adapter = read_adapter(paths.resolve_file(paths.ADAPTERS, adapter_name, "Adapter", ADAPTER_HINT), name=adapter_name)
+        adapter = read_adapter(paths.resolve_file(paths.ADAPTERS, adapter_name, "Adapter", ADAPTER_HINT),
+                               name=adapter_name)
         if base_family != "from file":
             if adapter.family is not None and adapter.family != base_family:
-                raise DreamCacheError(f"Adapter '{adapter_name}' says it was trained for {adapter.family}, not {base_family}; set base_family to 'from file'.")
+                raise DreamCacheError(f"Adapter '{adapter_name}' says it was trained for {adapter.family}, not "
+                                      f"{base_family}; set base_family to 'from file'.")
             adapter.family = base_family
         return io.NodeOutput(adapter)

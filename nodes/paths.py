@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 
+from ..dreamcache.core.files import TENSOR_EXTENSIONS
+
 ADAPTERS = "dreamcache"  # models/dreamcache: adapter files
 CACHES = "dreamcache_caches"  # models/dreamcache_caches: saved feature caches
 SAMS = "sams"  # models/sams: Segment Anything checkpoints (the folder name other packs use too: shared)
-ADAPTER_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".ckpt", ".bin"}
+ADAPTER_EXTENSIONS = set(TENSOR_EXTENSIONS)
 CACHE_EXTENSIONS = {".safetensors"}
-SAM_EXTENSIONS = {".pth", ".pt", ".safetensors", ".sft", ".bin", ".ckpt"}
+SAM_EXTENSIONS = set(TENSOR_EXTENSIONS)
 
 
 def _register(name: str, extensions: set[str]):
@@ -68,11 +70,13 @@ def safe_output_path(base_dir: str, prefix: str, extension: str = ".safetensors"
     raw = (prefix or "").strip().replace("\\", "/")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if not parts or raw.startswith("/") or os.path.isabs(raw) or (len(raw) > 1 and raw[1] == ":") or ".." in parts:
-        raise DreamCacheError(f"File name prefix '{prefix}' must be a relative name inside the caches folder (no '..', no absolute path).")
+        raise DreamCacheError(f"File name prefix '{prefix}' must be a relative name inside the caches folder (no '..', "
+                              "no absolute path).")
     base = os.path.realpath(base_dir)
     folder = os.path.realpath(os.path.join(base, *parts[:-1]))
     if os.path.commonpath([base, folder]) != base:
-        raise DreamCacheError(f"File name prefix '{prefix}' points outside the caches folder; use a plain name such as 'my_subject'.")
+        raise DreamCacheError(f"File name prefix '{prefix}' points outside the caches folder; use a plain name such as "
+                              "'my_subject'.")
     os.makedirs(folder, exist_ok=True)
     stem = parts[-1]
     counter = 1

@@ -1,18 +1,15 @@
 """DreamCacheGuider (a GUIDER for SamplerCustomAdvanced) and DualGuidanceSampler (a KSampler with two scales)."""
 from __future__ import annotations
 
-import comfy.model_management
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
 from comfy_api.latest import io
 
-from ..dreamcache.comfy.guidance import MODES, make_guider
+from ..dreamcache.comfy.guidance import MODES, make_guider, sample_dual_guidance
 from .validation import combo_check
 
 _TEXT_TIP = "s_T: how strongly the prompt steers the image (like CFG). The reference runs use 7.5."
-_IMAGE_TIP = ("s_I: how strongly the cached subject steers the image. The reference demo uses 5.0, its DreamBench runs 0.4; "
+_IMAGE_TIP = ("s_I: how strongly the cached subject steers the image. The reference demo uses 5.0, its DreamBench runs "
+              "0.4; "
               "lower keeps more of the prompt, higher copies more of the subject. Ignored in joint mode.")
 _MODE_TIP = ("combined: e(∅,∅) + s_I·(e(img,∅) − e(∅,∅)) + s_T·(e(img,text) − e(img,∅)), three model calls per step; "
              "joint: one scale for both (s_T), two calls per step.")
@@ -33,12 +30,15 @@ class DreamCacheGuider(io.ComfyNode):
             node_id="DreamCacheGuider",
             display_name="DreamCache Guider",
             category="DreamCache/sampling",
-            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; the image condition "
+            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; the "
+                        "image condition "
                         "is switched on and off per branch. Needs the MODEL from ApplyDreamCache.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of ApplyDreamCache."),
-                io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every branch)."),
-                io.Conditioning.Input("negative", tooltip="The negative / empty prompt: the text-unconditional branch."),
+                io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every "
+                                                          "branch)."),
+                io.Conditioning.Input("negative",
+                                      tooltip="The negative / empty prompt: the text-unconditional branch."),
                 *_scale_inputs(),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
@@ -63,14 +63,22 @@ class DreamCacheDualGuidanceSampler(io.ComfyNode):
             description="A KSampler with separate text and image guidance scales for a DreamCache-patched model.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of ApplyDreamCache."),
-                io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every branch)."),
-                io.Conditioning.Input("negative", tooltip="The negative / empty prompt: the text-unconditional branch."),
-                io.Latent.Input("latent_image", tooltip="The latent to denoise (Empty Latent Image, or an encoded image with denoise < 1)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="The random seed used for creating the noise."),
-                io.Int.Input("steps", default=30, min=1, max=10000, tooltip="Number of sampling steps (the reference uses 50 DDIM steps)."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim", tooltip="The sampling algorithm."),
-                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform", tooltip="How the noise levels are spaced over the steps."),
-                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="How much of the latent is replaced by noise (1 = all)."),
+                io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every "
+                                                          "branch)."),
+                io.Conditioning.Input("negative",
+                                      tooltip="The negative / empty prompt: the text-unconditional branch."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (Empty Latent Image, or an encoded "
+                                                        "image with denoise < 1)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=30, min=1, max=10000,
+                             tooltip="Number of sampling steps (the reference uses 50 DDIM steps)."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="ddim",
+                               tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="ddim_uniform",
+                               tooltip="How the noise levels are spaced over the steps."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="How much of the latent is replaced by noise (1 = all)."),
                 *_scale_inputs(),
             ],
             outputs=[io.Latent.Output(display_name="LATENT", tooltip="The denoised latent.")],
@@ -83,19 +91,6 @@ class DreamCacheDualGuidanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, sampler_name, scheduler, denoise=1.0,
                 text_scale=7.5, image_scale=5.0, mode="combined") -> io.NodeOutput:
-        guider = make_guider(model, positive, negative, text_scale, image_scale, mode)
-        latent = latent_image
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name, scheduler=scheduler,
-                                     denoise=denoise, model_options=model.model_options)
-        sigmas = ks.sigmas
-        out = latent.copy()
-        if sigmas.shape[-1] == 0:
-            return io.NodeOutput(out)
-        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas, denoise_mask=latent.get("noise_mask"),
-                               callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        out["samples"] = result.to(comfy.model_management.intermediate_device())
-        out.pop("downscale_ratio_spacial", None)
-        return io.NodeOutput(out)
+        return io.NodeOutput(sample_dual_guidance(model, positive, negative, latent_image, seed, steps, sampler_name,
+                                                  scheduler,
+                                                  denoise, text_scale, image_scale, mode))

@@ -67,9 +67,11 @@ def comfy():
     args.disable_api_nodes = True
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import comfy.samplers  # noqa: F401
+
     import nodes  # noqa: F401  (ComfyUI's nodes.py)
 
-    assert Path(nodes.__file__).resolve().parent == COMFYUI, f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    assert Path(nodes.__file__).resolve().parent == COMFYUI, \
+        f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
     return COMFYUI
 
 
@@ -83,6 +85,7 @@ def pack(comfy, models_dir):
     """This pack loaded by ComfyUI's own custom-node loader (as a user's install would be), with the model folders
     pointed at a temporary directory. Returns the loaded package module (its ``.dreamcache`` is the core it uses)."""
     import folder_paths
+
     import nodes
 
     folder_paths.models_dir = str(models_dir)
@@ -126,7 +129,8 @@ def sd1(pack):
     ns.adapter = random_adapter(ns.core, ns.model, seed=0)
     g = torch.Generator().manual_seed(5)
     ns.image = torch.rand(1, 64, 64, 3, generator=g)
-    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image, clip=ns.clip,
+    ns.cache, ns.reference = run_node("DreamCacheBuildFeatureCache", model=ns.model, vae=ns.vae, image=ns.image,
+                                      clip=ns.clip,
                                       adapter=ns.adapter, seed=0, resolution=64, fit="pad", batch_mode="concat")
     ns.positive = run_node("CLIPTextEncode", clip=ns.clip, text="a photo of a dog")[0]
     ns.negative = run_node("CLIPTextEncode", clip=ns.clip, text="")[0]

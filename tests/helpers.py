@@ -42,8 +42,10 @@ def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_mo
     ``x`` is the noisy latent in ComfyUI's sigma space, ``sigma`` a float or a per-sample tensor. Returns the
     denoised prediction of the positive cond (and of the negative if given, evaluated in the same call).
     """
-    import torch
     import comfy.samplers
+    import torch
+
+    from dreamcache.comfy.guidance import PositiveOnlyGuider
 
     conds = {"positive": positive}
     if negative is not None:
@@ -51,33 +53,22 @@ def denoise_once(model, x, sigma, positive, negative=None, switch=None, extra_mo
     sig = torch.as_tensor(sigma, dtype=torch.float32)
     if sig.dim() == 0:
         sig = sig.repeat(x.shape[0])
-    got = {}
-
-    class Guider(comfy.samplers.CFGGuider):
-        def predict_noise(self, xx, timestep, model_options={}, seed=None):
-            mo = model_options
-            if switch is not None or extra_model_options:
-                mo = dict(model_options)
-                to = dict(mo.get("transformer_options", {}))
-                if switch is not None:
-                    to["dreamcache_image"] = tuple(switch)
-                to.update((extra_model_options or {}).get("transformer_options", {}))
-                mo["transformer_options"] = to
-            keys = ["positive"] + (["negative"] if negative is not None else [])
-            out = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[k] for k in keys], xx, timestep, mo)
-            got["out"] = out
-            return out[0]
 
     class OneCall(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
             model_wrap(noise, sig.to(noise.device), **extra_args)
             return noise
 
-    g = Guider(model)
+    to = dict((extra_model_options or {}).get("transformer_options", {}))
+    if switch is not None:
+        to["dreamcache_image"] = tuple(switch)
+    g = PositiveOnlyGuider(model, keys=["positive"] + (["negative"] if negative is not None else []),
+                           transformer_options=to)
     g.inner_set_conds(conds)
     with torch.inference_mode():
         g.sample(x, torch.zeros_like(x), OneCall(), torch.tensor([float(sig.max()), 0.0]), disable_pbar=True, seed=0)
-    out = [o.cpu() for o in got["out"]]
+    out = [o.cpu() for o in g.last]
     return out if negative is not None else out[0]
 
 
@@ -106,5 +97,4 @@ def random_adapter(core, model, seed: int = 0, layers=None, family=None, scale: 
         with torch.no_grad():
             for p in module.parameters():
                 p.mul_(scale)
-    tensors = {ref: {k: v.clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
-    return core.core.adapter_io.AdapterFile(name=f"random-{fam}-{seed}", channels=channels, tensors=tensors, family=fam)
+    return core.core.adapter_io.adapter_file_of(module, fam, name=f"random-{fam}-{seed}")

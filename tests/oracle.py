@@ -18,7 +18,8 @@ def _attention(q, k, v, heads):
     q = q.reshape(b, n, heads, d)
     k = k.reshape(b, k.shape[1], heads, d)
     v = v.reshape(b, v.shape[1], heads, d)
-    sim = torch.einsum("bihd,bjhd->bhij", q.float() if q.dtype != torch.float64 else q, k.float() if k.dtype != torch.float64 else k) * d**-0.5
+    sim = torch.einsum("bihd,bjhd->bhij", q.float() if q.dtype != torch.float64 else q,
+                       k.float() if k.dtype != torch.float64 else k) * d**-0.5
     p = sim.softmax(dim=-1).to(v.dtype)
     return torch.einsum("bhij,bjhd->bihd", p, v).reshape(b, n, c)
 

@@ -12,7 +12,8 @@ def make_dataset(root, objects: int = 5, images: int = 4, size: int = 64, seed: 
     background, with a caption naming shape and colour."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40), "purple": (140, 40, 170)}
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 40),
+               "purple": (140, 40, 170)}
     names = list(colours)
     yy, xx = np.mgrid[0:size, 0:size]
     for o in range(objects):

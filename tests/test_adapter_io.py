@@ -17,11 +17,13 @@ from dreamcache.core.adapter_io import ADAPTER_FORMAT, convert_adapter, read_ada
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import SD_LAYERS, SDXL_LAYERS, LayerRef
 
-SD_CHANNELS = {"middle_block.1": 1280, "output_blocks.4.1": 1280, "output_blocks.6.1": 640, "output_blocks.8.1": 640, "output_blocks.10.1": 320}
+SD_CHANNELS = {"middle_block.1": 1280, "output_blocks.4.1": 1280, "output_blocks.6.1": 640, "output_blocks.8.1": 640,
+               "output_blocks.10.1": 320}
 
 
 def small_adapter(seed=0, channels=None):
-    channels = channels or {LayerRef("middle_block.1"): 16, LayerRef("output_blocks.4.1"): 16, LayerRef("output_blocks.10.1"): 8}
+    channels = channels or {LayerRef("middle_block.1"): 16, LayerRef("output_blocks.4.1"): 16,
+                            LayerRef("output_blocks.10.1"): 8}
     a = DreamCacheAdapter(channels)
     a.reset_reference_init(seed)
     return a
@@ -95,7 +97,8 @@ def test_missing_key_is_an_error_naming_it(tmp_path):
 def test_misshaped_key_is_an_error_naming_it(tmp_path):
     sd = small_adapter().reference_state_dict()
     sd["diffusion_model.output_blocks.10.1.transformer_blocks.0.linear_cat.weight"] = torch.zeros(8, 8)
-    with pytest.raises(DreamCacheError, match=r"output_blocks\.10\.1 linear_cat\.weight has shape \(8, 8\), expected \(8, 16\)"):
+    with pytest.raises(DreamCacheError, match=r"output_blocks\.10\.1 linear_cat\.weight has shape \(8, 8\), expected "
+                                              r"\(8, 16\)"):
         read_adapter(_save_pt(tmp_path, sd))
 
 
@@ -113,7 +116,8 @@ def test_pickle_with_code_is_refused(tmp_path, capsys):
 
 
 def test_torch_save_of_custom_object_is_refused(tmp_path):
-    torch.save({"diffusion_model.middle_block.1.transformer_blocks.0.norm2_mem.weight": torch.nn.Linear(2, 2)}, tmp_path / "m.pt")
+    torch.save({"diffusion_model.middle_block.1.transformer_blocks.0.norm2_mem.weight": torch.nn.Linear(2, 2)},
+               tmp_path / "m.pt")
     with pytest.raises(DreamCacheError, match="never unpickled"):
         read_adapter(str(tmp_path / "m.pt"))
 
@@ -149,7 +153,8 @@ def test_metadata_is_checked(tmp_path):
     save_file(sd, str(tmp_path / "newer.safetensors"), metadata={"format": ADAPTER_FORMAT, "format_version": "99"})
     with pytest.raises(DreamCacheError, match="version 99"):
         read_adapter(str(tmp_path / "newer.safetensors"))
-    lie = {"format": ADAPTER_FORMAT, "format_version": "1", "layers": json.dumps([{"module": "middle_block.1", "block_index": 0, "channels": 16}])}
+    lie = {"format": ADAPTER_FORMAT, "format_version": "1", "layers": json.dumps([{"module": "middle_block.1",
+                                                                                   "block_index": 0, "channels": 16}])}
     save_file(sd, str(tmp_path / "lie.safetensors"), metadata=lie)
     with pytest.raises(DreamCacheError, match="metadata lists layers"):
         read_adapter(str(tmp_path / "lie.safetensors"))

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import COMFYUI, NO_COMFY, ROOT
 
 
@@ -21,11 +20,14 @@ from conftest import COMFYUI, NO_COMFY, ROOT
 def test_bench_runs_and_reports_the_stated_sizes(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "COMFYUI_PATH": str(COMFYUI)}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--family", "sd15", "--res", "64", "--warmup", "0",
-                           "--repeats", "1", "--threads", "2", "--flops", "--out", str(out)], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--family", "sd15", "--res", "64",
+                           "--warmup", "0",
+                           "--repeats", "1", "--threads", "2", "--flops", "--out", str(out)], cwd=str(tmp_path),
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r = json.loads(out.read_text())
-    assert set(r["ratios"]) == {"eval_dreamcache / eval_base", "step_joint / step_cfg", "step_combined / step_cfg", "cache_pass / eval_base"}
+    assert set(r["ratios"]) == {"eval_dreamcache / eval_base", "step_joint / step_cfg", "step_combined / step_cfg",
+                                "cache_pass / eval_base"}
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     assert r["memory"]["adapter_params"] == 25_207_040
     # fp16 file = 2 bytes per parameter + a small safetensors header; fp32 = 4 bytes
@@ -36,7 +38,8 @@ def test_bench_runs_and_reports_the_stated_sizes(tmp_path):
     values = 1 * 1280 + 4 * 1280 + 16 * 640 + 16 * 640 + 64 * 320
     assert r["memory"]["cache_values"] == values
     assert values * 2 < r["sizes_bytes"]["cache_fp16"] < values * 2 + 16_000
-    # FLOPs added per evaluation = exactly the adapter's matmuls with K/V memoised: per layer to_q, to_out (2·N·C² each),
+    # FLOPs added per evaluation = exactly the adapter's matmuls with K/V memoised: per layer to_q, to_out
+    # (2·N·C² each),
     # linear_cat (2·N·2C·C) and the attention's two matmuls (2·N·M·C each, M = N cached tokens). A K/V projection
     # recomputed per call, or any other extra matmul in the hot path, would break the equality.
     shapes = [(1, 1280), (4, 1280), (16, 640), (16, 640), (64, 320)]  # (tokens, channels) per layer at 64 px

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 import math
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
@@ -46,7 +46,8 @@ def block_state(seed=0, dim=C, ctx=CTX):
     return sd
 
 
-def make_entry(seed=1, refs=1, per_image=False, strength=1.0, tokens=16, ln_scale=None, sigma_start=math.inf, sigma_end=0.0, dtype=torch.float32):
+def make_entry(seed=1, refs=1, per_image=False, strength=1.0, tokens=16, ln_scale=None, sigma_start=math.inf,
+               sigma_end=0.0, dtype=torch.float32):
     ad = DreamCacheAdapter({REF: C})
     ad.reset_reference_init(seed)
     if ln_scale is not None:
@@ -115,7 +116,8 @@ def test_norm2_mem_sees_the_true_input_even_with_near_zero_layernorm_weights():
     x = x * 1000.0  # large activations: x + a - a is far from x in fp32
     got = host_block(DreamCachePatch([e]), x, text, bsd, {})
     xs = x.double()
-    want = oracle.dreamcache_block(xs, text.double(), e.cache.tokens[REF].double(), {k: v.double() for k, v in bsd.items()},
+    want = oracle.dreamcache_block(xs, text.double(), e.cache.tokens[REF].double(), {k: v.double() for k,
+                                                                                     v in bsd.items()},
                                       {k: v.double() for k, v in adapter_sd(e).items()}, HEADS)
     rel = ((got.double() - want).abs().max() / want.abs().max()).item()
     assert rel < 1e-6
@@ -132,7 +134,8 @@ def test_strength_endpoints_are_exact():
     assert torch.equal(base, plain)
     half = host_block(DreamCachePatch([make_entry(strength=0.5)]), x, text, bsd, {})
     full = host_block(DreamCachePatch([make_entry(strength=1.0)]), x, text, bsd, {})
-    want_half = oracle.dreamcache_block(x, text, make_entry().cache.tokens[REF], bsd, adapter_sd(make_entry()), HEADS, strength=0.5)
+    want_half = oracle.dreamcache_block(x, text, make_entry().cache.tokens[REF], bsd, adapter_sd(make_entry()), HEADS,
+                                        strength=0.5)
     assert (half - want_half).abs().max().item() < 2e-5
     assert not torch.equal(half, full) and not torch.equal(half, base)
     assert a.shape == x.shape
@@ -148,7 +151,8 @@ def test_rows_with_image_off_are_exactly_the_base_block():
     full = host_block(DreamCachePatch([e]), x, text, bsd, {})
     assert torch.equal(got[1], base[1])
     assert (got[[0, 2]] - full[[0, 2]]).abs().max().item() < 1e-5
-    off = host_block(DreamCachePatch([e]), x, text, bsd, {"cond_or_uncond": [0, 1, 2], SWITCH_KEY: (False, False, False)})
+    off = host_block(DreamCachePatch([e]), x, text, bsd, {"cond_or_uncond": [0, 1, 2], SWITCH_KEY: (False, False,
+                                                                                                    False)})
     assert torch.equal(off, base)
 
 
@@ -174,7 +178,8 @@ def test_one_cache_broadcasts_and_per_image_caches_map_to_batch_items():
     ep = make_entry(refs=2, per_image=True)
     got = host_block(DreamCachePatch([ep]), x, text, bsd, {"cond_or_uncond": [0]})
     for i in range(2):
-        want = oracle.dreamcache_block(x[i:i + 1], text[i:i + 1], ep.cache.tokens[REF][i:i + 1], bsd, adapter_sd(ep), HEADS)
+        want = oracle.dreamcache_block(x[i:i + 1], text[i:i + 1], ep.cache.tokens[REF][i:i + 1], bsd, adapter_sd(ep),
+                                       HEADS)
         assert (got[i:i + 1] - want).abs().max().item() < 2e-5
     with pytest.raises(DreamCacheError, match="2 per-image references but the batch has 3"):
         host_block(DreamCachePatch([ep]), *data(b=3), bsd, {})
@@ -296,7 +301,8 @@ def test_token_layout_changed_by_another_patch_is_a_clear_error():
 def test_patch_objects_are_not_deep_copied():
     e = make_entry()
     patch = DreamCachePatch([e])
-    opts = {"transformer_options": {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]},
+    opts = {"transformer_options": {"patches": {"attn1_output_patch": [patch.output_hook],
+                                                "middle_patch": [patch.middle_hook]},
                                     "wrappers": {"diffusion_model": {"dreamcache": [patch.wrapper]}}}}
     dup = copy.deepcopy(opts)
     assert dup["transformer_options"]["patches"]["attn1_output_patch"][0] is patch.output_hook
@@ -321,7 +327,7 @@ def test_entry_validation():
     with pytest.raises(DreamCacheError, match="strength"):
         PatchEntry(e.adapter, e.cache, strength=float("nan"))
     other = from_captures({LayerRef("middle_block.1"): torch.randn(1, C, 2, 2)})
-    with pytest.raises(DreamCacheError, match="no features for adapter layer"):
+    with pytest.raises(DreamCacheError, match="no features for layer"):
         PatchEntry(e.adapter, other)
     wrong = from_captures({REF: torch.randn(1, C // 2, 2, 2)})
     with pytest.raises(DreamCacheError, match="channels"):
@@ -390,7 +396,8 @@ def test_non_contiguous_image_rows_use_the_gather_path():
     patch = DreamCachePatch([e])
     plan = patch.plan(to, 3, "cpu", torch.float32, ordered=True)
     assert isinstance(plan.rows, torch.Tensor) and plan.rows.tolist() == [0, 2]
-    contiguous = patch.plan({"cond_or_uncond": [1, 0, 2], SWITCH_KEY: (True, False, True)}, 3, "cpu", torch.float32, ordered=True)
+    contiguous = patch.plan({"cond_or_uncond": [1, 0, 2], SWITCH_KEY: (True, False, True)}, 3, "cpu", torch.float32,
+                            ordered=True)
     assert contiguous.rows == slice(1, 3)
     got = host_block(patch, x, text, bsd, to)
     full = host_block(patch, x, text, bsd, {})

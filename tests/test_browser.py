@@ -27,7 +27,7 @@ def page(comfy, tmp_path_factory):
     from cdp import Browser
     from screenshot_workflows import open_comfy, prepare_base
 
-    from dreamcache.apps.server import ComfyServer
+    from dreamcache.apps.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("browser_base")
     workflows = [json.loads(p.read_text()) for p in (ROOT / "workflows").glob("*.json")]
@@ -62,7 +62,8 @@ def test_basic_workflow_opens_cleanly(page):
     widgets = {n["type"]: n["widgets"] for n in report["nodes"]}
     assert len(report["nodes"]) == len(wf["nodes"])
     assert widgets["DreamCacheSubjectMask"] >= 14 and widgets["DreamCacheDualGuidanceSampler"] >= 9
-    assert widgets["DreamCacheApply"] == 3 and widgets["DreamCacheLoader"] == 2 and widgets["DreamCacheBuildFeatureCache"] >= 4
+    assert widgets["DreamCacheApply"] == 3 and widgets["DreamCacheLoader"] == 2
+    assert widgets["DreamCacheBuildFeatureCache"] >= 4
     shot = browser.screenshot(str(base / "basic.png"))
     from PIL import Image, ImageStat
 

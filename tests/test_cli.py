@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "dreamcache", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dreamcache", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_convert_and_info(golden_path, tmp_path):
@@ -50,6 +51,7 @@ def test_info_on_a_cache(tmp_path):
     from dreamcache.core.cache import from_captures, save_cache
     from dreamcache.core.layers import LayerRef
 
-    save_cache(from_captures({LayerRef("middle_block.1"): torch.randn(1, 8, 2, 2)}, model_family="sd1"), str(tmp_path / "c.safetensors"))
+    save_cache(from_captures({LayerRef("middle_block.1"): torch.randn(1, 8, 2, 2)}, model_family="sd1"),
+               str(tmp_path / "c.safetensors"))
     info = json.loads(run("info", tmp_path / "c.safetensors").stdout)
     assert info["kind"] == "cache" and info["layers"] == {"middle_block.1": [1, 4, 8]}

@@ -6,14 +6,14 @@ attention; and every node of the pack is registered with a permanent prefixed id
 """
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
-
-import oracle
 from helpers import random_adapter
 
 PERMANENT_IDS = {
-    "DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider", "DreamCacheDualGuidanceSampler",
+    "DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
+                 "DreamCacheDualGuidanceSampler",
     "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine", "DreamCacheSAMLoader", "DreamCacheSubjectMask",
 }
 
@@ -21,7 +21,8 @@ PERMANENT_IDS = {
 def test_every_node_registered_with_prefix_tooltips_and_description(pack):
     import nodes
 
-    ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if getattr(v, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{pack.__name__.split('/')[-1]}"}
+    module = f"custom_nodes.{pack.__name__.split('/')[-1]}"
+    ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if getattr(v, "RELATIVE_PYTHON_MODULE", "") == module}
     assert PERMANENT_IDS <= set(ours), f"node ids are permanent API; missing: {PERMANENT_IDS - set(ours)}"
     for node_id, cls in ours.items():
         assert node_id.startswith("DreamCache"), node_id
@@ -58,8 +59,9 @@ def test_real_block_matches_reference(pack, family):
         caps = {ref: torch.randn(1, c, 3, 4, generator=g) * 2}
         single = core.core.adapter_io.AdapterFile(name=str(ref), channels={ref: c}, tensors={ref: adapter.tensors[ref]})
         entry = core.core.patch.PatchEntry(single.build(), core.core.cache.from_captures(caps))
-        patch = core.core.patch.DreamCachePatch([entry], attention=core.comfy.patching.comfy_attention)
-        to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]}, "block": ref.comfy_block, "block_index": ref.block_index}
+        patch = core.core.patch.DreamCachePatch([entry], attention=core.comfy.apply_patch.comfy_attention)
+        to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]},
+              "block": ref.comfy_block, "block_index": ref.block_index}
 
         def run(to):
             def ex(x, ts, ctx, y, control, to, **kw):
@@ -94,11 +96,14 @@ def test_real_block_exact_with_norm1_weights_at_zero(pack):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, c, generator=g) * 50
     text = torch.randn(1, 7, blk.attn2.to_k.in_features, generator=g)
-    entry = core.core.patch.PatchEntry(adapter.build(), core.core.cache.from_captures({ref: torch.randn(1, c, 2, 2, generator=g)}))
+    entry = core.core.patch.PatchEntry(adapter.build(), core.core.cache.from_captures({ref: torch.randn(1, c, 2, 2,
+                                                                                                        generator=g)}))
     patch = core.core.patch.DreamCachePatch([entry])
-    to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]}, "block": ref.comfy_block, "block_index": 0}
+    to = {"patches": {"attn1_output_patch": [patch.output_hook], "middle_patch": [patch.middle_hook]},
+          "block": ref.comfy_block, "block_index": 0}
     with torch.inference_mode():
-        got = patch.wrapper(lambda x, ts, ctx, y, cn, to, **kw: blk(x, context=ctx, transformer_options=to), x, None, text, None, None, to)
+        got = patch.wrapper(lambda x, ts, ctx, y, cn, to, **kw: blk(x, context=ctx, transformer_options=to), x, None,
+                            text, None, None, to)
     sd = {k: v.double() for k, v in blk.state_dict().items()}
     want = oracle.dreamcache_block(x.double(), text.double(), entry.cache.tokens[ref].double(), sd,
                                            {k: v.double() for k, v in adapter.tensors[ref].items()}, blk.n_heads)
@@ -115,7 +120,7 @@ def test_cpu_uses_the_fused_kernel_where_comfy_falls_back_to_sub_quad(pack, monk
         monkeypatch.setattr(A, name, (lambda n: lambda *a, **k: calls.append(n) or a[0])(name))
     q = torch.zeros(1, 4, 8)
     monkeypatch.setattr(A, "optimized_attention", A.attention_sub_quad)
-    core.comfy.patching.comfy_attention(q, q, q, 2)
+    core.comfy.apply_patch.comfy_attention(q, q, q, 2)
     monkeypatch.setattr(A, "optimized_attention", A.attention_basic)
-    core.comfy.patching.comfy_attention(q, q, q, 2)
+    core.comfy.apply_patch.comfy_attention(q, q, q, 2)
     assert calls == ["attention_pytorch", "attention_basic"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import denoise_once, run_node
 
 SIGMA = 3.0
@@ -26,7 +25,8 @@ def guided_once(guider, x, sigma=SIGMA):
     got = {}
 
     class OneCall(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
             got["out"] = model_wrap(noise, sigmas[0] * noise.new_ones([noise.shape[0]]), **extra_args)
             return noise
 
@@ -78,7 +78,8 @@ def cond_batches(monkeypatch):
 def test_combined_guidance_batched_equals_formula(sd1, patched, cond_batches, monkeypatch):
     import comfy.ldm.modules.attention as A
 
-    monkeypatch.setattr(A, "optimized_attention", A.attention_pytorch)  # as with --use-pytorch-cross-attention or on a GPU
+    monkeypatch.setattr(A, "optimized_attention",
+                        A.attention_pytorch)  # as with --use-pytorch-cross-attention or on a GPU
     core = sd1.core
     g = core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     assert core.comfy.guidance.only_our_patches(patched.model_options)
@@ -139,25 +140,31 @@ def test_dual_guidance_sampler_end_to_end(sd1, patched):
     assert a["samples"].shape == (2, 4, 8, 8) and torch.isfinite(a["samples"]).all()
     assert torch.equal(a["samples"], b["samples"])
     assert (a["samples"] - c["samples"]).abs().max() > 1e-3
-    (d,) = run_node("DreamCacheDualGuidanceSampler", **{**kw, "denoise": 0.5, "latent_image": {"samples": a["samples"]}})
+    (d,) = run_node("DreamCacheDualGuidanceSampler", **{**kw, "denoise": 0.5,
+                                                        "latent_image": {"samples": a["samples"]}})
     assert torch.isfinite(d["samples"]).all()
 
 
 def test_sampler_custom_advanced_with_guider_matches_dual_sampler(sd1, patched):
-    (guider,) = run_node("DreamCacheGuider", model=patched, positive=sd1.positive, negative=sd1.negative, text_scale=5.0, image_scale=2.0, mode="combined")
+    (guider,) = run_node("DreamCacheGuider", model=patched, positive=sd1.positive, negative=sd1.negative,
+                         text_scale=5.0, image_scale=2.0, mode="combined")
     (noise,) = run_node("RandomNoise", noise_seed=4)
     (sampler,) = run_node("KSamplerSelect", sampler_name="euler")
     (sigmas,) = run_node("BasicScheduler", model=patched, scheduler="normal", steps=3, denoise=1.0)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    out, _ = run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas, latent_image=latent)
-    (ref,) = run_node("DreamCacheDualGuidanceSampler", model=patched, positive=sd1.positive, negative=sd1.negative, latent_image=latent, seed=4,
-                      steps=3, sampler_name="euler", scheduler="normal", denoise=1.0, text_scale=5.0, image_scale=2.0, mode="combined")
+    out, _ = run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                      latent_image=latent)
+    (ref,) = run_node("DreamCacheDualGuidanceSampler", model=patched, positive=sd1.positive, negative=sd1.negative,
+                      latent_image=latent, seed=4,
+                      steps=3, sampler_name="euler", scheduler="normal", denoise=1.0, text_scale=5.0, image_scale=2.0,
+                      mode="combined")
     assert torch.allclose(out["samples"], ref["samples"], atol=1e-5)
 
 
 def test_plain_ksampler_applies_the_image_to_every_chunk(sd1, patched):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    kw = dict(positive=sd1.positive, negative=sd1.negative, latent_image=latent, seed=1, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    kw = dict(positive=sd1.positive, negative=sd1.negative, latent_image=latent, seed=1, steps=2, cfg=5.0,
+              sampler_name="euler", scheduler="normal", denoise=1.0)
     (p,) = run_node("KSampler", model=patched, **kw)
     (b,) = run_node("KSampler", model=sd1.model, **kw)
     assert torch.isfinite(p["samples"]).all() and (p["samples"] - b["samples"]).abs().max() > 1e-3
@@ -173,21 +180,25 @@ def test_controlnet_on_the_positive_with_both_guidance_modes(pack, sd1, patched)
 
     cn = make_controlnet("sd1")
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(8))
-    pos, neg = run_node("ControlNetApplyAdvanced", positive=sd1.positive, negative=sd1.negative, control_net=cn, image=hint,
+    pos, neg = run_node("ControlNetApplyAdvanced", positive=sd1.positive, negative=sd1.negative, control_net=cn,
+                        image=hint,
                         strength=1.0, start_percent=0.0, end_percent=1.0)
     x = _x()
     for mode, s_i in (("combined", 3.0), ("joint", 7.5)):
         g = sd1.core.comfy.guidance.make_guider(patched, pos, neg, 7.5, s_i, mode)
         with_cn = guided_once(g, x)
-        without = guided_once(sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, s_i, mode), x)
+        without = guided_once(sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, s_i, mode),
+                              x)
         assert torch.isfinite(with_cn).all() and (with_cn - without).abs().max() > 1e-4, mode
     # the batched three-branch call gives the same result as the formula evaluated branch by branch
     g = sd1.core.comfy.guidance.make_guider(patched, pos, neg, 7.5, 3.0, "combined")
     want, _ = formula(patched, x, pos, neg, 7.5, 3.0)
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    (out,) = run_node("DreamCacheDualGuidanceSampler", model=patched, positive=pos, negative=neg, latent_image=latent, seed=0, steps=2,
-                      sampler_name="euler", scheduler="normal", denoise=1.0, text_scale=7.5, image_scale=3.0, mode="combined")
+    (out,) = run_node("DreamCacheDualGuidanceSampler", model=patched, positive=pos, negative=neg, latent_image=latent,
+                      seed=0, steps=2,
+                      sampler_name="euler", scheduler="normal", denoise=1.0, text_scale=7.5, image_scale=3.0,
+                      mode="combined")
     assert torch.isfinite(out["samples"]).all()
 
 
@@ -197,7 +208,8 @@ def test_cond_uncond_indexing_packs_never_see_a_third_cond(sd1, patched, mode):
     m = patched.clone()
     m.set_model_attn1_patch(spy)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    (out,) = run_node("DreamCacheDualGuidanceSampler", model=m, positive=sd1.positive, negative=sd1.negative, latent_image=latent, seed=0, steps=2,
+    (out,) = run_node("DreamCacheDualGuidanceSampler", model=m, positive=sd1.positive, negative=sd1.negative,
+                      latent_image=latent, seed=0, steps=2,
                       sampler_name="euler", scheduler="normal", denoise=1.0, text_scale=7.5, image_scale=3.0, mode=mode)
     assert torch.isfinite(out["samples"]).all() and spy.seen <= {0, 1} and spy.seen
 
@@ -237,7 +249,8 @@ def test_an_error_during_sampling_leaves_nothing_patched(sd1, patched):
 def test_guider_errors(sd1, patched):
     err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="no DreamCache patch"):
-        run_node("DreamCacheGuider", model=sd1.model, positive=sd1.positive, negative=sd1.negative, text_scale=7.5, image_scale=5.0, mode="combined")
+        run_node("DreamCacheGuider", model=sd1.model, positive=sd1.positive, negative=sd1.negative, text_scale=7.5,
+                 image_scale=5.0, mode="combined")
     with pytest.raises(err, match="image_scale -1.0 is out of range"):
         sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, -1.0)
     with pytest.raises(err, match="Unknown guidance mode"):

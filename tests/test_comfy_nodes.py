@@ -12,7 +12,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import denoise_once, random_adapter, run_node
 
 SIGMA = 3.0
@@ -31,7 +30,8 @@ def _den(model, positive, x=None, **kw):
 def test_build_cache_metadata_and_shapes(sd1):
     c = sd1.cache
     assert c.layers == sd1.adapter.layers and c.model_family == "sd1" and c.references == 1 and not c.per_image
-    assert abs(c.sigma - 0.0413) < 2e-4 and c.seed == 0 and c.resolution == (64, 64) and c.conditioning == "empty prompt"
+    assert abs(c.sigma - 0.0413) < 2e-4 and c.seed == 0 and c.resolution == (64,
+                                                                             64) and c.conditioning == "empty prompt"
     for ref in c.layers:
         h, w = c.spatial[ref]
         assert c.tokens[ref].shape == (1, h * w, sd1.adapter.channels[ref]) and c.tokens[ref].device.type == "cpu"
@@ -39,8 +39,10 @@ def test_build_cache_metadata_and_shapes(sd1):
 
 
 def test_build_cache_is_seeded(sd1):
-    again, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, clip=sd1.clip, adapter=sd1.adapter, seed=0, resolution=64)
-    other, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, clip=sd1.clip, adapter=sd1.adapter, seed=1, resolution=64)
+    again, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, clip=sd1.clip,
+                        adapter=sd1.adapter, seed=0, resolution=64)
+    other, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, clip=sd1.clip,
+                        adapter=sd1.adapter, seed=1, resolution=64)
     ref = sd1.adapter.layers[-1]
     assert torch.equal(again.tokens[ref], sd1.cache.tokens[ref])
     assert not torch.equal(other.tokens[ref], sd1.cache.tokens[ref])
@@ -58,15 +60,19 @@ def test_build_cache_matches_a_manual_pass(sd1):
         sigma = core.comfy.cache_pass.pass_sigma(sd1.model)
         scaled = sd1.model.model.process_latent_in(latent)
         x = scaled + sigma * noise
-        got = core.comfy.cache_pass.run_capture_pass(sd1.model, torch.zeros_like(latent), x / sigma, sigma, empty, sd1.adapter.layers)
+        got = core.comfy.cache_pass.run_capture_pass(sd1.model, torch.zeros_like(latent), x / sigma, sigma, empty,
+                                                     sd1.adapter.layers)
     for ref in sd1.adapter.layers:
-        assert torch.allclose(core.core.cache.from_captures(got).tokens[ref], sd1.cache.tokens[ref], atol=1e-5, rtol=1e-5)
+        assert torch.allclose(core.core.cache.from_captures(got).tokens[ref], sd1.cache.tokens[ref], atol=1e-5,
+                              rtol=1e-5)
 
 
 def test_multi_reference_concat_and_per_image(sd1):
     imgs = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(1))
-    cat, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=imgs, clip=sd1.clip, adapter=sd1.adapter, resolution=64, batch_mode="concat")
-    per, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=imgs, clip=sd1.clip, adapter=sd1.adapter, resolution=64, batch_mode="per_image")
+    cat, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=imgs, clip=sd1.clip,
+                      adapter=sd1.adapter, resolution=64, batch_mode="concat")
+    per, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=imgs, clip=sd1.clip,
+                      adapter=sd1.adapter, resolution=64, batch_mode="per_image")
     ref = sd1.adapter.layers[-1]
     h, w = cat.spatial[ref]
     assert cat.references == 2 and cat.tokens[ref].shape[:2] == (1, 2 * h * w)
@@ -82,15 +88,19 @@ def test_multi_reference_concat_and_per_image(sd1):
 
 def test_alpha_odd_sizes_and_conditioning_override(sd1):
     rgba = torch.rand(1, 77, 85, 4, generator=torch.Generator().manual_seed(2))
-    c, refimg = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=rgba, clip=sd1.clip, adapter=sd1.adapter, resolution=64)
+    c, refimg = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=rgba, clip=sd1.clip,
+                         adapter=sd1.adapter, resolution=64)
     assert refimg.shape == (1, 64, 64, 3)
-    keep, refimg = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=rgba, clip=sd1.clip, adapter=sd1.adapter, resolution=0)
+    keep, refimg = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=rgba, clip=sd1.clip,
+                            adapter=sd1.adapter, resolution=0)
     assert refimg.shape == (1, 72, 80, 3) and keep.resolution == (72, 80)
-    over, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, adapter=sd1.adapter, resolution=64, conditioning=sd1.positive)
+    over, _ = run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image,
+                       adapter=sd1.adapter, resolution=64, conditioning=sd1.positive)
     assert over.conditioning == "custom conditioning"
     assert not torch.equal(over.tokens[sd1.adapter.layers[-1]], sd1.cache.tokens[sd1.adapter.layers[-1]])
     with pytest.raises(sd1.core.core.errors.DreamCacheError, match="needs a CLIP"):
-        run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, adapter=sd1.adapter, resolution=64)
+        run_node("DreamCacheBuildFeatureCache", model=sd1.model, vae=sd1.vae, image=sd1.image, adapter=sd1.adapter,
+                 resolution=64)
 
 
 def test_sdxl_cache_pass_and_sampling(pack):
@@ -100,9 +110,11 @@ def test_sdxl_cache_pass_and_sampling(pack):
     core = pack.dreamcache
     model, clip, vae = make_model("sdxl"), make_clip("sdxl"), make_vae()
     adapter = random_adapter(core, model, seed=1)
-    assert [r.module for r in adapter.layers] == ["middle_block.1", "output_blocks.1.1", "output_blocks.3.1", "output_blocks.5.1"]
+    assert [r.module for r in adapter.layers] == ["middle_block.1", "output_blocks.1.1", "output_blocks.3.1",
+                                                  "output_blocks.5.1"]
     img = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
-    cache, _ = run_node("DreamCacheBuildFeatureCache", model=model, vae=vae, image=img, clip=clip, adapter=adapter, resolution=64)
+    cache, _ = run_node("DreamCacheBuildFeatureCache", model=model, vae=vae, image=img, clip=clip, adapter=adapter,
+                        resolution=64)
     assert cache.model_family == "sdxl"
     (patched,) = run_node("DreamCacheApply", model=model, adapter=adapter, cache=cache)
     pos = run_node("CLIPTextEncode", clip=clip, text="a dog")[0]
@@ -122,26 +134,28 @@ def test_plug_and_play_original_model_is_bit_identical(sd1):
     assert torch.equal(before, after) and torch.equal(p1, p2)
     assert (p1 - before).abs().max() > 1e-4
     assert sd1.model.model_options == opts_before
-    assert sd1.core.comfy.patching.find_patch(sd1.model) is None
+    assert sd1.core.comfy.apply_patch.find_patch(sd1.model) is None
 
 
 def test_clones_share_the_patch_and_deepcopy_copies_no_tensors(sd1):
     (patched,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
-    patch = sd1.core.comfy.patching.find_patch(patched)
+    patch = sd1.core.comfy.apply_patch.find_patch(patched)
     clone = patched.clone()
-    assert sd1.core.comfy.patching.find_patch(clone) is patch
+    assert sd1.core.comfy.apply_patch.find_patch(clone) is patch
     dup = copy.deepcopy(patched.model_options)
-    hooks = dup["transformer_options"]["patches"]["attn1_output_patch"] + dup["transformer_options"]["patches"]["middle_patch"]
+    patches = dup["transformer_options"]["patches"]
+    hooks = patches["attn1_output_patch"] + patches["middle_patch"]
     assert all(h.patch is patch for h in hooks)
     # the adapter's weights and the cache tensors are the very same objects
     assert patch.entries[0].cache.tokens is sd1.cache.tokens
-    assert clone.model_options["transformer_options"]["patches"]["middle_patch"][0].patch.entries[0].adapter is patch.entries[0].adapter
+    middle = clone.model_options["transformer_options"]["patches"]["middle_patch"]
+    assert middle[0].patch.entries[0].adapter is patch.entries[0].adapter
 
 
 def test_adapter_is_loaded_with_the_model_through_models(sd1):
     (patched,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
     extra = patched.model_patches_models()
-    assert len(extra) == 1 and extra[0].model is sd1.core.comfy.patching.find_patch(patched).entries[0].adapter
+    assert len(extra) == 1 and extra[0].model is sd1.core.comfy.apply_patch.find_patch(patched).entries[0].adapter
 
 
 def _lora_sd(core, model, scale=0.5, seed=9):
@@ -153,7 +167,8 @@ def _lora_sd(core, model, scale=0.5, seed=9):
     sd = {}
     for ref in core.core.layers.SD_LAYERS:
         prefix = f"diffusion_model.{ref.module}.transformer_blocks.0."
-        for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
+        for name in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
             wkey = prefix + name + ".weight"
             lkey = next(k for k, v in keymap.items() if v == wkey and k.startswith("lora_unet_"))
             w = model.get_model_object(wkey)
@@ -197,7 +212,7 @@ def test_half_precision_models(pack, sd1, dtype):
 
     model = make_model("sd1", dtype=dtype)
     (patched,) = run_node("DreamCacheApply", model=model, adapter=sd1.adapter, cache=sd1.cache)
-    patch = sd1.core.comfy.patching.find_patch(patched)
+    patch = sd1.core.comfy.apply_patch.find_patch(patched)
     assert patch.entries[0].adapter.layer(sd1.adapter.layers[0]).linear_cat.weight.dtype == dtype
     (p32,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
     got, want = _den(patched, sd1.positive), _den(p32, sd1.positive)
@@ -217,17 +232,20 @@ def test_resolution_different_from_the_reference(sd1):
 
 def test_start_end_percent(sd1):
     ms = sd1.model.get_model_object("model_sampling")
-    (late,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache, start_percent=0.6, end_percent=1.0)
+    (late,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache, start_percent=0.6,
+                       end_percent=1.0)
     sig_early, sig_late = float(ms.percent_to_sigma(0.1)), float(ms.percent_to_sigma(0.9))
     x = _x()
-    assert torch.equal(denoise_once(late, x, sig_early, sd1.positive), denoise_once(sd1.model, x, sig_early, sd1.positive))
-    assert not torch.equal(denoise_once(late, x, sig_late, sd1.positive), denoise_once(sd1.model, x, sig_late, sd1.positive))
+    assert torch.equal(denoise_once(late, x, sig_early, sd1.positive), denoise_once(sd1.model, x, sig_early,
+                                                                                    sd1.positive))
+    assert not torch.equal(denoise_once(late, x, sig_late, sd1.positive), denoise_once(sd1.model, x, sig_late,
+                                                                                       sd1.positive))
 
 
 def test_applying_twice_adds_a_second_subject(sd1):
     (once,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache, strength=0.5)
     (twice,) = run_node("DreamCacheApply", model=once, adapter=sd1.adapter, cache=sd1.cache, strength=0.5)
-    patch = sd1.core.comfy.patching.find_patch(twice)
+    patch = sd1.core.comfy.apply_patch.find_patch(twice)
     assert len(patch.entries) == 2
     lists = twice.model_options["transformer_options"]["patches"]
     assert sum(getattr(p, "dreamcache_hook", None) == "output" for p in lists["attn1_output_patch"]) == 1
@@ -243,7 +261,9 @@ def test_adapter_that_does_not_fit_names_both(pack, sd1):
     from tiny_models import make_model
 
     xl = make_model("sdxl")
-    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"Adapter 'random-sd1-0' \(for SD1.x\) does not fit this SDXL model: .*channels in the adapter but .* in the model"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"Adapter 'random-sd1-0' \(for SD1.x\) does not fit "
+                                                                   r"this SDXL model: .*channels in the adapter but .* "
+                                                                   r"in the model"):
         run_node("DreamCacheApply", model=xl, adapter=sd1.adapter, cache=sd1.cache)
     sd2 = make_model("sd2")
     wrong_family = random_adapter(sd1.core, sd2, family="sd2")
@@ -258,7 +278,8 @@ def test_cache_from_another_family_or_adapter(pack, sd1):
 
     sd2 = make_model("sd2")
     ad2 = random_adapter(sd1.core, sd2)
-    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"cache was built with a SD1.x model but the model here is SD2.x"):
+    with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"cache was built with a SD1.x model but the model "
+                                                                   r"here is SD2.x"):
         run_node("DreamCacheApply", model=sd2, adapter=ad2, cache=sd1.cache)
     ref = sd1.core.core.layers.LayerRef("input_blocks.4.1")
     other = random_adapter(sd1.core, sd1.model, layers=[ref], family="sd1")
@@ -269,9 +290,10 @@ def test_cache_from_another_family_or_adapter(pack, sd1):
 def test_out_of_range_values(sd1):
     err = sd1.core.core.errors.DreamCacheError
     with pytest.raises(err, match="strength 5.0 is out of range"):
-        sd1.core.comfy.patching.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, strength=5.0)
+        sd1.core.comfy.apply_patch.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, strength=5.0)
     with pytest.raises(err, match="start_percent 0.8 and end_percent 0.2"):
-        sd1.core.comfy.patching.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, start_percent=0.8, end_percent=0.2)
+        sd1.core.comfy.apply_patch.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, start_percent=0.8,
+                                                    end_percent=0.2)
     schema = sd1.core  # the node schema bounds what the UI and /prompt validation accept
     import nodes
 
@@ -291,14 +313,15 @@ def test_loader_errors(sd1, models_dir):
     with pytest.raises(err, match="was not found in .*dreamcache"):
         run_node("DreamCacheLoader", adapter_name="nope.safetensors")
     # a typed '../' cannot leave the folder
-    assert folder_paths.get_full_path("dreamcache", "../dreamcache_caches/x.safetensors") is None or \
-        os.path.commonpath([str(folder), folder_paths.get_full_path("dreamcache", "../dreamcache_caches/x.safetensors")]) == str(folder)
+    typed = folder_paths.get_full_path("dreamcache", "../dreamcache_caches/x.safetensors")
+    assert typed is None or os.path.commonpath([str(folder), typed]) == str(folder)
 
 
 def test_loader_lists_models_folder_and_respects_extra_paths(sd1, tmp_path):
     import folder_paths
 
-    assert "dreamcache" in folder_paths.folder_names_and_paths and "dreamcache_caches" in folder_paths.folder_names_and_paths
+    assert "dreamcache" in folder_paths.folder_names_and_paths
+    assert "dreamcache_caches" in folder_paths.folder_names_and_paths
     folder_paths.add_model_folder_path("dreamcache", str(tmp_path))
     torch.save(sd1.adapter.build().reference_state_dict(), tmp_path / "extra_adapter.pt")
     assert "extra_adapter.pt" in folder_paths.get_filename_list("dreamcache")
@@ -365,18 +388,22 @@ def test_combo_inputs_are_validated_at_prompt_time(sd1, models_dir):
     torch.save(sd1.adapter.build().reference_state_dict(), models_dir / "dreamcache" / "valid_for_validation.pt")
     assert validate("DreamCacheLoader", adapter_name="nope.pt").startswith("Adapter 'nope.pt' was not found in")
     assert validate("DreamCacheLoader", adapter_name="valid_for_validation.pt", base_family="sd1") is True
-    assert "base_family: 'sd9' is not one of" in validate("DreamCacheLoader", adapter_name="valid_for_validation.pt", base_family="sd9")
+    assert "base_family: 'sd9' is not one of" in validate("DreamCacheLoader", adapter_name="valid_for_validation.pt",
+                                                          base_family="sd9")
     assert validate("DreamCacheBuildFeatureCache", fit="pad", batch_mode="concat") is True
     assert "fit: 'zoom' is not one of" in validate("DreamCacheBuildFeatureCache", fit="zoom")
     assert validate("DreamCacheDualGuidanceSampler", sampler_name="euler", scheduler="normal", mode="joint") is True
     assert "scheduler: 'weird'" in validate("DreamCacheDualGuidanceSampler", sampler_name="euler", scheduler="weird")
     assert "mode: 'nested'" in validate("DreamCacheGuider", mode="nested")
     assert "dtype: 'fp8'" in validate("DreamCacheSave", dtype="fp8")
-    assert validate("DreamCacheLoad", cache_name="missing.safetensors").startswith("Cache 'missing.safetensors' was not found")
+    assert validate("DreamCacheLoad",
+                    cache_name="missing.safetensors").startswith("Cache 'missing.safetensors' was not found")
     assert "prompt_mode: 'magic'" in validate("DreamCacheSubjectMask", prompt_mode="magic")
     assert validate("DreamCacheSubjectMask", prompt_mode="mask", layout="keep") is True
     assert validate("DreamCacheSAMLoader", sam_name="none.pth").startswith("SAM checkpoint 'none.pth' was not found")
-    for node_id in ("DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheDualGuidanceSampler", "DreamCacheGuider", "DreamCacheSave",
+    for node_id in ("DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheDualGuidanceSampler",
+                    "DreamCacheGuider", "DreamCacheSave",
                     "DreamCacheLoad", "DreamCacheSubjectMask", "DreamCacheSAMLoader"):
         spec = inspect.getfullargspec(node(node_id).validate_inputs)
-        assert spec.varkw is None, f"{node_id}.validate_inputs must not take **kwargs (ComfyUI would skip its own checks)"
+        assert spec.varkw is None, \
+            f"{node_id}.validate_inputs must not take **kwargs (ComfyUI would skip its own checks)"

@@ -3,19 +3,19 @@ caption dropout, data order, synthesis helpers, the resumable training state and
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synthetic_data import make_dataset
 
 from dreamcache.apps import data as D
 from dreamcache.apps import train as T
+from dreamcache.apps.data import cli as DC
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import SD_LAYERS
-from synthetic_data import make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_every_broken_item_is_reported(tmp_path):
     probs = e.value.problems
     assert len(probs) == 6, probs
     text = str(e.value)
-    for what in ("obj00/0: missing 0_mask.png", "obj00/1: unreadable image", "obj01/0: empty mask", "obj01/1: mask is 32x32",
+    for what in ("obj00/0: missing 0_mask.png", "obj00/1: unreadable image", "obj01/0: empty mask",
+                 "obj01/1: mask is 32x32",
                  "obj02/2: empty caption", "empty_object: no"):
         assert what in text
     assert report.read_text().count("\n") == 6
@@ -71,11 +72,11 @@ def test_missing_and_empty_dataset_are_clear_errors(tmp_path):
 
 
 def test_check_command(dataset, tmp_path, capsys):
-    assert D.main(["check", str(dataset), "--no-progress"]) == 0
+    assert DC.main(["check", str(dataset), "--no-progress"]) == 0
     assert "5 objects, 20 images" in capsys.readouterr().out
     (tmp_path / "bad" / "x").mkdir(parents=True)
     (tmp_path / "bad" / "x" / "0_generation.png").write_bytes(b"")
-    assert D.main(["check", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert DC.main(["check", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "missing 0_caption.txt, 0_mask.png" in capsys.readouterr().err
 
 
@@ -103,11 +104,11 @@ def test_reference_layout_crop_width_and_white_background():
         aug = D.RefAugment.draw(c, D.rng_for(0, "sample", pos))
         ref = D.augment_reference(rgb, mask, c, aug).numpy()
         assert ref.shape == (128, 128, 3) and ref.dtype == np.float32 and ref.min() >= 0 and ref.max() <= 1
-        t, l, b, r = _non_white_bbox(ref)
-        width = (r - l) / 128
+        t, left, b, r = _non_white_bbox(ref)
+        width = (r - left) / 128
         assert 0.7 - 0.02 <= width <= 1.0, width                   # the subject spans 70-100% of the width
         assert abs(width - aug.width_frac) < 0.02
-        assert abs((r - l) / (b - t) - 1.5) < 0.1                   # aspect of the 30x20 subject kept
+        assert abs((r - left) / (b - t) - 1.5) < 0.1                   # aspect of the 30x20 subject kept
         assert np.all(ref[:t] == 1.0) and np.all(ref[b:] == 1.0)   # background painted white (green gone)
         assert not np.any((ref[..., 1] > 0.3) & (ref[..., 0] < 0.5))
 
@@ -118,7 +119,8 @@ def test_augmentation_is_seeded_and_reproducible(dataset):
     a, b = D.TrainingData(index, c, seed=3), D.TrainingData(index, c, seed=3)
     for p in (0, 7, 123):
         sa, sb = a[p], b[p]
-        assert torch.equal(sa["reference"], sb["reference"]) and torch.equal(sa["target"], sb["target"]) and sa["caption"] == sb["caption"]
+        assert torch.equal(sa["reference"], sb["reference"]) and torch.equal(sa["target"], sb["target"])
+        assert sa["caption"] == sb["caption"]
     assert not torch.equal(a[1]["reference"], D.TrainingData(index, c, seed=4)[1]["reference"])
     s = a[5]
     assert s["target"].shape == (64, 64, 3) and s["reference"].shape == (64, 64, 3)
@@ -150,7 +152,8 @@ def test_jitter_runs_before_normalisation():
         dark = plain[..., 2] < 0.2  # the subject's blue channel is 30/255
         hits += int(dark.any())
         normalised = jit * 2 - 1
-        assert float(normalised[dark][..., 2].max()) < -0.1  # still negative after normalisation (the defect clamped it to >= 0)
+        # still negative after normalisation (the defect clamped it to >= 0)
+        assert float(normalised[dark][..., 2].max()) < -0.1
     assert hits == 30
     # jitter refuses a normalised tensor instead of silently clamping it
     with pytest.raises(ValueError, match="before normalising"):
@@ -177,10 +180,10 @@ def test_white_random_erasing():
         if aug.erase is None:
             continue
         seen += 1
-        t, l, h, w = aug.erase
+        t, left, h, w = aug.erase
         assert 0.02 * 64 * 64 - 64 <= h * w <= 0.25 * 64 * 64 + 64
         ref = D.augment_reference(rgb, mask, c, aug)
-        assert torch.all(ref[t:t + h, l:l + w] == 1.0)
+        assert torch.all(ref[t:t + h, left:left + w] == 1.0)
     assert seen >= 15
 
 
@@ -203,7 +206,8 @@ def test_target_resize_and_crop_records_geometry():
     rgb = np.zeros((64, 96, 3), np.uint8)
     rgb[:, 40:56] = 255
     img, g = D.prepare_target(rgb, 128)
-    assert img.shape == (128, 128, 3) and (g.original_width, g.original_height, g.crop_top, g.crop_left) == (96, 64, 0, 32)
+    assert img.shape == (128, 128, 3) and (g.original_width, g.original_height, g.crop_top, g.crop_left) == (96, 64, 0,
+                                                                                                             32)
     assert float(img[:, 64].mean()) > 0.9 and float(img[:, 5].mean()) < 0.1  # the bright band is centred
 
 
@@ -225,7 +229,7 @@ def test_white_background_mask_keeps_white_inside_the_subject():
     img2 = img.clone()
     img2[:, :] = torch.where(img2 > 0.9, torch.tensor(0.97), img2)  # near-white background
     assert torch.equal(D.white_background_mask(img2, 0.94), m)
-    assert D.mask_ok(m) is None and "covers" in D.mask_ok(torch.zeros(32, 32, dtype=torch.bool))
+    assert D.mask_problem(m) is None and "covers" in D.mask_problem(torch.zeros(32, 32, dtype=torch.bool))
 
 
 def test_captions_dedupe_combine_and_ids(tmp_path):
@@ -237,7 +241,8 @@ def test_captions_dedupe_combine_and_ids(tmp_path):
     assert D.object_id_for("A red mug").startswith("a-red-mug-")
     combined = D.combine_captions(["a mug", "a car"], ["on a table", "in a forest", "on a beach"], per_object=2, seed=0)
     assert len(combined) == 4 and all(c.startswith(("a mug ", "a car ")) for c in combined)
-    assert combined == D.combine_captions(["a mug", "a car"], ["on a table", "in a forest", "on a beach"], per_object=2, seed=0)
+    assert combined == D.combine_captions(["a mug", "a car"], ["on a table", "in a forest", "on a beach"],
+                                          per_object=2, seed=0)
     assert len(D.combine_captions(["a"], ["x", "y"], template="{object}, {context}, white background")) == 2
     with pytest.raises(DreamCacheError, match="placeholder"):
         D.combine_captions(["a"], ["b"], template="{context}")
@@ -298,7 +303,8 @@ def test_training_state_round_trip_is_exact(tmp_path):
     names = [n for n, _ in adapter.named_parameters()]
     config = T.TrainConfig(data="d", out=str(tmp_path / "a.safetensors"), layers=["middle_block.1"], steps=10)
     rng = {"torch_cpu": torch.get_rng_state()}
-    state = T.TrainState(step=3, config=config, adapter_file=str(tmp_path / "a-step000003.safetensors"), param_names=names,
+    state = T.TrainState(step=3, config=config, adapter_file=str(tmp_path / "a-step000003.safetensors"),
+                         param_names=names,
                          optimizer=opt.state_dict(), rng=rng, scaler={"scale": 65536.0, "growth_factor": 2.0})
     path = tmp_path / "a-step000003.state.safetensors"
     T.save_state(str(path), state)
@@ -310,7 +316,8 @@ def test_training_state_round_trip_is_exact(tmp_path):
     for i, st in want["state"].items():
         for k, v in st.items():
             assert torch.equal(back.optimizer["state"][i][k], v), (i, k)
-    assert back.optimizer["param_groups"][0]["lr"] == 1e-3 and back.optimizer["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back.optimizer["param_groups"][0]["lr"] == 1e-3 and back.optimizer["param_groups"][0]["betas"] == (0.9,
+                                                                                                              0.999)
     assert T.find_latest_state(str(tmp_path / "a.safetensors")) == str(path)
     assert T.resolve_resume(str(tmp_path / "a-step000003.safetensors"), None) == str(path)
     with pytest.raises(DreamCacheError, match="not a DreamCache training state"):
@@ -330,8 +337,9 @@ def test_resume_keeps_the_run_settings():
         T.config_from_args(p.parse_args(["--out", "x.safetensors"]))
     with pytest.raises(DreamCacheError, match="--batch-size 0"):
         T.TrainConfig(batch_size=0)
-    assert "--init-from" in T.build_parser().format_help() and "synth" in D.build_parser().format_help()
-    assert T.parse_layer("output_blocks.4.1[1]").block_index == 1 and T.parse_layer("middle_block.1").module == "middle_block.1"
+    assert "--init-from" in T.build_parser().format_help() and "synth" in DC.build_parser().format_help()
+    assert T.parse_layer("output_blocks.4.1[1]").block_index == 1
+    assert T.parse_layer("middle_block.1").module == "middle_block.1"
     assert T.checkpoint_path("runs/a.safetensors", 500) == "runs/a-step000500.safetensors"
     assert T.state_path_for("runs/a.safetensors") == "runs/a.state.safetensors"
 

@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 SUBJECT = ROOT / "workflows" / "dreamcache_example_subject.png"
 PERMANENT_IDS = ["DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
-                 "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine", "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
+                 "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine",
+                 "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
 PERMANENT_IDS += ["DreamCacheApplyAdvanced", "DreamCacheAttentionRecorder", "DreamCacheShowAttention"]
-TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64, "output_blocks.10.1": 32}
+TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64,
+                 "output_blocks.10.1": 32}
 
 
 def write_tiny_adapter(path: Path, family: str | None, seed: int = 0):
@@ -55,7 +57,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.apps.server import ComfyServer
+    from dreamcache.apps.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -71,16 +73,23 @@ def basic_prompt(adapter="tiny_sd1.safetensors", family="sd1", steps=2):
         "1": {"class_type": "DreamCacheTestTinyCheckpoint", "inputs": {"family": family, "seed": 0}},
         "2": {"class_type": "DreamCacheLoader", "inputs": {"adapter_name": adapter, "base_family": "from file"}},
         "3": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
-        "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {"model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "clip": ["1", 1],
-                                                                      "adapter": ["2", 0], "seed": 0, "resolution": 64, "fit": "pad", "batch_mode": "concat"}},
-        "5": {"class_type": "DreamCacheApply", "inputs": {"model": ["1", 0], "adapter": ["2", 0], "cache": ["4", 0], "strength": 1.0,
+        "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {"model": ["1", 0], "vae": ["1", 2],
+                                                                      "image": ["3", 0], "clip": ["1", 1],
+                                                                      "adapter": ["2", 0], "seed": 0, "resolution": 64,
+                                                                      "fit": "pad", "batch_mode": "concat"}},
+        "5": {"class_type": "DreamCacheApply", "inputs": {"model": ["1", 0], "adapter": ["2", 0], "cache": ["4", 0],
+                                                          "strength": 1.0,
                                                           "start_percent": 0.0, "end_percent": 1.0}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a mug on a beach"}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "9": {"class_type": "DreamCacheDualGuidanceSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["8", 0],
-                                                                        "seed": 0, "steps": steps, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-                                                                        "text_scale": 7.5, "image_scale": 5.0, "mode": "combined"}},
+        "9": {"class_type": "DreamCacheDualGuidanceSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0],
+                                                                        "negative": ["7", 0], "latent_image": ["8", 0],
+                                                                        "seed": 0, "steps": steps,
+                                                                        "sampler_name": "euler", "scheduler": "normal",
+                                                                        "denoise": 1.0,
+                                                                        "text_scale": 7.5, "image_scale": 5.0,
+                                                                        "mode": "combined"}},
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "e2e"}},
     }
@@ -115,7 +124,7 @@ def test_graph_runs_to_a_saved_image(server):
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -136,7 +145,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.apps.server import ServerError
+    from dreamcache.apps.comfy_client import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)
@@ -150,13 +159,16 @@ def test_run_command_against_a_running_server(server, tmp_path):
     wf = tmp_path / "prompt.json"
     wf.write_text(json.dumps(basic_prompt()))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "9.seed=3",
-                        "--set", "SaveImage.filename_prefix=cli", "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set",
+                        "9.seed=3",
+                        "--set", "SaveImage.filename_prefix=cli", "--output", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "queued prompt.json" in r.stdout and "done in" in r.stdout
     saved = list(out.iterdir())
     assert len(saved) == 1 and saved[0].name.startswith("11_cli")
-    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set", "nope.seed=3"],
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, "--set",
+                        "nope.seed=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "matches 0 nodes" in r.stderr
 
@@ -234,4 +246,89 @@ def test_shipped_workflow_runs(server, live_info, path):
         prompt = tiny_prompt(workflow, info)
         entry = server.client.wait(server.client.queue(prompt), timeout=900)
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file() for img in saved if img["type"] == "output")
+    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
+                         for img in saved if img["type"] == "output")
+
+
+# ---- python -m dreamcache run: exit codes, checked overrides, --list, only this prompt's files ---------------------
+
+def run_cli(server, prompt: dict, tmp_path: Path, *args, name="prompt.json"):
+    wf = tmp_path / name
+    wf.write_text(json.dumps(prompt))
+    cmd = [sys.executable, "-m", "dreamcache", "run", str(wf), "--server", server.client.url, *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def with_preview(prompt: dict) -> dict:
+    """The basic prompt plus a second output (a preview of the subject photo) that can run on its own."""
+    return {**prompt, "12": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+
+
+def test_run_exits_1_when_an_output_node_is_refused(server, tmp_path):
+    """ComfyUI answers HTTP 200 and runs the other outputs when one is refused ("Output will be ignored"): run must
+    exit 1, name the node's error once and save nothing."""
+    out = tmp_path / "out"
+    r = run_cli(server, with_preview(basic_prompt()), tmp_path,
+                "--set", "DreamCacheDualGuidanceSampler.sampler_name=ddim2", "--output", out)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "node 9 (DreamCacheDualGuidanceSampler)" in r.stderr and "'ddim2' is not one of the choices" in r.stderr
+    assert r.stderr.count("ddim2") == 1, r.stderr  # not again under scheduler and mode
+    assert "done in" not in r.stdout and not (out.exists() and any(out.iterdir()))
+    r = run_cli(server, with_preview(basic_prompt()), tmp_path, "--set", "EmptyLatentImage.width=abc", "--output", out)
+    assert r.returncode == 1 and "node 8 (EmptyLatentImage)" in r.stderr, r.stderr
+    assert r.stderr.count("Failed to convert") == 1, r.stderr
+    assert not (out.exists() and any(out.iterdir()))
+
+
+def test_run_exits_1_when_a_node_fails(server, tmp_path):
+    r = run_cli(server, basic_prompt(family="sdxl"), tmp_path, "--output", tmp_path / "out")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.count("does not fit this SDXL model") == 1 and "node 4" in r.stderr
+
+
+def test_misspelt_override_is_an_error_listing_the_inputs(server, tmp_path):
+    r = run_cli(server, basic_prompt(), tmp_path, "--set", "EmptyLatentImage.widht=256")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "node 8 (EmptyLatentImage) has no input 'widht'" in r.stderr and "width, height, batch_size" in r.stderr
+    assert "queued" not in r.stdout
+
+
+def test_list_shows_ids_titles_types_and_values(server, tmp_path):
+    r = run_cli(server, basic_prompt(), tmp_path, "--list", "--set", "9.steps=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\n9  DreamCacheDualGuidanceSampler\n" in r.stdout and "    steps = 5\n" in r.stdout
+    assert "    sampler_name = \"euler\"" in r.stdout and "    model = " not in r.stdout  # links are not settable
+    assert "queued" not in r.stdout
+
+
+def test_run_lists_only_the_files_this_prompt_made(server, tmp_path):
+    """A second identical run is served from ComfyUI's cache: its history still lists the first run's preview,
+    which is not this run's output."""
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    first = run_cli(server, prompt, tmp_path, "--output", tmp_path / "a")
+    assert first.returncode == 0 and len(list((tmp_path / "a").iterdir())) == 1, first.stdout + first.stderr
+    second = run_cli(server, prompt, tmp_path, "--output", tmp_path / "b")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "0 output file(s)" in second.stdout and "cached from an earlier prompt" in second.stdout
+    assert not list((tmp_path / "b").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "prompt.json"]  # nothing else in the cwd
+
+
+def test_started_server_keeps_log_and_outputs_out_of_the_cwd(comfy, server, tmp_path):
+    """Without --server the runner starts ComfyUI itself: its log goes into the output folder, and neither a log
+    nor an output folder lands in the current folder."""
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": SUBJECT.name}},
+              "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "p.json").write_text(json.dumps(prompt))
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    r = subprocess.run([sys.executable, "-m", "dreamcache", "run", "p.json", "--comfyui", str(comfy), "--cpu",
+                        "--base-directory", str(server.base), "--output", str(out)],
+                       cwd=cwd, capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["p.json"]
+    assert (out / "comfyui.log").is_file() and any(p.name.startswith("2_") for p in out.iterdir())

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import cond, denoise_once, eps_from_denoised, run_node
 
 EPS_TOL = 1e-5
@@ -25,7 +24,8 @@ def setup(pack, golden, golden_path, models_dir):
     (models_dir / "dreamcache").mkdir(exist_ok=True)
     shutil.copy(golden_path / "golden_public_adapter.pt", models_dir / "dreamcache" / "golden_public_adapter.pt")
     core = pack.dreamcache
-    core.core.adapter_io.convert_adapter(str(golden_path / "golden_public_adapter.pt"), str(models_dir / "dreamcache" / "golden_converted.safetensors"), family="sd2")
+    core.core.adapter_io.convert_adapter(str(golden_path / "golden_public_adapter.pt"),
+                                         str(models_dir / "dreamcache" / "golden_converted.safetensors"), family="sd2")
     model = golden_model(str(golden_path / "golden_public.safetensors"))
     order = json.loads(meta["cache_order"])
     return model, T, order, core
@@ -152,6 +152,7 @@ def test_every_patch_point_fires(setup):
     cache = _golden_cache(core, T, order)
     base = _eps(model, T)
     for ref in adapter.layers:
-        single = core.core.adapter_io.AdapterFile(name=f"only {ref}", channels={ref: adapter.channels[ref]}, tensors={ref: adapter.tensors[ref]})
+        single = core.core.adapter_io.AdapterFile(name=f"only {ref}", channels={ref: adapter.channels[ref]},
+                                                  tensors={ref: adapter.tensors[ref]})
         (patched,) = run_node("DreamCacheApply", model=model, adapter=single, cache=cache)
         assert (_eps(patched, T) - base).abs().max().item() > 1e-4, f"the hook at {ref} ({ref.hook_key}) never fired"

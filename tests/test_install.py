@@ -17,7 +17,8 @@ def fake_comfyui(tmp_path):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "install.py"), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, str(ROOT / "install.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_creates_folders_and_lists_missing_models(tmp_path):
@@ -26,15 +27,46 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("dreamcache", "dreamcache_caches", "sams"):
         assert (root / "models" / name).is_dir()
-    assert r.stdout.count("MISSING") == 3
+    assert r.stdout.count("MISSING") == 4  # checkpoint, adapter, SAM, ControlNet; each once, not per workflow
+    assert "MISSING checkpoints/v2-1_512-ema-pruned.safetensors" in r.stdout and "5.2 GB" in r.stdout
+    assert "MISSING sams/sam_vit_b_01ec64.pth" in r.stdout  # the shipped workflows' Subject Mask needs SAM
     assert "drive.google.com" in r.stdout and "dl.fbaipublicfiles.com" in r.stdout
-    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
+    shipped = (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == shipped
     (root / "input" / "dreamcache_example_subject.png").write_bytes(b"the user's own file")
     run("--comfyui", root, "--no-install")
-    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"  # never overwritten
+    # never overwritten
+    assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"
     (root / "models" / "dreamcache" / "cross_attention-199999.pt").write_bytes(b"x")
     r = run("--comfyui", root, "--no-install")
-    assert "ok      dreamcache/: cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 2
+    assert "ok      dreamcache/cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 3
+
+
+def test_reports_per_workflow_the_files_it_names_and_how_to_use_another(tmp_path):
+    """A checkpoint of another name is not the file the workflows need: say so, and how to run with it."""
+    root = fake_comfyui(tmp_path)
+    for folder, name in (("checkpoints", "random_sd15.safetensors"), ("dreamcache", "cross_attention-199999.pt"),
+                         ("sams", "sam_vit_b_01ec64.pth")):
+        (root / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "models" / folder / name).write_bytes(b"x")
+    r = run("--comfyui", root, "--no-install")
+    assert r.returncode == 0, r.stderr
+    assert "ok      checkpoints/" not in r.stdout and "MISSING checkpoints/v2-1_512-ema-pruned.safetensors" in r.stdout
+    assert "--set CheckpointLoaderSimple.ckpt_name=random_sd15.safetensors" in r.stdout
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("    dreamcache_")}
+    assert set(lines) == {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    assert lines["dreamcache_basic"].endswith("missing v2-1_512-ema-pruned.safetensors")
+    assert "control_v11p_sd21_depth.safetensors" in lines["dreamcache_controlnet"]
+    assert "your_sd21_lora.safetensors" in lines["dreamcache_lora"] and "PICK    loras/your_sd21_lora" in r.stdout
+    assert "only fits its model family" in r.stdout
+    (root / "models" / "checkpoints" / "v2-1_512-ema-pruned.safetensors").write_bytes(b"x")
+    r = run("--comfyui", root, "--no-install")
+    assert [ln for ln in r.stdout.splitlines() if "dreamcache_basic" in ln][0].endswith("ready")
+
+
+def test_an_explicit_path_that_is_not_comfyui_is_an_error(tmp_path):
+    r = run("--comfyui", tmp_path / "nope", "--no-install")
+    assert r.returncode != 0 and f"'{tmp_path / 'nope'}' is not a ComfyUI folder" in r.stderr
 
 
 def test_requirements_never_include_torch():
@@ -56,6 +88,7 @@ def test_without_comfyui_it_says_so(tmp_path):
 
     if ROOT.parent.name == "custom_nodes":
         pytest.skip("the pack sits inside a ComfyUI tree, so install.py finds it")
-    r = subprocess.run([sys.executable, str(ROOT / "install.py"), "--no-install"], capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, str(ROOT / "install.py"), "--no-install"], capture_output=True, text=True,
+                       timeout=120,
                        cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and "ComfyUI not found" in r.stdout

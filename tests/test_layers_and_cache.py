@@ -20,17 +20,21 @@ from dreamcache.core.layers import SD_LAYERS, LayerRef, every_second_decoder_lay
 
 
 def test_paper_layers_and_comfy_block_ids():
-    assert [r.hook_key for r in SD_LAYERS] == [(("middle", 0), 0), (("output", 4), 0), (("output", 6), 0), (("output", 8), 0), (("output", 10), 0)]
+    assert [r.hook_key for r in SD_LAYERS] == [(("middle", 0), 0), (("output", 4), 0), (("output", 6), 0), (("output",
+                                                                                                             8), 0),
+                                               (("output", 10), 0)]
     assert every_second_decoder_layer([f"output_blocks.{i}.1" for i in range(3, 12)]) == SD_LAYERS
     assert LayerRef("input_blocks.7.1", 1).hook_key == (("input", 7), 1)
-    assert sort_layers([LayerRef("output_blocks.10.1"), LayerRef("middle_block.1"), LayerRef("input_blocks.1.1")])[0].module == "input_blocks.1.1"
+    assert sort_layers([LayerRef("output_blocks.10.1"), LayerRef("middle_block.1"),
+                        LayerRef("input_blocks.1.1")])[0].module == "input_blocks.1.1"
     with pytest.raises(DreamCacheError):
         LayerRef("output_blocks.x")
 
 
 def _caps(n=1, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {LayerRef("middle_block.1"): torch.randn(n, 16, 2, 2, generator=g), LayerRef("output_blocks.10.1"): torch.randn(n, 8, 4, 4, generator=g)}
+    return {LayerRef("middle_block.1"): torch.randn(n, 16, 2, 2, generator=g),
+            LayerRef("output_blocks.10.1"): torch.randn(n, 8, 4, 4, generator=g)}
 
 
 def test_from_captures_flattens_without_normalising():
@@ -49,7 +53,8 @@ def test_save_load_roundtrip_and_dtype(tmp_path):
     c = from_captures(_caps(), model_family="sd2", sigma=0.0413, seed=7, resolution=(512, 512), adapter="a.pt")
     save_cache(c, str(tmp_path / "c.safetensors"))
     d = load_cache(str(tmp_path / "c.safetensors"))
-    assert d.model_family == "sd2" and d.seed == 7 and d.resolution == (512, 512) and d.adapter == "a.pt" and d.sigma == 0.0413
+    assert d.model_family == "sd2" and d.seed == 7 and d.resolution == (512, 512)
+    assert d.adapter == "a.pt" and d.sigma == 0.0413
     for r in c.tokens:
         assert torch.equal(c.tokens[r], d.tokens[r])
     save_cache(c, str(tmp_path / "h.safetensors"), dtype=torch.float16)

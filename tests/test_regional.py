@@ -11,10 +11,11 @@ the cache token each query attends to, records the step asked for, and does not 
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
+from test_block_math import HEADS, REF, C, adapter_sd, block_state, data, host_block, make_entry
 
-import oracle
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.attention_maps import AttentionRecorder, head_mean_probs, point_map, reference_subject, subject_map
 from dreamcache.core.cache import from_captures
@@ -22,7 +23,6 @@ from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import LayerRef
 from dreamcache.core.patch import SWITCH_KEY, DreamCachePatch, PatchEntry
 from dreamcache.core.regional import layer_name, parse_layer_weights, token_grid
-from test_block_math import C, HEADS, REF, adapter_sd, block_state, data, host_block, make_entry
 
 H, W = 4, 5  # token grid of the test layer: 20 tokens, as data() makes
 SHAPES = {"original_shape": [2, 4, 8, 10], "activations_shape": [2, C, H, W]}

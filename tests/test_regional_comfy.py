@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 from helpers import denoise_once, run_node
 from test_golden_parity import EPS_TOL, _eps, _golden_cache, setup  # noqa: F401  (setup: the golden fixture)
@@ -108,7 +107,7 @@ def test_two_chained_subjects_with_masks(sd1, pack):
     left = left_half()
     (m1,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache, mask=left)
     (m12,) = run_node("DreamCacheApply", model=m1, adapter=other, cache=cache2, mask=1 - left)
-    patch = sd1.core.comfy.patching.find_patch(m12)
+    patch = sd1.core.comfy.apply_patch.find_patch(m12)
     assert len(patch.entries) == 2 and all(e.mask is not None for e in patch.entries)
     assert len(m12.model_patches_models()) == 2
     base = _den(sd1.model, sd1.positive)
@@ -307,7 +306,7 @@ def test_recording_off_leaves_the_flops_of_an_evaluation_unchanged(sd1):
 
     patched = apply(sd1)
     rec_model, handle = run_node("DreamCacheAttentionRecorder", model=patched, layer="output_6", step_percent=1.0)
-    find = sd1.core.comfy.patching.find_patch
+    find = sd1.core.comfy.apply_patch.find_patch
     latent = torch.randn(1, 4, 8, 8)
     schedule = {
         "sample_sigmas": torch.tensor([10.0, 5.0, 0.0]),

@@ -63,7 +63,8 @@ def test_non_sam_safetensors_is_a_clear_error(tmp_path):
 
     path = tmp_path / "random.safetensors"
     save_file({"weight": torch.randn(4, 4), "bias": torch.randn(4)}, str(path))
-    with pytest.raises(DreamCacheError, match="'random.safetensors' is not a Segment Anything checkpoint.*sam_vit_b_01ec64.pth"):
+    with pytest.raises(DreamCacheError, match="'random.safetensors' is not a Segment Anything "
+                                              "checkpoint.*sam_vit_b_01ec64.pth"):
         core_sam.load_sam(str(path))
     (tmp_path / "broken.safetensors").write_bytes(b"not a header")
     with pytest.raises(DreamCacheError, match="could not be read as safetensors"):
@@ -82,11 +83,12 @@ class Payload:
 def test_pickles_with_custom_objects_are_refused_without_unpickling(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1), "payload": Payload()}, str(path))
-    with pytest.raises(DreamCacheError, match="'evil.pth' contains objects other than tensors, which are never unpickled"):
+    with pytest.raises(DreamCacheError, match="'evil.pth' contains objects other than tensors, which are never "
+                                              "unpickled"):
         core_sam.load_sam(str(path))
     assert Payload.ran is False
     (tmp_path / "text.pth").write_text("hello")
-    with pytest.raises(DreamCacheError, match="could not be read as a PyTorch file"):
+    with pytest.raises(DreamCacheError, match="could not be read as a PyTorch tensor file"):
         core_sam.load_sam(str(tmp_path / "text.pth"))
     torch.save([torch.zeros(2)], str(tmp_path / "list.pth"))
     with pytest.raises(DreamCacheError, match="not hold a plain dict of tensors"):
@@ -139,12 +141,14 @@ def test_prompted_prediction_matches_sam_predictor(tiny):
     assert torch.allclose(ours, torch.sigmoid(torch.as_tensor(logits[0])), atol=1e-6)
 
     points, labels = [(40.0, 24.0), (3.0, 3.0)], [1, 0]
-    logits, iou, _ = pred.predict(point_coords=np.array(points), point_labels=np.array(labels), multimask_output=False, return_logits=True)
+    logits, iou, _ = pred.predict(point_coords=np.array(points), point_labels=np.array(labels), multimask_output=False,
+                                  return_logits=True)
     ours = core_sam.predict(tiny, img, "points", points=points, labels=labels)
     assert torch.allclose(ours, torch.sigmoid(torch.as_tensor(logits[0])), atol=1e-6)
 
     # one point: three candidates, the one SAM's IoU head scores best
-    logits, iou, _ = pred.predict(point_coords=np.array(points[:1]), point_labels=np.array([1]), multimask_output=True, return_logits=True)
+    logits, iou, _ = pred.predict(point_coords=np.array(points[:1]), point_labels=np.array([1]), multimask_output=True,
+                                  return_logits=True)
     ours = core_sam.predict(tiny, img, "points", points=points[:1], labels=[1])
     assert torch.allclose(ours, torch.sigmoid(torch.as_tensor(logits[int(np.argmax(iou))])), atol=1e-6)
 
@@ -175,7 +179,8 @@ def test_auto_mode_is_the_centre_point_refined_by_the_box_of_the_largest_confide
     ys, xs = np.nonzero(masks[pick])
     # our box comes from the 4x-upsampled low-res logits: within a few pixels of the full-size mask's box
     box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float32)
-    logits, iou2, _ = pred.predict(point_coords=centre, point_labels=np.array([1]), box=box, multimask_output=True, return_logits=True)
+    logits, iou2, _ = pred.predict(point_coords=centre, point_labels=np.array([1]), box=box, multimask_output=True,
+                                   return_logits=True)
     expected = torch.sigmoid(torch.as_tensor(logits[int(np.argmax(iou2))]))
     ours = core_sam.predict(tiny, img, "auto")
     agree = ((ours > 0.5) == (expected > 0.5)).float().mean()
@@ -242,5 +247,6 @@ def test_core_works_without_segment_anything_and_says_what_to_install(monkeypatc
     img = _photo(20, 30)[None]
     mask = torch.zeros(1, 20, 30)
     mask[0, 5:15, 8:22] = 1
-    out = subject.make_reference(img, subject.refine_masks(subject.subject_probabilities(img, "mask", mask=mask)), size=64)
+    out = subject.make_reference(img, subject.refine_masks(subject.subject_probabilities(img, "mask", mask=mask)),
+                                 size=64)
     assert out.shape == (1, 64, 64, 3)

@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import node, random_adapter, run_node
 
 
@@ -73,7 +72,8 @@ class LoadSpy:
 
 def test_nodes_are_registered_with_descriptions_and_tooltips(pack):
     assert {"DreamCacheSAMLoader", "DreamCacheSubjectMask"} <= set(pack.loaded_node_ids)
-    for node_id, category in (("DreamCacheSAMLoader", "DreamCache/loaders"), ("DreamCacheSubjectMask", "DreamCache/image")):
+    for node_id, category in (("DreamCacheSAMLoader", "DreamCache/loaders"), ("DreamCacheSubjectMask",
+                                                                              "DreamCache/image")):
         schema = node(node_id).GET_SCHEMA()
         assert schema.category == category and schema.description
         for item in list(schema.inputs) + list(schema.outputs):
@@ -128,7 +128,8 @@ def test_each_sam_mode_runs_the_full_node_path(core, tiny_sam, monkeypatch, mode
     probs = core.core.sam.predict_batch(tiny_sam.patcher.model.sam, img, mode, box=box, points=points, labels=labels)
     assert torch.equal(mask, (probs > 0.5).float())
     # keep layout: the same mask, the photo's background painted white
-    ref_keep, mask_keep = run_node("DreamCacheSubjectMask", image=img, prompt_mode=mode, sam=tiny_sam, layout="keep", **prompts)
+    ref_keep, mask_keep = run_node("DreamCacheSubjectMask", image=img, prompt_mode=mode, sam=tiny_sam, layout="keep",
+                                   **prompts)
     assert torch.equal(mask_keep, mask)
     assert torch.equal(ref_keep, core.core.subject.composite(img, mask, (1.0, 1.0, 1.0)))
 
@@ -150,8 +151,10 @@ def test_changing_only_mask_options_does_not_re_encode_the_image(tiny_sam):
     try:
         _, m1 = run_node("DreamCacheSubjectMask", image=img, prompt_mode="auto", sam=tiny_sam, threshold=0.5)
         assert len(calls) == 1
-        _, m2 = run_node("DreamCacheSubjectMask", image=img, prompt_mode="auto", sam=tiny_sam, threshold=0.45, feather=3)
-        run_node("DreamCacheSubjectMask", image=img, prompt_mode="box", sam=tiny_sam, box_x=5, box_y=5, box_width=30, box_height=30)
+        _, m2 = run_node("DreamCacheSubjectMask", image=img, prompt_mode="auto", sam=tiny_sam, threshold=0.45,
+                         feather=3)
+        run_node("DreamCacheSubjectMask", image=img, prompt_mode="box", sam=tiny_sam, box_x=5, box_y=5, box_width=30,
+                 box_height=30)
         assert len(calls) == 1
         run_node("DreamCacheSubjectMask", image=photo(1, seed=12), prompt_mode="auto", sam=tiny_sam)
         assert len(calls) == 2
@@ -245,7 +248,8 @@ def test_loader_refuses_non_sam_and_missing_files(core, sams_dir, models_dir):
     from safetensors.torch import save_file
 
     save_file({"weight": torch.randn(3, 3)}, str(sams_dir / "not_sam.safetensors"))
-    with pytest.raises(core.core.errors.DreamCacheError, match="'not_sam.safetensors' is not a Segment Anything checkpoint"):
+    with pytest.raises(core.core.errors.DreamCacheError, match="'not_sam.safetensors' is not a Segment Anything "
+                                                               "checkpoint"):
         run_node("DreamCacheSAMLoader", sam_name="not_sam.safetensors")
     with pytest.raises(core.core.errors.DreamCacheError, match="'nope.pth' was not found in .*sams"):
         run_node("DreamCacheSAMLoader", sam_name="nope.pth")
@@ -271,11 +275,13 @@ class _Server:
 @pytest.fixture(scope="module")
 def graph_env(pack, comfy, sams_dir):
     """Test-only nodes: a source of tiny models/images and an output node that records what reaches it."""
-    import nodes as comfy_nodes
     from tiny_models import make_clip, make_model, make_vae
 
+    import nodes as comfy_nodes
+
     model = make_model("sd1")
-    objects = {"model": model, "clip": make_clip("sd1"), "vae": make_vae(), "adapter": random_adapter(pack.dreamcache, model),
+    objects = {"model": model, "clip": make_clip("sd1"), "vae": make_vae(), "adapter": random_adapter(pack.dreamcache,
+                                                                                                      model),
                "image": photo(), "mask": square_mask()}
     captured = []
 
@@ -294,7 +300,8 @@ def graph_env(pack, comfy, sams_dir):
     class Capture:
         @classmethod
         def INPUT_TYPES(cls):
-            return {"required": {"cache": ("DREAMCACHE_CACHE",), "reference": ("IMAGE",), "subject": ("IMAGE",), "mask": ("MASK",)}}
+            return {"required": {"cache": ("DREAMCACHE_CACHE",), "reference": ("IMAGE",), "subject": ("IMAGE",),
+                                 "mask": ("MASK",)}}
 
         RETURN_TYPES = ()
         OUTPUT_NODE = True
@@ -318,13 +325,15 @@ def _prompt(mode, sam_name, size=96, resolution=64):
         "1": {"class_type": "DCTestSource", "inputs": {}},
         "2": {"class_type": "DreamCacheSAMLoader", "inputs": {"sam_name": sam_name}},
         "3": {"class_type": "DreamCacheSubjectMask", "inputs": {
-            "image": ["1", 4], "prompt_mode": mode, "sam": ["2", 0], "mask": ["1", 5], "box_x": 0, "box_y": 0, "box_width": 0,
+            "image": ["1", 4], "prompt_mode": mode, "sam": ["2", 0], "mask": ["1", 5], "box_x": 0, "box_y": 0,
+                                                                "box_width": 0,
             "box_height": 0, "positive_points": "", "negative_points": "", "threshold": 0.5, "grow": 0, "feather": 0,
             "layout": "train", "size": size, "background": "#ffffff", "invert_mask": False}},
         "4": {"class_type": "DreamCacheBuildFeatureCache", "inputs": {
             "model": ["1", 0], "vae": ["1", 2], "image": ["3", 0], "clip": ["1", 1], "adapter": ["1", 3], "seed": 0,
             "resolution": resolution, "fit": "pad", "batch_mode": "concat"}},
-        "5": {"class_type": "DCTestCapture", "inputs": {"cache": ["4", 0], "reference": ["4", 1], "subject": ["3", 0], "mask": ["3", 1]}},
+        "5": {"class_type": "DCTestCapture", "inputs": {"cache": ["4", 0], "reference": ["4", 1], "subject": ["3", 0],
+                                                        "mask": ["3", 1]}},
     }
 
 
@@ -357,13 +366,15 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
     (got,) = captured
     subject_img, reference, cache = got["subject"], got["reference"], got["cache"]
     # what SubjectMask produced, as a direct node run gives it
-    expected, expected_mask = run_node("DreamCacheSubjectMask", image=objects["image"], prompt_mode="mask", mask=objects["mask"], size=96)
+    expected, expected_mask = run_node("DreamCacheSubjectMask", image=objects["image"], prompt_mode="mask",
+                                       mask=objects["mask"], size=96)
     assert torch.equal(subject_img, expected) and torch.equal(got["mask"], expected_mask)
     # the cache was built from it: its reference is SubjectMask's output fitted to the cache resolution
     assert subject_img.shape == (2, 96, 96, 3) and reference.shape == (2, 64, 64, 3)
     assert torch.equal(reference, core.core.image.prepare_reference(subject_img, resolution=64, fit="pad"))
     assert cache.resolution == (64, 64) and cache.references == 2
-    direct_cache, direct_ref = run_node("DreamCacheBuildFeatureCache", model=objects["model"], vae=objects["vae"], image=subject_img,
+    direct_cache, direct_ref = run_node("DreamCacheBuildFeatureCache", model=objects["model"], vae=objects["vae"],
+                                        image=subject_img,
                                         clip=objects["clip"], adapter=objects["adapter"], seed=0, resolution=64)
     assert torch.equal(direct_ref, reference)
     assert cache.layers == direct_cache.layers

@@ -1,6 +1,6 @@
-"""SubjectMask's pure preprocessing (dreamcache.subject), on synthetic images whose right answer is known.
+"""SubjectMask's pure preprocessing (dreamcache.core.subject), on synthetic images whose right answer is known.
 
-Protects: the train layout (exact bounding box crop, aspect kept, subject's longer side at 85% of the square,
+Protects: the train layout (exact bounding box crop, aspect kept, subject's width at 85% of the square, height capped,
 centred, background exactly the chosen colour, nothing of the photo's background left); the keep layout; threshold,
 grow and feather; mask resizing and batching; RGBA alpha and grayscale input; which mask source each prompt mode
 uses; prompt, point and colour parsing; the clear errors for an empty mask and bad input. No ComfyUI, no SAM.
@@ -84,7 +84,8 @@ def test_train_layout_keeps_the_aspect_of_a_wide_subject():
 def test_train_layout_of_a_tall_subject_and_a_custom_background():
     img, mask = rect_on_noise(h=90, w=60, x0=10, y0=5, rw=10, rh=80)
     out = subject.make_reference(img, mask, layout="train", size=64, background="0,0,0")
-    long_side, short_side = round(0.85 * 64), round(10 * 0.85 * 64 / 80)
+    # as in training (core.layout): the width would be 85% of the side, but the height is capped at the side
+    long_side, short_side = 64, round(64 * 10 / 80)
     box = subject.bounding_box(not_background(out[0], (0.0, 0.0, 0.0)).float())
     assert (box[2] - box[0], box[3] - box[1]) == (short_side, long_side)
     assert box[0] == (64 - short_side) // 2 and box[1] == (64 - long_side) // 2

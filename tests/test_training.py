@@ -11,7 +11,6 @@ import csv
 
 import pytest
 import torch
-
 from helpers import denoise_once, run_node
 from synthetic_data import make_dataset
 
@@ -42,7 +41,8 @@ def sd1(comfy):
 def _config(dataset, out, **kw):
     from dreamcache.apps.train import TrainConfig
 
-    base = dict(data=str(dataset), out=str(out), steps=2, batch_size=2, resolution=RES, num_workers=0, progress=False, lr=1e-3,
+    base = dict(data=str(dataset), out=str(out), steps=2, batch_size=2, resolution=RES, num_workers=0, progress=False,
+                lr=1e-3,
                 save_every=0, seed=0)
     base.update(kw)
     return TrainConfig(**base)
@@ -52,7 +52,8 @@ def _trainer(models, dataset, out, **kw):
     from dreamcache.apps.trainer import Trainer
 
     model, clip, vae = models
-    return Trainer(model, clip, vae, _config(dataset, out, **kw), checkpoint_name="tiny.safetensors", log=lambda *a: None)
+    return Trainer(model, clip, vae, _config(dataset, out, **kw), checkpoint_name="tiny.safetensors",
+                   log=lambda *a: None)
 
 
 def _grads(t):
@@ -105,8 +106,8 @@ def test_v_prediction_objective(comfy, dataset, tmp_path):
 
 def test_cache_equals_the_sampling_time_cache_pass(sd1, dataset, tmp_path):
     """The per-step cache is BuildFeatureCache's: the reference latent at t=1, the encoded "" prompt, adapters off."""
-    from dreamcache.core.cache import from_captures
     from dreamcache.comfy.cache_pass import pass_sigma, run_capture_pass
+    from dreamcache.core.cache import from_captures
 
     t = _trainer(sd1, dataset, tmp_path / "a.safetensors")
     batch = t.next_batch()
@@ -117,7 +118,8 @@ def test_cache_equals_the_sampling_time_cache_pass(sd1, dataset, tmp_path):
     assert abs(ours.sigma - sigma) < 1e-6 and ours.per_image and ours.references == 2
     empty = t.clip.encode_from_tokens_scheduled(t.clip.tokenize(""))
     with torch.inference_mode():
-        got = run_capture_pass(t.model, torch.zeros_like(ref), (ref + sigma * noise) / sigma, sigma, empty, t.adapter.layers)
+        got = run_capture_pass(t.model, torch.zeros_like(ref), (ref + sigma * noise) / sigma, sigma, empty,
+                               t.adapter.layers)
     theirs = from_captures(got, per_image=True)
     for r in t.adapter.layers:
         assert torch.allclose(ours.tokens[r], theirs.tokens[r], atol=1e-5, rtol=1e-4), r
@@ -161,7 +163,8 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
     af = read_adapter(str(folder / "tiny_trained.safetensors"))
     assert af.family == "sd1" and json.loads(af.metadata["step"]) == 3
     cfg = json.loads(af.metadata["config"])
-    assert cfg["layers"] == ["middle_block.1", "output_blocks.4.1", "output_blocks.6.1", "output_blocks.8.1", "output_blocks.10.1"]
+    assert cfg["layers"] == ["middle_block.1", "output_blocks.4.1", "output_blocks.6.1", "output_blocks.8.1",
+                             "output_blocks.10.1"]
     assert cfg["lr"] == 3e-2 and cfg["init"] == "identity" and af.metadata["base_checkpoint"] == "tiny.safetensors"
 
     model, clip, vae = sd1
@@ -172,7 +175,8 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
     outs = {}
     for name in ("tiny_identity.safetensors", "tiny_trained.safetensors"):
         (adapter,) = run_node("DreamCacheLoader", adapter_name=name)
-        cache, _ = run_node("DreamCacheBuildFeatureCache", model=model, vae=vae, image=image, clip=clip, adapter=adapter, seed=0, resolution=RES)
+        cache, _ = run_node("DreamCacheBuildFeatureCache", model=model, vae=vae, image=image, clip=clip,
+                            adapter=adapter, seed=0, resolution=RES)
         (patched,) = run_node("DreamCacheApply", model=model, adapter=adapter, cache=cache)
         outs[name] = denoise_once(patched, x, 3.0, positive)
     assert torch.equal(outs["tiny_identity.safetensors"], base)
@@ -181,15 +185,17 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
 
 def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     """4 steps straight == 2 steps, then a new process-like trainer resumed from the checkpoint for 2 more."""
-    from dreamcache.core.adapter_io import read_adapter
-    from dreamcache.apps.trainer import Trainer
     from dreamcache.apps.train import load_state, log_path
+    from dreamcache.apps.trainer import Trainer
+    from dreamcache.core.adapter_io import read_adapter
 
     straight = _trainer(sd1, dataset, tmp_path / "s" / "a.safetensors", steps=4, init="reference", accumulate=2)
     straight.run()
-    first = _trainer(sd1, dataset, tmp_path / "r" / "a.safetensors", steps=4, save_every=2, init="reference", accumulate=2)
+    first = _trainer(sd1, dataset, tmp_path / "r" / "a.safetensors", steps=4, save_every=2, init="reference",
+                     accumulate=2)
     first.run(steps=2)
-    state = load_state(str(tmp_path / "r" / "a.state.safetensors"))  # run(steps=2) stops there and writes the adapter + state
+    # run(steps=2) stops there and writes the adapter + state
+    state = load_state(str(tmp_path / "r" / "a.state.safetensors"))
     assert state.step == 2
     model, clip, vae = sd1
     resumed = Trainer(model, clip, vae, state.config, checkpoint_name="tiny.safetensors", state=state)
@@ -199,7 +205,8 @@ def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     for ref in a.layers:
         for k in a.tensors[ref]:
             assert torch.equal(a.tensors[ref][k], b.tensors[ref][k]), (ref, k)
-    sa, sb = load_state(str(tmp_path / "s" / "a.state.safetensors")), load_state(str(tmp_path / "r" / "a.state.safetensors"))
+    sa = load_state(str(tmp_path / "s" / "a.state.safetensors"))
+    sb = load_state(str(tmp_path / "r" / "a.state.safetensors"))
     assert sa.step == sb.step == 4
     for i in sa.optimizer["state"]:
         for k, v in sa.optimizer["state"][i].items():
@@ -208,7 +215,8 @@ def test_resume_is_bit_identical(sd1, dataset, tmp_path):
         rows = list(csv.DictReader(f))
     with open(log_path(str(tmp_path / "s" / "a.safetensors"))) as f:
         rows_s = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and [r["loss"] for r in rows] == [r["loss"] for r in rows_s]
+    assert [r["step"] for r in rows] == ["1", "2", "3",
+                                         "4"] and [r["loss"] for r in rows] == [r["loss"] for r in rows_s]
 
 
 def test_accumulation_really_accumulates(sd1, dataset, tmp_path):
@@ -273,8 +281,8 @@ def test_bf16_autocast_keeps_fp32_master_weights(sd1, dataset, tmp_path):
 # ---- init, layers, errors -----------------------------------------------------------------------------------------
 
 def test_init_from_a_reference_pt_and_layer_overrides(sd1, dataset, tmp_path):
-    from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.comfy.model import model_channels_at
+    from dreamcache.core.adapter import DreamCacheAdapter
     from dreamcache.core.errors import DreamCacheError
     from dreamcache.core.layers import SD_LAYERS
 
@@ -308,7 +316,8 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
         loading.load_checkpoint(str(tmp_path / "missing.safetensors"))
     from types import SimpleNamespace
 
-    flux_like = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(), diffusion_model=torch.nn.Linear(1, 1)))
+    flux_like = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(),
+                                                      diffusion_model=torch.nn.Linear(1, 1)))
     with pytest.raises(DreamCacheError, match="not a supported U-Net"):
         loading.check_supported(flux_like, "flux.safetensors")
     from tiny_models import make_model
@@ -336,20 +345,22 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
 def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
     import json
 
-    from dreamcache.apps import train
-    from dreamcache.core.adapter_io import read_adapter
+    from dreamcache.apps import train_cli
     from dreamcache.comfy import loading
+    from dreamcache.core.adapter_io import read_adapter
 
     loaded = []
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: loaded.append((path, dtype)) or sd1)
     out = tmp_path / "run" / "tiny.safetensors"
     common = ["--comfyui", str(comfy), "--out", str(out), "--no-progress", "--num-workers", "0"]
-    rc = train.main(["--checkpoint", "tiny_sd1.safetensors", "--data", str(dataset), "--steps", "2", "--save-every", "1", "--batch-size", "2",
+    rc = train_cli.main(["--checkpoint", "tiny_sd1.safetensors", "--data", str(dataset), "--steps", "2",
+                         "--save-every", "1", "--batch-size", "2",
                      "--resolution", str(RES), "--lr", "1e-3", *common])
     assert rc == 0, capsys.readouterr().err
     assert loaded == [("tiny_sd1.safetensors", torch.float32)]
-    assert (tmp_path / "run" / "tiny-step000001.safetensors").is_file() and (tmp_path / "run" / "tiny.state.safetensors").is_file()
-    rc = train.main(["--resume", "latest", "--steps", "3", "--preview-every", "3", "--preview-steps", "2", *common])
+    assert (tmp_path / "run" / "tiny-step000001.safetensors").is_file()
+    assert (tmp_path / "run" / "tiny.state.safetensors").is_file()
+    rc = train_cli.main(["--resume", "latest", "--steps", "3", "--preview-every", "3", "--preview-steps", "2", *common])
     assert rc == 0, capsys.readouterr().err
     af = read_adapter(str(out))
     assert json.loads(af.metadata["step"]) == 3 and af.family == "sd1"
@@ -357,15 +368,16 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
     with Image.open(tmp_path / "run" / "tiny-preview-step000003.png") as im:
         assert im.size == (RES, RES)
-    assert train.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
+    assert train_cli.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
     assert "--lr 0.5" in capsys.readouterr().err
 
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):
     from dreamcache.apps import data
-    from dreamcache.comfy import loading
-    from dreamcache.apps.synth import REJECTED, synthesize
     from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
+    from dreamcache.apps.data import cli as data_cli
+    from dreamcache.apps.synth import REJECTED, synthesize
+    from dreamcache.comfy import loading
 
     model, clip, vae = sd1
     calls = []
@@ -377,7 +389,8 @@ def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsy
         return m
 
     captions = dedupe(["a red mug on a table", "A red mug on a table.", "a green car in a forest"])
-    s = SynthSettings(width=RES, height=RES, steps=2, cfg=3.5, images_per_caption=2, prompt_suffix=", white background", seed=1)
+    s = SynthSettings(width=RES, height=RES, steps=2, cfg=3.5, images_per_caption=2,
+                      prompt_suffix=", white background", seed=1)
     root = tmp_path / "synth"
     got = synthesize(model, clip, vae, captions, root, centre_box, s, progress=False)
     assert got == {"written": 4, "skipped": 0, "rejected": 0}
@@ -391,7 +404,9 @@ def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsy
     nothing = lambda rgb, caption: torch.zeros(rgb.shape[:2], dtype=torch.bool)  # noqa: E731
     assert synthesize(model, clip, vae, ["a yellow kite"], root, nothing, s, progress=False)["rejected"] == 2
     assert (root / REJECTED).read_text().count("\n") == 2
-    assert synthesize(model, clip, vae, ["a yellow kite"], root, nothing, s, progress=False) == {"written": 0, "skipped": 2, "rejected": 0}
+    assert synthesize(model, clip, vae, ["a yellow kite"], root, nothing, s, progress=False) == {"written": 0,
+                                                                                                 "skipped": 2,
+                                                                                                 "rejected": 0}
     # the seeds are per item: the same caption renders the same picture in another run
     again = synthesize(model, clip, vae, captions[:1], tmp_path / "again", centre_box, s, progress=False)
     assert again["written"] == 2
@@ -403,10 +418,12 @@ def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsy
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: sd1)
     caps = tmp_path / "caps.txt"
     caps.write_text("a red mug\na red mug\n# c\na tree\n")
-    rc = data.main(["synth", "--checkpoint", "tiny.safetensors", "--out", str(tmp_path / "cli"), "--captions", str(caps), "--masks", "none-white-bg",
-                    "--width", str(RES), "--height", str(RES), "--steps", "1", "--comfyui", str(comfy), "--no-progress"])
+    rc = data_cli.main(["synth", "--checkpoint", "tiny.safetensors", "--out", str(tmp_path / "cli"), "--captions",
+                        str(caps), "--masks", "none-white-bg",
+                    "--width", str(RES), "--height", str(RES), "--steps", "1", "--comfyui", str(comfy),
+                        "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "2 written" in out.out or "rejected" in out.out
-    assert data.main(["synth", "--checkpoint", "x", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert data_cli.main(["synth", "--checkpoint", "x", "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
     assert "needs captions" in capsys.readouterr().err

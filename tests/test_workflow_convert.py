@@ -8,23 +8,37 @@ from __future__ import annotations
 
 import pytest
 
-from dreamcache.apps.workflow import WorkflowError, apply_overrides, check_structure, combo_options, ui_to_api, widget_value_count
+from dreamcache.apps.workflow import (
+    WorkflowError,
+    apply_overrides,
+    check_structure,
+    combo_options,
+    ui_to_api,
+    widget_value_count,
+)
 
 INFO = {
-    "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {"tooltip": "x"}]}}, "input_order": {"required": ["name"]},
+    "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {"tooltip": "x"}]}},
+               "input_order": {"required": ["name"]},
                "output": ["MODEL", "CLIP"]},
-    "LoadImage": {"input": {"required": {"image": [["cat.png"], {"image_upload": True}]}}, "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"]},
-    "Sampler": {"input": {"required": {"model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
+    "LoadImage": {"input": {"required": {"image": [["cat.png"], {"image_upload": True}]}},
+                  "input_order": {"required": ["image"]}, "output": ["IMAGE", "MASK"]},
+    "Sampler": {"input": {"required": {"model": ["MODEL"], "seed": ["INT", {"control_after_generate": True}],
+                                       "steps": ["INT", {}],
                                        "mode": ["COMBO", {"options": ["x", "y"]}], "image": ["IMAGE"]},
-                          "optional": {"scale": ["FLOAT", {}], "extra": ["CLIP"], "forced": ["INT", {"forceInput": True}]}},
-                "input_order": {"required": ["model", "seed", "steps", "mode", "image"], "optional": ["scale", "extra", "forced"]},
+                          "optional": {"scale": ["FLOAT", {}], "extra": ["CLIP"], "forced": ["INT",
+                                                                                             {"forceInput": True}]}},
+                "input_order": {"required": ["model", "seed", "steps", "mode", "image"], "optional": ["scale", "extra",
+                                                                                                      "forced"]},
                 "output": ["LATENT"]},
-    "Blur": {"input": {"required": {"image": ["IMAGE"], "radius": ["INT", {}]}}, "input_order": {"required": ["image", "radius"]}, "output": ["IMAGE"]},
+    "Blur": {"input": {"required": {"image": ["IMAGE"], "radius": ["INT", {}]}},
+             "input_order": {"required": ["image", "radius"]}, "output": ["IMAGE"]},
 }
 
 
 def node(nid, kind, inputs=(), outputs=(), widgets=None, mode=0, title=None):
-    n = {"id": nid, "type": kind, "mode": mode, "inputs": [dict(i) for i in inputs], "outputs": [dict(o) for o in outputs]}
+    n = {"id": nid, "type": kind, "mode": mode, "inputs": [dict(i) for i in inputs],
+         "outputs": [dict(o) for o in outputs]}
     if widgets is not None:
         n["widgets_values"] = widgets
     if title:
@@ -36,18 +50,33 @@ def workflow():
     return {
         "version": 0.4,
         "nodes": [
-            node(1, "Loader", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "CLIP", "type": "CLIP", "links": []}], widgets=["b.safetensors"]),
-            node(2, "LoadImage", outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}, {"name": "MASK", "type": "MASK", "links": []}], widgets=["cat.png", "image"]),
-            node(3, "Blur", inputs=[{"name": "image", "type": "IMAGE", "link": 2}], outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [3]}], widgets=[4], mode=4),
-            node(4, "Reroute", inputs=[{"name": "", "type": "*", "link": 3}], outputs=[{"name": "", "type": "IMAGE", "links": [4]}]),
-            node(5, "PrimitiveNode", outputs=[{"name": "INT", "type": "INT", "links": [5], "widget": {"name": "steps"}}], widgets=[33, "fixed"]),
-            node(6, "Sampler", inputs=[{"name": "model", "type": "MODEL", "link": 1}, {"name": "image", "type": "IMAGE", "link": 4},
+            node(1, "Loader", outputs=[{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "CLIP",
+                                                                                          "type": "CLIP",
+                                                                                          "links": []}],
+                 widgets=["b.safetensors"]),
+            node(2, "LoadImage", outputs=[{"name": "IMAGE", "type": "IMAGE", "links": [2]}, {"name": "MASK",
+                                                                                             "type": "MASK",
+                                                                                             "links": []}],
+                 widgets=["cat.png", "image"]),
+            node(3, "Blur", inputs=[{"name": "image", "type": "IMAGE", "link": 2}], outputs=[{"name": "IMAGE",
+                                                                                              "type": "IMAGE",
+                                                                                              "links": [3]}],
+                 widgets=[4], mode=4),
+            node(4, "Reroute", inputs=[{"name": "", "type": "*", "link": 3}], outputs=[{"name": "", "type": "IMAGE",
+                                                                                        "links": [4]}]),
+            node(5, "PrimitiveNode", outputs=[{"name": "INT", "type": "INT", "links": [5],
+                                               "widget": {"name": "steps"}}], widgets=[33, "fixed"]),
+            node(6, "Sampler", inputs=[{"name": "model", "type": "MODEL", "link": 1}, {"name": "image",
+                                                                                       "type": "IMAGE", "link": 4},
                                        {"name": "steps", "type": "INT", "link": 5, "widget": {"name": "steps"}}],
-                 outputs=[{"name": "LATENT", "type": "LATENT", "links": []}], widgets=[123, "randomize", 10, "y", 2.5], title="My sampler"),
+                 outputs=[{"name": "LATENT", "type": "LATENT", "links": []}], widgets=[123, "randomize", 10, "y", 2.5],
+                 title="My sampler"),
             node(7, "Note", widgets=["hello"]),
             node(8, "Blur", inputs=[{"name": "image", "type": "IMAGE", "link": None}], widgets=[1], mode=2),
         ],
-        "links": [[1, 1, 0, 6, 0, "MODEL"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"], [4, 4, 0, 6, 1, "IMAGE"], [5, 5, 0, 6, 2, "INT"]],
+        "links": [[1, 1, 0, 6, 0, "MODEL"], [2, 2, 0, 3, 0, "IMAGE"], [3, 3, 0, 4, 0, "IMAGE"], [4, 4, 0, 6, 1,
+                                                                                                 "IMAGE"], [5, 5, 0, 6,
+                                                                                                            2, "INT"]],
         "models": [{"name": "b.safetensors", "url": "https://example.invalid/b", "directory": "checkpoints"}],
     }
 

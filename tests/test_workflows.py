@@ -20,15 +20,19 @@ SNAPSHOT = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").re
 INFO = SNAPSHOT["object_info"]
 COMFYUI_VERSION = "0.3.64"
 #: Core nodes the workflows may use, as of ComfyUI 0.3.64 (MarkdownNote/Note are frontend-only).
-CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage",
-              "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise", "KSamplerSelect",
+CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage",
+              "PreviewImage",
+              "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise",
+              "KSamplerSelect",
               "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
               "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note"}
-EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet", "dreamcache_cache_library",
+EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet",
+            "dreamcache_cache_library",
             "dreamcache_custom_sampling", "dreamcache_regional", "dreamcache_two_subjects",
             "dreamcache_attention_maps"}
 PLACEHOLDERS = {"your_sd21_lora.safetensors"}
-LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "DreamCacheLoader": "adapter_name", "DreamCacheSAMLoader": "sam_name",
+LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "DreamCacheLoader": "adapter_name",
+                 "DreamCacheSAMLoader": "sam_name",
                  "LoraLoader": "lora_name", "ControlNetLoader": "control_net_name"}
 
 
@@ -61,7 +65,8 @@ def test_workflow_names_its_model_files(path):
     wf = load(path)
     listed = {(m["name"], m["directory"]) for m in wf["models"]}
     for m in wf["models"]:
-        assert set(m) == {"name", "url", "directory"} and m["name"] and m["directory"] and m["url"].startswith("https://")
+        assert set(m) == {"name", "url",
+                          "directory"} and m["name"] and m["directory"] and m["url"].startswith("https://")
     for n in wf["nodes"]:
         if n["type"] in LOADER_INPUTS:
             names = [name for name, spec, _s in input_specs(INFO[n["type"]]) if widget_slots(spec)[0]]
@@ -69,14 +74,16 @@ def test_workflow_names_its_model_files(path):
             if value in PLACEHOLDERS:
                 assert any(value in note["widgets_values"][0] for note in wf["nodes"] if note["type"] == "MarkdownNote")
                 continue
-            assert any(value == name for name, _d in listed), f"{path.stem}: {n['type']} loads {value}, which the models list does not name"
+            assert any(value == name for name,
+                       _d in listed), f"{path.stem}: {n['type']} loads {value}, which the models list does not name"
             assert n["properties"]["models"][0]["name"] == value
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_thumbnail_and_loaded_images_ship(path):
     thumb = path.with_suffix(".jpg")
-    assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", f"{thumb.name} missing (tools/screenshot_workflows.py)"
+    assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", \
+        f"{thumb.name} missing (tools/screenshot_workflows.py)"
     for n in load(path)["nodes"]:
         if n["type"] == "LoadImage":
             assert (ROOT / "workflows" / n["widgets_values"][0]).is_file()
@@ -102,5 +109,7 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
             cls = nodes.NODE_CLASS_MAPPINGS[node_id]
         live = cls.GET_NODE_INFO_V1() if hasattr(cls, "GET_NODE_INFO_V1") else None
         if live is None:
-            live = {"input": cls.INPUT_TYPES(), "input_order": {k: list(v) for k, v in cls.INPUT_TYPES().items()}, "output": list(cls.RETURN_TYPES)}
-        assert conversion_view(live) == conversion_view(snap), f"{node_id}: refresh tests/data with tools/snapshot_object_info.py"
+            live = {"input": cls.INPUT_TYPES(), "input_order": {k: list(v) for k, v in cls.INPUT_TYPES().items()},
+                    "output": list(cls.RETURN_TYPES)}
+        assert conversion_view(live) == conversion_view(snap), \
+            f"{node_id}: refresh tests/data with tools/snapshot_object_info.py"

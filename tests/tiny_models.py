@@ -14,7 +14,8 @@ import torch
 _COMMON = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2], "channel_mult": [1, 2, 4, 4],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1][::-1],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                                                1][::-1],
     "transformer_depth_middle": 1, "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 CONTEXT_DIM = {"sd1": 32, "sd2": 48, "sdxl": 64}
@@ -24,11 +25,14 @@ SDXL_POOLED = 32  # clip_g projection; SDXL adds 6 x 256 size embeddings to it f
 def unet_config(family: str) -> dict:
     cfg = dict(_COMMON)
     if family == "sd1":
-        cfg.update(context_dim=32, use_linear_in_transformer=False, adm_in_channels=None, num_heads=8, num_head_channels=-1)
+        cfg.update(context_dim=32, use_linear_in_transformer=False, adm_in_channels=None, num_heads=8,
+                   num_head_channels=-1)
     elif family == "sd2":
-        cfg.update(context_dim=48, use_linear_in_transformer=True, adm_in_channels=None, num_heads=-1, num_head_channels=16)
+        cfg.update(context_dim=48, use_linear_in_transformer=True, adm_in_channels=None, num_heads=-1,
+                   num_head_channels=16)
     elif family == "sdxl":
-        cfg.update(context_dim=64, use_linear_in_transformer=True, adm_in_channels=SDXL_POOLED + 1536, num_classes="sequential", num_heads=-1, num_head_channels=16,
+        cfg.update(context_dim=64, use_linear_in_transformer=True, adm_in_channels=SDXL_POOLED + 1536,
+                   num_classes="sequential", num_heads=-1, num_head_channels=16,
                    channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2], transformer_depth=[0, 0, 1, 1, 2, 2],
                    transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2], transformer_depth_middle=2)
     else:
@@ -57,12 +61,14 @@ def model_config(family: str, unet: dict | None = None, dtype=torch.float32):
 
     cls = {"sd1": sm.SD15, "sd2": sm.SD20, "sdxl": sm.SDXL}[family]
     cfg = cls(unet or unet_config(family))
-    cfg.unet_config = dict(unet or unet_config(family))  # no extra config (SD2's 64-channel heads would not fit 32 channels)
+    # no extra config (SD2's 64-channel heads would not fit 32 channels)
+    cfg.unet_config = dict(unet or unet_config(family))
     cfg.set_inference_dtype(dtype, None)
     return cfg
 
 
-def make_model(family: str = "sd1", seed: int = 0, dtype=torch.float32, unet: dict | None = None, v_prediction: bool = False):
+def make_model(family: str = "sd1", seed: int = 0, dtype=torch.float32, unet: dict | None = None,
+               v_prediction: bool = False):
     """A ModelPatcher around a tiny BaseModel / SDXL of the family (weights seeded)."""
     import comfy.model_base
     import comfy.model_management as mm
@@ -78,7 +84,8 @@ def make_model(family: str = "sd1", seed: int = 0, dtype=torch.float32, unet: di
     model.diffusion_model.to(dtype)
     model.requires_grad_(False)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def make_clip(family: str = "sd1", seed: int = 1):
@@ -89,10 +96,12 @@ def make_clip(family: str = "sd1", seed: int = 1):
     import comfy.supported_models_base
 
     hidden = CONTEXT_DIM[family]
-    small = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 2, "num_hidden_layers": 2, "projection_dim": hidden}
+    small = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 2, "num_hidden_layers": 2,
+             "projection_dim": hidden}
     if family == "sdxl":
         # SDXL concatenates L (768 in the real model) and G; here L and G each give half of the context.
-        half = {**small, "hidden_size": hidden // 2, "intermediate_size": hidden, "projection_dim": hidden // 2, "num_hidden_layers": 3}
+        half = {**small, "hidden_size": hidden // 2, "intermediate_size": hidden, "projection_dim": hidden // 2,
+                "num_hidden_layers": 3}
         opts = {"clip_l_model_config": half, "clip_g_model_config": {**half, "projection_dim": SDXL_POOLED}}
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
     else:
@@ -141,7 +150,8 @@ def make_controlnet(family: str = "sd1", seed: int = 7):
 
     cfg = unet_config(family)
     cfg.pop("out_channels")
-    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32, device=torch.device("cpu"))
+    cfg.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+               device=torch.device("cpu"))
     control_model = comfy.cldm.cldm.ControlNet(**cfg)
     seeded_init_(control_model, seed, scale=2.0)
     control_model.requires_grad_(False)

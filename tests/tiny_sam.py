@@ -26,10 +26,13 @@ def make_tiny_sam(seed: int = 0, scale: float = 4.0) -> torch.nn.Module:
         torch.manual_seed(seed)  # the modules' own init (then overwritten below) must not depend on the global RNG
         sam = Sam(
             image_encoder=ImageEncoderViT(
-                depth=2, embed_dim=64, img_size=IMG_SIZE, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2,
-                patch_size=PATCH, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4, out_chans=PROMPT_DIM,
+                depth=2, embed_dim=64, img_size=IMG_SIZE, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm,
+                                                                                          eps=1e-6), num_heads=2,
+                patch_size=PATCH, qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=4,
+                                          out_chans=PROMPT_DIM,
             ),
-            prompt_encoder=PromptEncoder(embed_dim=PROMPT_DIM, image_embedding_size=(emb, emb), input_image_size=(IMG_SIZE, IMG_SIZE), mask_in_chans=8),
+            prompt_encoder=PromptEncoder(embed_dim=PROMPT_DIM, image_embedding_size=(emb, emb),
+                                         input_image_size=(IMG_SIZE, IMG_SIZE), mask_in_chans=8),
             mask_decoder=MaskDecoder(
                 num_multimask_outputs=3,
                 transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=64, num_heads=2),
@@ -59,5 +62,6 @@ def register_tiny_variant(core_sam, monkeypatch, seed: int = 123):
     official checkpoint: detection by shapes, the meta build and the strict load then run their real code on it."""
     import segment_anything
 
-    monkeypatch.setitem(core_sam.VARIANTS, TINY_VARIANT, core_sam.SamVariant(TINY_VARIANT, 64, 2, 2, "build_tiny_sam", "tiny.pth", "1 MB"))
+    monkeypatch.setitem(core_sam.VARIANTS, TINY_VARIANT, core_sam.SamVariant(TINY_VARIANT, 64, 2, 2, "build_tiny_sam",
+                                                                             "tiny.pth", "1 MB"))
     monkeypatch.setattr(segment_anything, "build_tiny_sam", lambda: make_tiny_sam(seed=seed), raising=False)

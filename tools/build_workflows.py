@@ -23,14 +23,18 @@ SNAPSHOT = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").re
 INFO = SNAPSHOT["object_info"]
 COMFY_VERSION = SNAPSHOT["comfyui_version"]
 
-CKPT = {"name": "v2-1_512-ema-pruned.safetensors", "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
+CKPT = {"name": "v2-1_512-ema-pruned.safetensors",
+        "url": "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
         "directory": "checkpoints"}
-ADAPTER = {"name": "cross_attention-199999.pt", "url": "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K", "directory": "dreamcache"}
-SAM = {"name": "sam_vit_b_01ec64.pth", "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "directory": "sams"}
+ADAPTER = {"name": "cross_attention-199999.pt",
+           "url": "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K", "directory": "dreamcache"}
+SAM = {"name": "sam_vit_b_01ec64.pth", "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+       "directory": "sams"}
 #: Any SD 2.x LoRA works, and there is no one public file to point at, so it is a placeholder name (not in the
 #: workflow's models list, whose entries the frontend requires to carry a download url).
 LORA_PLACEHOLDER = "your_sd21_lora.safetensors"
-CONTROLNET = {"name": "control_v11p_sd21_depth.safetensors", "url": "https://huggingface.co/thibaud/controlnet-sd21/resolve/main/control_v11p_sd21_depth.safetensors",
+CONTROLNET = {"name": "control_v11p_sd21_depth.safetensors",
+              "url": "https://huggingface.co/thibaud/controlnet-sd21/resolve/main/control_v11p_sd21_depth.safetensors",
               "directory": "controlnet"}
 SUBJECT = "dreamcache_example_subject.png"
 SUBJECT2 = "dreamcache_example_subject2.png"
@@ -45,7 +49,8 @@ VIEW_SCALE = 0.7
 def bounding_box(nodes: list[dict], groups: list[dict]) -> tuple[float, float, float, float]:
     """Canvas box around every node (title bar included) and group of a UI-format workflow."""
     boxes = [(d["pos"][0], d["pos"][1] - 30, d["pos"][0] + d["size"][0], d["pos"][1] + d["size"][1]) for d in nodes]
-    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2], g["bounding"][1] + g["bounding"][3]) for g in groups]
+    boxes += [(g["bounding"][0], g["bounding"][1], g["bounding"][0] + g["bounding"][2],
+               g["bounding"][1] + g["bounding"][3]) for g in groups]
     return min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)
 
 
@@ -86,12 +91,14 @@ class Workflow:
         dst.inputs[input_name] = lid
 
     def group(self, title, bounding, color="#3f789e"):
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color, "font_size": 24, "flags": {}})
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
+                            "font_size": 24, "flags": {}})
 
     # ---- serialisation ---------------------------------------------------------------------------------------
     def _node_json(self, n: Node, order: int, slots: dict) -> dict:
         if n.kind in ("Note", "MarkdownNote"):
-            return {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size), "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+            return {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size), "flags": {}, "order": order,
+                    "mode": 0, "inputs": [], "outputs": [],
                     "properties": {}, "widgets_values": [n.widgets["text"]], "color": n.color, "bgcolor": "#653"}
         info = INFO[n.kind]
         inputs, values = [], []
@@ -125,13 +132,16 @@ class Workflow:
         if unknown:
             raise KeyError(f"{n.kind} has no inputs {unknown} (workflow {self.name})")
         names = info.get("output_name") or info["output"]
-        outputs = [{"name": names[i], "type": t, "links": n.outputs.get(i, []), "slot_index": i} for i, t in enumerate(info["output"])]
+        outputs = [{"name": names[i], "type": t, "links": n.outputs.get(i, []), "slot_index": i} for i,
+                   t in enumerate(info["output"])]
         pack = n.kind.startswith("DreamCache")
-        props = {"Node name for S&R": n.kind, "cnr_id": "comfyui-dreamcache" if pack else "comfy-core", "ver": __version__ if pack else COMFY_VERSION}
+        props = {"Node name for S&R": n.kind, "cnr_id": "comfyui-dreamcache" if pack else "comfy-core",
+                 "ver": __version__ if pack else COMFY_VERSION}
         if n.models:
             props["models"] = n.models
         height = 46 + 24 * (len(inputs) + len(values) + len(outputs))
-        d = {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size or (320, height)), "flags": {}, "order": order, "mode": n.mode,
+        d = {"id": n.id, "type": n.kind, "pos": n.pos, "size": list(n.size or (320, height)), "flags": {},
+             "order": order, "mode": n.mode,
              "inputs": inputs, "outputs": outputs, "properties": props, "widgets_values": values}
         if n.title:
             d["title"] = n.title
@@ -141,7 +151,7 @@ class Workflow:
 
     def to_json(self, models) -> dict:
         # execution order: a topological order of the links (the frontend stores one in "order")
-        deps = {n.id: {self.links[l - 1][1] for l in n.inputs.values()} for n in self.nodes}
+        deps = {n.id: {self.links[link - 1][1] for link in n.inputs.values()} for n in self.nodes}
         order, done = [], set()
         while len(order) < len(self.nodes):
             ready = [n.id for n in self.nodes if n.id not in done and deps[n.id] <= done]
@@ -176,12 +186,15 @@ def checkpoint(wf, pos=(0, 0)):
 
 def subject_chain(wf, ckpt, x=0, y=260, with_mask=True):
     """LoadImage -> (SAM) SubjectMask -> BuildFeatureCache; returns (adapter loader, cache builder)."""
-    adapter = wf.add("DreamCacheLoader", (x, y + 560), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER])
+    adapter = wf.add("DreamCacheLoader", (x, y + 560), {"adapter_name": ADAPTER["name"], "base_family": "sd2"},
+                     models=[ADAPTER])
     image = wf.add("LoadImage", (x, y), {"image": SUBJECT}, title="Subject photo")
-    build = wf.add("DreamCacheBuildFeatureCache", (x + 820, y + 180), {"seed": 0, "resolution": 512, "fit": "pad", "batch_mode": "concat"})
+    build = wf.add("DreamCacheBuildFeatureCache", (x + 820, y + 180), {"seed": 0, "resolution": 512, "fit": "pad",
+                                                                       "batch_mode": "concat"})
     if with_mask:
         sam = wf.add("DreamCacheSAMLoader", (x + 380, y), {"sam_name": SAM["name"]}, models=[SAM])
-        mask = wf.add("DreamCacheSubjectMask", (x + 380, y + 150), {"prompt_mode": "auto", "layout": "train", "size": 512})
+        mask = wf.add("DreamCacheSubjectMask", (x + 380, y + 150), {"prompt_mode": "auto", "layout": "train",
+                                                                    "size": 512})
         wf.link(image.out("IMAGE"), mask, "image")
         wf.link(sam, mask, "sam")
         wf.link(mask.out(0), build, "image")
@@ -211,11 +224,15 @@ def prompts(wf, ckpt, x, y, positive, negative=NEGATIVE):
     return pos, neg
 
 
-def sample_and_save(wf, model_src, pos, neg, ckpt, x, y, prefix, steps=30, text=7.5, image=5.0, mode="combined", sampler="ddim", scheduler="ddim_uniform",
+def sample_and_save(wf, model_src, pos, neg, ckpt, x, y, prefix, steps=30, text=7.5, image=5.0, mode="combined",
+                    sampler="ddim", scheduler="ddim_uniform",
                     batch=1, width=512, height=512, seed=42):
     latent = wf.add("EmptyLatentImage", (x, y + 420), {"width": width, "height": height, "batch_size": batch})
-    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x + 360, y), {"seed": seed, "steps": steps, "sampler_name": sampler, "scheduler": scheduler,
-                                                                          "denoise": 1.0, "text_scale": text, "image_scale": image, "mode": mode})
+    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x + 360, y), {"seed": seed, "steps": steps,
+                                                                          "sampler_name": sampler,
+                                                                          "scheduler": scheduler,
+                                                                          "denoise": 1.0, "text_scale": text,
+                                                                          "image_scale": image, "mode": mode})
     wf.link(model_src, sampler_node, "model")
     wf.link(pos, sampler_node, "positive")
     wf.link(neg, sampler_node, "negative")
@@ -228,7 +245,8 @@ def sample_and_save(wf, model_src, pos, neg, ckpt, x, y, prefix, steps=30, text=
     return sampler_node, save
 
 
-SCALES_NOTE = ("### The two scales\n**text_scale** (s_T) is the usual CFG strength of the prompt. **image_scale** (s_I) is how strongly the "
+SCALES_NOTE = ("### The two scales\n**text_scale** (s_T) is the usual CFG strength of the prompt. **image_scale** "
+               "(s_I) is how strongly the "
                "cached subject steers the image: 0 ignores it, the reference demo uses 5.0, its DreamBench runs 0.4. "
                "`combined` runs three model calls per step; `joint` uses one scale for both (two calls).")
 
@@ -244,12 +262,17 @@ def basic():
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_basic")
     preview = wf.add("PreviewImage", (820, 820), title="What the model sees (reference)", size=(320, 340))
     wf.link(build.out(1), preview, "images")
-    wf.note("### 1 · Subject\nLoad a photo of your subject. **Subject Mask** cuts it out with SAM and lays it out the way the adapter was "
-            "trained: alone on white, centred. Already on white? Use prompt_mode `mask` or wire the image straight to the cache.", (0, -230))
-    wf.note("### 2 · Cache once\n**Build Feature Cache** runs the model one time on the subject (timestep 1, empty prompt) and keeps the "
+    wf.note("### 1 · Subject\nLoad a photo of your subject. **Subject Mask** cuts it out with SAM and lays it out the "
+            "way the adapter was "
+            "trained: alone on white, centred. Already on white? Use prompt_mode `mask` or wire the image straight to "
+            "the cache.", (0, -230))
+    wf.note("### 2 · Cache once\n**Build Feature Cache** runs the model one time on the subject (timestep 1, empty "
+            "prompt) and keeps the "
             "features the adapter reads. It re-runs only when the subject, model or adapter change.", (820, -60))
-    wf.note("### 3 · Personalise\n**Apply DreamCache** patches a copy of the model; any sampler works with it. **strength** 1 is the method as "
-            "trained, 0 the plain model. Name the subject with a plain word in the prompt (\"a mug\"): no special token is needed.", (1260, -60))
+    wf.note("### 3 · Personalise\n**Apply DreamCache** patches a copy of the model; any sampler works with it. "
+            "**strength** 1 is the method as "
+            "trained, 0 the plain model. Name the subject with a plain word in the prompt (\"a mug\"): no special "
+            "token is needed.", (1260, -60))
     wf.note(SCALES_NOTE, (1720, -60), size=(420, 200))
     return wf, [CKPT, ADAPTER, SAM]
 
@@ -262,8 +285,10 @@ def official_sd21():
     apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a mug on top of a mirror", OFFICIAL_NEGATIVE)
     wf.link(neg, build, "conditioning")  # the official scripts build the cache with the negative prompt
-    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_official", steps=50, text=7.5, image=5.0, batch=4)
-    wf.note("### Reference settings (SD 2.1-base)\nAs the authors' demo runs: 50 DDIM steps (eta 0), text_scale 7.5, image_scale 5.0, "
+    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_official", steps=50, text=7.5, image=5.0,
+                    batch=4)
+    wf.note("### Reference settings (SD 2.1-base)\nAs the authors' demo runs: 50 DDIM steps (eta 0), text_scale 7.5, "
+            "image_scale 5.0, "
             "a batch of 4 at 512², the reference resized to 512² (fit `stretch`) and cached with the negative prompt. "
             "Their DreamBench numbers use image_scale 0.4.", (1260, -60), size=(440, 190))
     return wf, [CKPT, ADAPTER, SAM]
@@ -272,7 +297,8 @@ def official_sd21():
 def lora():
     wf = Workflow("dreamcache_lora")
     ckpt = checkpoint(wf, (0, 0))
-    lora_ = wf.add("LoraLoader", (380, -200), {"lora_name": LORA_PLACEHOLDER, "strength_model": 0.8, "strength_clip": 0.8},
+    lora_ = wf.add("LoraLoader", (380, -200), {"lora_name": LORA_PLACEHOLDER, "strength_model": 0.8,
+                                               "strength_clip": 0.8},
                    title="LoRA (pick any SD 2.x LoRA you have)")
     wf.link(ckpt.out("MODEL"), lora_, "model")
     wf.link(ckpt.out("CLIP"), lora_, "clip")
@@ -280,8 +306,10 @@ def lora():
     apply_ = apply_subject(wf, lora_.out(0), adapter, build)
     pos, neg = prompts(wf, ckpt, 1260, 520, "a watercolor painting of a mug, soft colors")
     sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_lora")
-    wf.note("### LoRA + DreamCache\nThe LoRA changes the style, DreamCache keeps the subject. `your_sd21_lora.safetensors` is a placeholder: "
-            "pick any LoRA made for your checkpoint's family (SD 2.x here) from models/loras. It can go before or after Apply DreamCache; "
+    wf.note("### LoRA + DreamCache\nThe LoRA changes the style, DreamCache keeps the subject. "
+            "`your_sd21_lora.safetensors` is a placeholder: "
+            "pick any LoRA made for your checkpoint's family (SD 2.x here) from models/loras. It can go before or "
+            "after Apply DreamCache; "
             "the cache is built on the plain model.", (820, -260), size=(400, 190))
     return wf, [CKPT, ADAPTER, SAM]
 
@@ -301,8 +329,11 @@ def controlnet():
     wf.link(hint.out("IMAGE"), cna, "image")
     wf.link(ckpt.out("VAE"), cna, "vae")
     sample_and_save(wf, apply_.out(0), cna.out(0), cna.out(1), ckpt, 2100, 200, "dreamcache_controlnet")
-    wf.note("### ControlNet + DreamCache\nThe ControlNet fixes the layout (here a depth map), DreamCache the subject, the prompt the rest. "
-            "Use a ControlNet for your checkpoint's family (SD 2.1: e.g. the thibaud/controlnet-sd21 models).", (1720, 420), size=(400, 170))
+    wf.note("### ControlNet + DreamCache\nThe ControlNet fixes the layout (here a depth map), DreamCache the subject, "
+            "the prompt the rest. "
+            "Use a ControlNet for your checkpoint's family (SD 2.1: e.g. the thibaud/controlnet-sd21 models).", (1720,
+                                                                                                                 420),
+            size=(400, 170))
     return wf, [CKPT, ADAPTER, SAM, CONTROLNET]
 
 
@@ -314,7 +345,8 @@ def cache_library():
     wf.link(build, save, "cache")
     wf.group("A · Build and save the subject once", (-30, 170, 1720, 800))
     load = wf.add("DreamCacheLoad", (0, 1200), {"cache_name": "my_subject_00001.safetensors"}, mode=2)
-    adapter2 = wf.add("DreamCacheLoader", (0, 1340), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER], mode=2)
+    adapter2 = wf.add("DreamCacheLoader", (0, 1340), {"adapter_name": ADAPTER["name"], "base_family": "sd2"},
+                      models=[ADAPTER], mode=2)
     apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter2, load, pos=(420, 1200), mode=2)
     pos, neg = prompts(wf, ckpt, 420, 1450, "a photo of a mug floating in space, stars in the background")
     for n in (pos, neg):
@@ -323,8 +355,10 @@ def cache_library():
     for n in wf.nodes[-4:]:
         n.mode = 2
     wf.group("B · Use a saved subject (no reference image needed)", (-20, 1120, 2280, 800), color="#88a")
-    wf.note("### A library of subjects\nRun once: group A saves `my_subject_00001.safetensors` to models/dreamcache_caches. Then mute group A, "
-            "unmute group B (Ctrl+M) and pick the saved cache: the subject is reused without its photo, SAM or the cache pass. Caches "
+    wf.note("### A library of subjects\nRun once: group A saves `my_subject_00001.safetensors` to "
+            "models/dreamcache_caches. Then mute group A, "
+            "unmute group B (Ctrl+M) and pick the saved cache: the subject is reused without its photo, SAM or the "
+            "cache pass. Caches "
             "are small (≈6 MB per subject in fp16) and can be shared.", (1260, 520), size=(420, 220))
     return wf, [CKPT, ADAPTER, SAM]
 
@@ -355,7 +389,8 @@ def custom_sampling():
     wf.link(ckpt.out("VAE"), decode, "vae")
     save = wf.add("SaveImage", (2700, 200), {"filename_prefix": "dreamcache_custom"}, size=(420, 460))
     wf.link(decode, save, "images")
-    wf.note("### Custom sampling\n**DreamCache Guider** gives SamplerCustomAdvanced the same two-scale guidance as Dual Guidance Sampler, "
+    wf.note("### Custom sampling\n**DreamCache Guider** gives SamplerCustomAdvanced the same two-scale guidance as "
+            "Dual Guidance Sampler, "
             "so any sampler, scheduler or sigma schedule can be used.\n\n" + SCALES_NOTE, (1720, -330), size=(440, 300))
     return wf, [CKPT, ADAPTER, SAM]
 

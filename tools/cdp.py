@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 
-from dreamcache.apps.server import WebSocket, free_port
+from dreamcache.apps.comfy_client import WebSocket, free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 
@@ -40,9 +40,12 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="dreamcache-chromium-")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-             f"--remote-debugging-port={self.port}", "--remote-allow-origins=*", f"--window-size={width},{height}", "about:blank"],
+            [self.binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-extensions", "--disable-dev-shm-usage",
+             f"--user-data-dir={self.profile}",
+             f"--remote-debugging-port={self.port}", "--remote-allow-origins=*", f"--window-size={width},{height}",
+             "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
@@ -80,7 +83,8 @@ class Browser:
     def evaluate(self, expression: str, timeout: float = 60):
         r = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True)
         if r.get("exceptionDetails"):
-            raise RuntimeError(f"page error: {r['exceptionDetails'].get('exception', {}).get('description') or r['exceptionDetails']}")
+            details = r["exceptionDetails"]
+            raise RuntimeError(f"page error: {details.get('exception', {}).get('description') or details}")
         return r.get("result", {}).get("value")
 
     def wait_for(self, expression: str, timeout: float = 120, interval: float = 0.5):
@@ -129,10 +133,12 @@ INSPECT_JS = """
   const LG = window.LiteGraph || (window.comfyAPI && window.comfyAPI.litegraph && window.comfyAPI.litegraph.LiteGraph);
   const nodes = app.graph._nodes || app.graph.nodes;
   const missing = nodes.filter(n => !LG.registered_node_types[n.type]).map(n => n.type);
-  const visible = sel => [...document.querySelectorAll(sel)].filter(d => d.offsetParent !== null).map(d => d.innerText.slice(0, 300));
+  const visible = sel => [...document.querySelectorAll(sel)].filter(d => d.offsetParent !== null)
+    .map(d => d.innerText.slice(0, 300));
   const dialogs = visible('[role=dialog], .p-dialog, .comfy-modal');
   const toasts = visible('.p-toast-message-error, .p-toast-message-warn');
-  return {missing, dialogs, toasts, nodes: nodes.map(n => ({type: n.type, widgets: (n.widgets || []).length, mode: n.mode}))};
+  return {missing, dialogs, toasts,
+          nodes: nodes.map(n => ({type: n.type, widgets: (n.widgets || []).length, mode: n.mode}))};
 })()
 """
 
@@ -143,5 +149,6 @@ def load_workflow_js(workflow: dict) -> str:
 
 def dismiss_dialogs(browser: Browser):
     """Close dialogs and toasts (start-up templates browser, what's new, earlier alerts) so the canvas is visible."""
-    browser.evaluate("""(() => { document.querySelectorAll('.p-dialog-close-button, [aria-label=Close], .p-toast-close-button').forEach(b => b.click());
+    browser.evaluate("""(() => { document.querySelectorAll(
+        '.p-dialog-close-button, [aria-label=Close], .p-toast-close-button').forEach(b => b.click());
                        document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Escape'})); return true; })()""")

@@ -2,7 +2,8 @@
 
 * workflows/dreamcache_example_subject.png: a red mug with a star, on white (the basic workflow opens with it);
 * workflows/dreamcache_example_subject2.png: a blue teapot, on white (the second subject of the two-subject workflow);
-* workflows/dreamcache_example_depth.png: a depth map (near = bright) of a mug on a table, the ControlNet example's hint.
+* workflows/dreamcache_example_depth.png: a depth map (near = bright) of a mug on a table, the ControlNet example's
+  hint.
 
     python tools/make_example_subject.py
 """
@@ -37,7 +38,8 @@ def mug(size=S):
     d.arc([cx + half - 62, 205, cx + half + 62, 345], -90, 90, fill=(175, 32, 36), width=26)
     # a white star decal
     r1, r2, sx, sy = 46, 19, cx - 10, 275
-    pts = [(sx + (r1 if i % 2 == 0 else r2) * math.sin(i * math.pi / 5), sy - (r1 if i % 2 == 0 else r2) * math.cos(i * math.pi / 5)) for i in range(10)]
+    pts = [(sx + (r1 if i % 2 == 0 else r2) * math.sin(i * math.pi / 5),
+            sy - (r1 if i % 2 == 0 else r2) * math.cos(i * math.pi / 5)) for i in range(10)]
     d.polygon(pts, fill=(250, 244, 230))
     # soft highlight
     hl = Image.new("L", (size, size), 0)

@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from PIL import Image  # noqa: E402
-
 from build_workflows import VIEW_SCALE, bounding_box  # noqa: E402
 from cdp import INSPECT_JS, Browser, dismiss_dialogs, load_workflow_js  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dreamcache.apps.comfy_client import ComfyServer  # noqa: E402
 from dreamcache.comfy.env import find_comfyui  # noqa: E402
-from dreamcache.apps.server import ComfyServer  # noqa: E402
 
 
 def prepare_base(base: str, workflows: list[dict]):
@@ -74,7 +74,8 @@ def main(argv=None):
     failures = []
     with tempfile.TemporaryDirectory() as base:
         prepare_base(base, workflows)
-        with ComfyServer(root, base_directory=base, cpu=True, log_path=os.path.join(base, "log.txt")) as srv, Browser() as browser:
+        server = ComfyServer(root, base_directory=base, cpu=True, log_path=os.path.join(base, "log.txt"))
+        with server as srv, Browser() as browser:
             open_comfy(browser, srv.client.url)
             for path, wf in zip(paths, workflows):
                 png = os.path.join(base, path.stem + ".png")
@@ -84,7 +85,8 @@ def main(argv=None):
                 img = Image.open(png).convert("RGB")
                 img.thumbnail((960, 960))
                 img.save(os.path.join(args.out, path.stem + ".jpg"), quality=85, optimize=True)
-                print(f"{path.stem}: {len(report['nodes'])} nodes, missing {report['missing']}, dialogs {report['dialogs']}, alerts {report['toasts']}")
+                print(f"{path.stem}: {len(report['nodes'])} nodes, missing {report['missing']}, dialogs "
+                      f"{report['dialogs']}, alerts {report['toasts']}")
     if failures:
         for f in failures:
             print("PROBLEM", f)

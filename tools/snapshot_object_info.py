@@ -17,14 +17,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dreamcache.apps.comfy_client import ComfyServer  # noqa: E402
 from dreamcache.comfy.env import find_comfyui  # noqa: E402
-from dreamcache.apps.server import ComfyServer  # noqa: E402
 
 SNAPSHOT = ROOT / "tests" / "data" / "object_info_snapshot.json"
 #: Core nodes the shipped workflows may use, checked against ComfyUI 0.3.64 (see tests/test_workflows.py).
 CORE_NODES = sorted([
-    "CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage", "PreviewImage",
-    "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise", "KSamplerSelect",
+    "CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLatentImage", "VAEDecode", "SaveImage",
+                     "PreviewImage",
+    "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise",
+                     "KSamplerSelect",
     "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
     "ConditioningSetMask", "ConditioningCombine",
 ])
@@ -56,7 +58,8 @@ def main():
     version = {}
     exec((root / "comfyui_version.py").read_text(), version)
     SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
-    SNAPSHOT.write_text(json.dumps({"comfyui_version": version["__version__"], "object_info": snap}, indent=1, sort_keys=True) + "\n")
+    SNAPSHOT.write_text(json.dumps({"comfyui_version": version["__version__"], "object_info": snap}, indent=1,
+                                   sort_keys=True) + "\n")
     print(f"wrote {SNAPSHOT} ({len(snap)} node types, ComfyUI {version['__version__']})")
 
 

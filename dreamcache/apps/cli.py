@@ -1,6 +1,8 @@
 """``python -m dreamcache``: command-line tools that need no ComfyUI (convert, info).
 
-Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules.
+Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules. This module
+and ``--help`` need no torch: commands import it when they run, and a Python without it gets one line saying to
+use ComfyUI's Python (:func:`missing_module_message`).
 """
 from __future__ import annotations
 
@@ -10,13 +12,26 @@ import os
 import sys
 
 from .. import __version__
-from ..core.adapter_io import STORAGE_DTYPES
 from ..core.errors import DreamCacheError
 
+#: ``--dtype`` choices: the keys of core.adapter_io.STORAGE_DTYPES, spelled out so that --help needs no torch.
+DTYPE_CHOICES = ("fp16", "bf16", "fp32", "keep")
+#: Packages ComfyUI's Python has and a bare system Python often lacks.
+COMFY_PYTHON_PACKAGES = {"torch", "torchvision", "safetensors", "numpy", "PIL", "comfy", "einops"}
 
+
+def missing_module_message(e: ModuleNotFoundError, what: str = "This command") -> str | None:
+    """One line for a command run with a Python that lacks torch (or another of ComfyUI's packages); None for any
+    other missing module (a real bug, which keeps its traceback)."""
+    top = (e.name or "").split(".")[0]
+    if top not in COMFY_PYTHON_PACKAGES:
+        return None
+    return (f"{what} needs the Python package '{top}', which {sys.executable} does not have: run it with ComfyUI's "
+            "Python (the one that starts ComfyUI, e.g. ComfyUI/venv/bin/python, or python_embeded\\python.exe in the "
+            "portable build).")
 
 def cmd_convert(args) -> int:
-    from ..core.adapter_io import convert_adapter, read_adapter
+    from ..core.adapter_io import STORAGE_DTYPES, convert_adapter, read_adapter
 
     dst = args.dst or os.path.splitext(args.src)[0] + ".safetensors"
     if os.path.abspath(dst) == os.path.abspath(args.src):
@@ -28,19 +43,20 @@ def cmd_convert(args) -> int:
     print(f"wrote {dst}: {len(written.layers)} layers, {written.parameter_count():,} parameters, "
           f"base family {written.family or 'unknown'}, {os.path.getsize(dst) / 1e6:.1f} MB")
     if written.family is None:
-        print("note: the base family is unknown (a reference .pt cannot say it); pass --family sd2 for the released SD 2.1-base adapter.")
+        print("note: the base family is unknown (a reference .pt cannot say it); pass --family sd2 for the released SD "
+              "2.1-base adapter.")
     return 0 if af else 1
 
 
 def _is_cache(path: str) -> bool:
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return False
-    from safetensors import safe_open
+    from ..core.cache import CACHE_FORMAT
+    from ..core.files import SAFETENSORS_EXTENSIONS, read_safetensors
 
+    if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return False
     try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("format") == "dreamcache.cache"
-    except Exception:
+        return read_safetensors(path, path, "not a cache", tensors=False)[1].get("format") == CACHE_FORMAT
+    except DreamCacheError:
         return False
 
 
@@ -55,17 +71,24 @@ def cmd_info(args) -> int:
 
         a = read_adapter(args.file)
         info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),
-                "layers": {str(r): a.channels[r] for r in a.layers}, "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
+                "layers": {str(r): a.channels[r] for r in a.layers},
+                "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
     print(json.dumps(info, indent=2))
+    if info.get("family") == "unknown":  # on stderr, so that stdout stays one JSON document
+        print(f"note: the base family is unknown (a reference .pt cannot record it); the released adapter is for SD "
+              f"2.1-base: pick base_family sd2 in DreamCache Loader, or record it with `python -m dreamcache convert "
+              f"{args.file} --family sd2`.", file=sys.stderr)
     return 0
 
 
 def _add_convert(sub):
-    p = sub.add_parser("convert", help="convert a reference .pt adapter to the pack's .safetensors format (lossless, strict)")
+    p = sub.add_parser("convert", help="convert a reference .pt adapter to the pack's .safetensors format (lossless, "
+                                       "strict)")
     p.add_argument("src", help="adapter file to read (.pt from the reference code, or .safetensors)")
     p.add_argument("dst", nargs="?", help="output .safetensors (default: next to src)")
-    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="base model family to record (the released adapter is sd2)")
-    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="keep", help="storage precision (fp16 halves the size)")
+    p.add_argument("--family", choices=["sd1", "sd2", "sdxl"],
+                   help="base model family to record (the released adapter is sd2)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep", help="storage precision (fp16 halves the size)")
     p.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     p.set_defaults(func=cmd_convert)
 
@@ -87,8 +110,10 @@ COMMANDS = {"convert": _add_convert, "info": _add_info, "run": _add_run}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dreamcache", description=f"ComfyUI-DreamCache {__version__} command-line tools",
-                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, python -m dreamcache.train (see README).")
+    parser = argparse.ArgumentParser(prog="python -m dreamcache",
+                                     description=f"ComfyUI-DreamCache {__version__} command-line tools",
+                                     epilog="Training has its own commands: python -m dreamcache.data check|synth, "
+                                            "python -m dreamcache.train (see docs/training.md).")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS.values():
         add(sub)
@@ -102,6 +127,13 @@ def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
         return args.func(args)
     except DreamCacheError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        command = getattr(args, "command", None)
+        message = missing_module_message(e, f"'{parser.prog}{' ' + command if command else ''}'")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

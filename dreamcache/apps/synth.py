@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .data import SynthSettings, _progress, derive_seed, item_done, mask_ok, object_id_for, write_item
 from ..core.errors import DreamCacheError
+from .data import SynthSettings, derive_seed, item_done, mask_problem, object_id_for, write_item
+from .progress import progress_bar
 
 REJECTED = "synth_rejected.jsonl"
 SETTINGS = "synth_settings.json"
@@ -27,8 +28,11 @@ def render(model, clip, vae, prompt: str, s: SynthSettings, seed: int, negative_
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed)
         pos = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        neg = negative_cond if negative_cond is not None else clip.encode_from_tokens_scheduled(clip.tokenize(s.negative))
-        samples = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, neg, latent, seed=seed, disable_pbar=True)
+        neg = negative_cond
+        if neg is None:
+            neg = clip.encode_from_tokens_scheduled(clip.tokenize(s.negative))
+        samples = comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler, s.scheduler, pos, neg, latent,
+                                      seed=seed, disable_pbar=True)
         return vae.decode(samples)[0, ..., :3].float().clamp(0, 1).cpu()
 
 
@@ -45,7 +49,8 @@ def _rejected(root: Path) -> set[tuple[str, int]]:
     return out
 
 
-def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, masker, settings: SynthSettings | None = None,
+def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, masker,
+               settings: SynthSettings | None = None,
                progress: bool = True) -> dict:
     """Render ``images_per_caption`` pictures per caption into ``out`` (skipping finished items); returns counts."""
     import comfy.samplers
@@ -54,17 +59,19 @@ def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, ma
     if s.sampler not in comfy.samplers.KSampler.SAMPLERS:
         raise DreamCacheError(f"Unknown sampler '{s.sampler}'; use one of ComfyUI's, e.g. euler, dpmpp_2m.")
     if s.scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        raise DreamCacheError(f"Unknown scheduler '{s.scheduler}'; use one of {', '.join(comfy.samplers.KSampler.SCHEDULERS)}.")
+        raise DreamCacheError(f"Unknown scheduler '{s.scheduler}'; use one of "
+                              f"{', '.join(comfy.samplers.KSampler.SCHEDULERS)}.")
     if s.images_per_caption < 1:
         raise DreamCacheError("--images-per-caption must be at least 1.")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    (root / SETTINGS).write_text(json.dumps({**{k: v for k, v in vars(s).items() if k != "extra"}, **s.extra}, indent=2), encoding="utf-8")
+    (root / SETTINGS).write_text(json.dumps({**{k: v for k, v in vars(s).items() if k != "extra"}, **s.extra},
+                                            indent=2), encoding="utf-8")
     rejected = _rejected(root)
     jobs = [(c, n) for c in captions for n in range(s.images_per_caption)]
     counts = {"written": 0, "skipped": 0, "rejected": 0}
     neg = None
-    for caption, n in _progress(jobs, progress, "synthesising", total=len(jobs)):
+    for caption, n in progress_bar(jobs, progress, "synthesising", total=len(jobs)):
         oid = object_id_for(caption)
         if item_done(root, oid, n) or (oid, n) in rejected:
             counts["skipped"] += 1
@@ -77,8 +84,9 @@ def synthesize(model, clip, vae, captions: list[str], out: str | os.PathLike, ma
         image = render(model, clip, vae, prompt, s, seed, neg)
         mask = torch.as_tensor(masker(image, prompt)).bool()
         if mask.shape != image.shape[:2]:
-            raise DreamCacheError(f"The masker returned a {tuple(mask.shape)} mask for a {tuple(image.shape[:2])} picture; it must return (H, W).")
-        why = mask_ok(mask)
+            raise DreamCacheError(f"The masker returned a {tuple(mask.shape)} mask for a {tuple(image.shape[:2])} "
+                                  "picture; it must return (H, W).")
+        why = mask_problem(mask)
         if why is not None:
             with open(root / REJECTED, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"object_id": oid, "n": n, "caption": prompt, "seed": seed, "reason": why}) + "\n")

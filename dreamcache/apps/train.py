@@ -1,12 +1,14 @@
 """``python -m dreamcache.train``: train (or fine-tune) DreamCache adapters on a frozen SD1.x / SD2.x / SDXL model.
 
 This module holds what needs no ComfyUI: the run configuration, checkpoint naming, the resumable training state
-(safetensors + JSON, nothing pickled) and the command line. The training engine itself is
-:mod:`dreamcache.comfy.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules).
+(safetensors + JSON, nothing pickled) and the command line's parser. The training engine is
+:mod:`dreamcache.apps.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules) and
+:mod:`dreamcache.apps.train_cli` runs the command.
 
 Checkpoints: ``<out>-step000500.safetensors`` (the pack's adapter format; metadata: base family, layers, step,
 config) beside ``<out>-step000500.state.safetensors`` (optimizer moments and step counts as tensors, RNG states as
-uint8 tensors, everything else JSON in the header). The final adapter is ``<out>`` with ``<out stem>.state.safetensors``,
+uint8 tensors, everything else JSON in the header). The final adapter is ``<out>`` with
+``<out stem>.state.safetensors``,
 so a finished run can be extended with ``--resume`` and a larger ``--steps``.
 """
 from __future__ import annotations
@@ -15,7 +17,6 @@ import argparse
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 from .. import __version__
 from ..core.errors import DreamCacheError
+from ..core.files import read_safetensors
 from ..core.layers import LayerRef
 
 STATE_FORMAT = "dreamcache.train_state"
@@ -53,7 +55,8 @@ class TrainConfig:
     seed: int = 0
     resolution: int = 0  # 0 = the family's native size (512 for SD1/SD2, 1024 for SDXL)
     layers: list[str] | None = None  # None = the family's default set (dreamcache.layers.default_layers)
-    init: str = "identity"  # identity: linear_cat = [I | 0], step 0 is exactly the base model; reference: PyTorch default init
+    # identity: linear_cat = [I | 0], step 0 is exactly the base model; reference: PyTorch default init
+    init: str = "identity"
     init_from: str | None = None  # an adapter file (.pt or .safetensors) to fine-tune
     caption_dropout: float = 0.07
     save_every: int = 1000
@@ -69,7 +72,8 @@ class TrainConfig:
     progress: bool = True
 
     #: fields that define the optimisation; a resumed run must keep them (else it would not continue the same run)
-    IDENTITY = ("data", "batch_size", "accumulate", "lr", "weight_decay", "betas", "adam_eps", "max_grad_norm", "precision",
+    IDENTITY = ("data", "batch_size", "accumulate", "lr", "weight_decay", "betas", "adam_eps", "max_grad_norm",
+                "precision",
                 "seed", "resolution", "layers", "init", "init_from", "caption_dropout")
 
     def __post_init__(self):
@@ -112,7 +116,8 @@ def parse_layer(text: str) -> LayerRef:
     """``output_blocks.4.1`` or ``output_blocks.4.1[2]`` (block index 2) or ``output_blocks.4.1:2``."""
     m = re.fullmatch(r"\s*([\w.]+?)(?:\[(\d+)\]|:(\d+))?\s*", text)
     if not m:
-        raise DreamCacheError(f"Layer '{text}' is not understood; write a SpatialTransformer path such as output_blocks.4.1 (optionally [block index]).")
+        raise DreamCacheError(f"Layer '{text}' is not understood; write a SpatialTransformer path such as "
+                              "output_blocks.4.1 (optionally [block index]).")
     return LayerRef(m.group(1), int(m.group(2) or m.group(3) or 0))
 
 
@@ -148,7 +153,8 @@ def preview_path(out: str, step: int) -> str:
 
 
 def find_latest_state(out: str) -> str | None:
-    """The state file with the highest step among ``<out>-stepN.state.safetensors`` and ``<out stem>.state.safetensors``."""
+    """The state file with the highest step among ``<out>-stepN.state.safetensors`` and
+    ``<out stem>.state.safetensors``."""
     best, best_step = None, -1
     stem = Path(_stem(out))
     folder = stem.parent if str(stem.parent) else Path(".")
@@ -166,7 +172,7 @@ def find_latest_state(out: str) -> str | None:
     return best
 
 
-# ---- training state (resume) ------------------------------------------------------------------------------------------
+# ---- training state (resume) -----------------------------------------------------------------------------------------
 
 @dataclass
 class TrainState:
@@ -223,18 +229,14 @@ def save_state(path: str, state: TrainState):
 
 
 def read_state_header(path: str) -> tuple[int, dict]:
-    from safetensors import safe_open
-
     name = os.path.basename(path)
     if not os.path.isfile(path):
-        raise DreamCacheError(f"Training state '{path}' does not exist; pass a '<name>-stepN.safetensors' checkpoint whose .state.safetensors sits beside it.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}); the training state is damaged.") from None
+        raise DreamCacheError(f"Training state '{path}' does not exist; pass a '<name>-stepN.safetensors' checkpoint "
+                              "whose .state.safetensors sits beside it.")
+    _, meta = read_safetensors(path, name, "the training state is damaged", tensors=False)
     if meta.get("format") != STATE_FORMAT:
-        raise DreamCacheError(f"'{name}' is not a DreamCache training state (format {meta.get('format')!r}); pass the .state.safetensors written by the trainer.")
+        raise DreamCacheError(f"'{name}' is not a DreamCache training state (format {meta.get('format')!r}); pass the "
+                              ".state.safetensors written by the trainer.")
     if int(meta.get("format_version", "0")) > STATE_FORMAT_VERSION:
         raise DreamCacheError(f"'{name}' was written by a newer trainer; update ComfyUI-DreamCache to resume it.")
     return int(meta["step"]), meta
@@ -242,20 +244,18 @@ def read_state_header(path: str) -> tuple[int, dict]:
 
 def load_state(path: str) -> TrainState:
     """Read a training state (safetensors + JSON only; nothing is unpickled)."""
-    from safetensors import safe_open
-
     step, meta = read_state_header(path)
     name = os.path.basename(path)
+    tensors, _ = read_safetensors(path, name, "the training state is damaged")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = TrainConfig.from_json(json.loads(meta["config"]))
         param_names = json.loads(meta["param_names"])
         groups = json.loads(meta["param_groups"])
         scaler = json.loads(meta.get("scaler", "null"))
         extra = json.loads(meta.get("extra", "{}"))
     except (KeyError, ValueError, TypeError) as e:
-        raise DreamCacheError(f"'{name}' has unreadable training-state metadata ({type(e).__name__}: {e}); the file is damaged.") from None
+        raise DreamCacheError(f"'{name}' has unreadable training-state metadata ({type(e).__name__}: {e}); the file is "
+                              "damaged.") from None
     index = {n: i for i, n in enumerate(param_names)}
     opt_state: dict[int, dict] = {}
     rng = {}
@@ -268,7 +268,8 @@ def load_state(path: str) -> TrainState:
             raise DreamCacheError(f"'{name}' holds an unexpected tensor '{k}'; the training state is damaged.")
         pname, _, key = k[len("optimizer."):].rpartition(".")
         if pname not in index:
-            raise DreamCacheError(f"'{name}' has optimizer state for an unknown parameter '{pname}'; the training state is damaged.")
+            raise DreamCacheError(f"'{name}' has optimizer state for an unknown parameter '{pname}'; the training "
+                                  "state is damaged.")
         opt_state.setdefault(index[pname], {})[key] = v
     for g in groups:
         if "betas" in g:
@@ -283,14 +284,15 @@ def resolve_resume(resume: str, out: str | None) -> str:
     if resume == "latest":
         found = find_latest_state(out or "")
         if found is None:
-            raise DreamCacheError(f"--resume latest found no training state next to '{out}'; pass a checkpoint file instead.")
+            raise DreamCacheError(f"--resume latest found no training state next to '{out}'; pass a checkpoint file "
+                                  "instead.")
         return found
     if resume.endswith(".state.safetensors"):
         return resume
     return state_path_for(resume)
 
 
-# ---- command line -----------------------------------------------------------------------------------------------------
+# ---- command line ----------------------------------------------------------------------------------------------------
 
 _ARG_FIELDS = {}
 
@@ -309,9 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(g, "--data", "data", help="dataset root: <object_id>/<n>_generation.png, <n>_caption.txt, <n>_mask.png")
     _arg(g, "--out", "out", help="final adapter file (.safetensors); checkpoints, log and previews go beside it")
     _arg(g, "--layers", "layers", type=lambda s: [x for x in re.split(r"[,\s]+", s) if x],
-         help="comma-separated SpatialTransformer paths (default: the family's set; SDXL: middle_block.1, output_blocks.1.1, 3.1, 5.1)")
-    _arg(g, "--init", "init", choices=INITS, help="identity (default: step 0 equals the base model) or reference (PyTorch default init)")
-    _arg(g, "--init-from", "init_from", help="an existing adapter (.pt or .safetensors) to fine-tune, e.g. the released cross_attention-199999.pt")
+         help="comma-separated SpatialTransformer paths (default: the family's set; SDXL: middle_block.1, "
+              "output_blocks.1.1, 3.1, 5.1)")
+    _arg(g, "--init", "init", choices=INITS, help="identity (default: step 0 equals the base model) or reference "
+                                                  "(PyTorch default init)")
+    _arg(g, "--init-from", "init_from", help="an existing adapter (.pt or .safetensors) to fine-tune, e.g. the "
+                                             "released cross_attention-199999.pt")
     g = p.add_argument_group("optimisation")
     _arg(g, "--steps", "steps", type=int, help="total optimizer steps (default 1000; resuming continues up to this)")
     _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (default 1)")
@@ -319,25 +324,33 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(g, "--lr", "lr", type=float, help="AdamW learning rate (default 1e-5, the reference's)")
     _arg(g, "--weight-decay", "weight_decay", type=float, help="AdamW weight decay (default 0.01)")
     _arg(g, "--max-grad-norm", "max_grad_norm", type=float, help="clip the gradient norm (default 0: off)")
-    _arg(g, "--precision", "precision", choices=PRECISIONS, help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16")
+    _arg(g, "--precision", "precision", choices=PRECISIONS, help="auto (bf16/fp16 autocast on CUDA, fp32 on CPU), "
+                                                                 "fp32, bf16 or fp16")
     _arg(g, "--gradient-checkpointing", "gradient_checkpointing", action="store_true",
          help="recompute the frozen U-Net's blocks in the backward pass (less activation memory, slower)")
     _arg(g, "--seed", "seed", type=int, help="seed of everything random (default 0)")
     _arg(g, "--resolution", "resolution", type=int, help="training size (default: 512 for SD1/SD2, 1024 for SDXL)")
-    _arg(g, "--caption-dropout", "caption_dropout", type=float, help="probability of training on the empty caption (default 0.07)")
+    _arg(g, "--caption-dropout", "caption_dropout", type=float, help="probability of training on the empty caption "
+                                                                     "(default 0.07)")
     g = p.add_argument_group("checkpoints, logs, previews")
-    _arg(g, "--save-every", "save_every", type=int, help="write a checkpoint every N steps (default 1000; 0 = only at the end)")
-    _arg(g, "--preview-every", "preview_every", type=int, help="render a preview image every N steps (default 0 = never)")
+    _arg(g, "--save-every", "save_every", type=int, help="write a checkpoint every N steps (default 1000; 0 = only at "
+                                                         "the end)")
+    _arg(g, "--preview-every", "preview_every", type=int, help="render a preview image every N steps (default 0 = "
+                                                               "never)")
     _arg(g, "--preview-prompt", "preview_prompt", help="preview prompt (default: the first dataset item's caption)")
     _arg(g, "--preview-reference", "preview_reference", help="preview subject image (default: the first dataset item)")
-    _arg(g, "--preview-mask", "preview_mask", help="mask of --preview-reference (white = subject; default: its alpha, or none)")
+    _arg(g, "--preview-mask", "preview_mask", help="mask of --preview-reference (white = subject; default: its alpha, "
+                                                   "or none)")
     _arg(g, "--preview-steps", "preview_steps", type=int, help="sampling steps of a preview (default 20)")
     _arg(g, "--num-workers", "num_workers", type=int, help="data loading processes (default 2)")
     g.add_argument("--no-validate", dest="validate_files", action="store_false", default=argparse.SUPPRESS,
                    help="only check that every item has its files (skip opening every image before training)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bar")
-    p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' (next to --out)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to train (auto: CUDA when present)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                   help="no progress bar")
+    p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' "
+                                    "(next to --out)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
     return p
 
@@ -367,36 +380,3 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None)
     d = saved.to_json()
     d.update(given)
     return TrainConfig.from_json(d)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        state = None
-        if args.resume:
-            state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
-        cfg = config_from_args(args, state.config if state else None)
-        from ..comfy.env import import_comfyui
-
-        cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) or fix the CUDA install.")
-        import_comfyui(args.comfyui, cpu=cpu)
-        if cpu:
-            torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
-        from ..comfy import loading
-        from . import trainer
-
-        precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
-        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
-        t.run()
-        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
-        return 0
-    except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

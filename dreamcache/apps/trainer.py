@@ -30,19 +30,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..core.adapter import DreamCacheAdapter
-from ..core.adapter_io import AdapterFile, read_adapter, save_adapter
-from ..core.cache import from_captures
-from ..core.capture import run_and_capture
-from .data import (AugmentConfig, TrainingData, TargetGeometry, batches, load_mask, load_rgb, mask_bbox, place_on_canvas, subject_on_white,
-                    torch_generator, validate_dataset)
-from ..core.errors import DreamCacheError
-from ..core.layers import default_layers, sort_layers
-from ..core.patch import DreamCachePatch, PatchEntry
-from .train import (DEFAULT_RESOLUTION, TrainConfig, TrainState, checkpoint_path, layer_names, log_path, preview_path, save_state,
-                     state_path_for)
 from ..comfy.loading import check_supported
 from ..comfy.model import FAMILY_NAMES, model_channels_at
+from ..core.adapter import DreamCacheAdapter
+from ..core.adapter_io import adapter_file_of, read_adapter, save_adapter
+from ..core.cache import from_captures
+from ..core.capture import run_and_capture
+from ..core.errors import DreamCacheError
+from ..core.layers import default_layers, sort_layers
+from ..core.layout import INFERENCE_WIDTH
+from ..core.patch import DreamCachePatch, PatchEntry
+from .data import (
+    AugmentConfig,
+    TargetGeometry,
+    TrainingData,
+    batches,
+    crop_subject,
+    load_mask,
+    load_rgb,
+    place_on_canvas,
+    torch_generator,
+    validate_dataset,
+)
+from .train import (
+    DEFAULT_RESOLUTION,
+    TrainConfig,
+    TrainState,
+    checkpoint_path,
+    layer_names,
+    log_path,
+    preview_path,
+    save_state,
+    state_path_for,
+)
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEPS = 1000
@@ -126,18 +146,14 @@ def _lcm_stack(conds: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([c.repeat(1, m // c.shape[1], 1) for c in conds])
 
 
-def adapter_file_of(module: DreamCacheAdapter, family: str | None, name: str = "training") -> AdapterFile:
-    tensors = {ref: {k: v.detach().float().cpu().clone() for k, v in module.layer(ref).state_dict().items()} for ref in module.layers}
-    return AdapterFile(name=name, channels=dict(module.channels), tensors=tensors, family=family)
-
-
 class Trainer:
     """Trains the adapters of ``model`` (a ComfyUI ModelPatcher) with ``clip`` and ``vae``.
 
     ``data``: a :class:`TrainingData` (default: built from ``config.data``). ``state``: a :class:`TrainState` to
     resume from (its adapter file is loaded, optimizer, scaler and RNG restored)."""
 
-    def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None, checkpoint_name: str | None = None,
+    def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None,
+                 checkpoint_name: str | None = None,
                  state: TrainState | None = None, log=print):
         import comfy.model_base
         import comfy.model_management as mm
@@ -146,7 +162,8 @@ class Trainer:
         self.model, self.clip, self.vae = model, clip, vae
         self.family = check_supported(model, checkpoint_name or "the model")
         if clip is None or vae is None:
-            raise DreamCacheError("Training needs the checkpoint's CLIP and VAE as well as its U-Net; load a full checkpoint.")
+            raise DreamCacheError("Training needs the checkpoint's CLIP and VAE as well as its U-Net; load a full "
+                                  "checkpoint.")
         self.device = torch.device(model.load_device)
         config.precision = resolve_precision(config.precision, self.device.type)
         if not config.resolution:
@@ -167,15 +184,18 @@ class Trainer:
         self.adapter = self._build_adapter(state)
         self.params = [p for _, p in self.adapter.named_parameters()]
         self.param_names = [n for n, _ in self.adapter.named_parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                                           weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.step = 0
         if data is None:
             index = validate_dataset(config.data, check_files=config.validate_files, progress=config.progress,
                                      report=f"{os.path.splitext(config.out)[0]}.dataset-problems.txt")
-            data = TrainingData(index, AugmentConfig(resolution=config.resolution, caption_dropout=config.caption_dropout), seed=config.seed)
+            data = TrainingData(index, AugmentConfig(resolution=config.resolution,
+                                                     caption_dropout=config.caption_dropout), seed=config.seed)
         elif data.cfg.resolution != config.resolution:
-            raise DreamCacheError(f"The data is prepared at {data.cfg.resolution} px but the run trains at {config.resolution} px.")
+            raise DreamCacheError(f"The data is prepared at {data.cfg.resolution} px but the run trains at "
+                                  f"{config.resolution} px.")
         self.data = data
         self._empty = None
         self._stream = None
@@ -191,7 +211,8 @@ class Trainer:
             af = read_adapter(source)
             if refs is not None and set(refs) != set(af.layers):
                 raise DreamCacheError(
-                    f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' ({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
+                    f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' "
+                    f"({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
             from ..comfy.model import check_adapter_fits
 
             check_adapter_fits(self.model, af)
@@ -206,7 +227,8 @@ class Trainer:
                 missing.append(str(r))
             channels[r] = c
         if missing:
-            raise DreamCacheError(f"This {FAMILY_NAMES[self.family]} model has no transformer block at {', '.join(missing)}; pick layers it has (--layers).")
+            raise DreamCacheError(f"This {FAMILY_NAMES[self.family]} model has no transformer block at "
+                                  f"{', '.join(missing)}; pick layers it has (--layers).")
         cfg.layers = layer_names(sort_layers(refs))
         module = DreamCacheAdapter(channels)
         if source:
@@ -221,7 +243,8 @@ class Trainer:
 
     def _restore(self, state: TrainState):
         if state.param_names != self.param_names:
-            raise DreamCacheError("The training state's parameters do not match the adapter's; resume with the files of one run.")
+            raise DreamCacheError("The training state's parameters do not match the adapter's; resume with the files "
+                                  "of one run.")
         sd = {"state": state.optimizer["state"],
               "param_groups": [{**g, "params": list(range(len(self.params)))} for g in state.optimizer["param_groups"]]}
         self.optimizer.load_state_dict(sd)
@@ -235,7 +258,7 @@ class Trainer:
                 torch.cuda.set_rng_state_all(cuda)
         self.step = state.step
 
-    # ---- encoding -----------------------------------------------------------------------------------------------------
+    # ---- encoding ----------------------------------------------------------------------------------------------------
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -266,14 +289,17 @@ class Trainer:
         ys = []
         for i, pool in enumerate(pooled):
             g = geometry[i] if geometry else TargetGeometry(size, size, 0, 0)
-            ys.append(self.base.encode_adm(pooled_output=pool, width=g.original_width, height=g.original_height, crop_w=g.crop_left,
-                                           crop_h=g.crop_top, target_width=size, target_height=size, device=self.device))
+            ys.append(self.base.encode_adm(pooled_output=pool, width=g.original_width, height=g.original_height,
+                                           crop_w=g.crop_left,
+                                           crop_h=g.crop_top, target_width=size, target_height=size,
+                                           device=self.device))
         return torch.cat(ys).to(self.device, torch.float32)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.base.process_latent_in(self.vae.encode(pixels[..., :3]).float()).to(self.device)
 
-    def unet_call(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y, transformer_options: dict) -> torch.Tensor:
+    def unet_call(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y,
+                  transformer_options: dict) -> torch.Tensor:
         """The raw U-Net output (eps or v) at ComfyUI sigma ``sigma`` for the noisy latent ``x``."""
         xc = self.ms.calculate_input(sigma, x).to(self.compute_dtype)
         ts = self.ms.timestep(sigma).float()
@@ -290,8 +316,10 @@ class Trainer:
         y = self.vector_cond(pooled * b, None, self.cfg.resolution)
         modules = {r.module: self.unet.get_submodule(r.module) for r in self.adapter.layers}
         with self._autocast():
-            got = run_and_capture(modules, lambda: self.unet_call(x, sigma1, ctx.repeat(b, 1, 1).to(self.device), y, {}))
-        return from_captures({r: got[r.module] for r in self.adapter.layers}, per_image=True, model_family=self.family, sigma=float(sigma1[0]))
+            got = run_and_capture(modules, lambda: self.unet_call(x, sigma1, ctx.repeat(b, 1, 1).to(self.device), y,
+                                                                  {}))
+        return from_captures({r: got[r.module] for r in self.adapter.layers}, per_image=True, model_family=self.family,
+                             sigma=float(sigma1[0]))
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> Prepared:
@@ -310,7 +338,8 @@ class Trainer:
         cache = self.build_cache(ref_latents, ref_noise)
         ctx, pooled = self.encode_text(batch["caption"])
         y = self.vector_cond(pooled, batch.get("geometry"), self.cfg.resolution)
-        return Prepared(latents, noise, torch.tensor(ts, dtype=torch.long), ctx.to(self.device), y, cache, list(batch["position"]))
+        return Prepared(latents, noise, torch.tensor(ts, dtype=torch.long), ctx.to(self.device), y, cache,
+                        list(batch["position"]))
 
     # ---- loss and steps ---------------------------------------------------------------------------------------------
     def loss(self, prep: Prepared) -> torch.Tensor:
@@ -330,7 +359,8 @@ class Trainer:
     def next_batch(self) -> dict:
         if self._stream is None:
             start = self.step * self.cfg.batch_size * self.cfg.accumulate
-            self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=self.cfg.num_workers)
+            self._stream = batches(self.data, self.cfg.batch_size, start_position=start,
+                                   num_workers=self.cfg.num_workers)
         return next(self._stream)
 
     def accumulate(self, micro_batches=None) -> float:
@@ -365,13 +395,15 @@ class Trainer:
         try:
             loss = self.accumulate(micro_batches)
             if not math.isfinite(loss) and self.scaler is None:
-                raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use --precision fp32/bf16.")
+                raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use --precision "
+                                      "fp32/bf16.")
             return loss, self.optimizer_step()
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             raise DreamCacheError(
-                f"Out of memory at batch size {self.cfg.batch_size} and {self.cfg.resolution} px; lower --batch-size and raise --accumulate "
-                f"(the effective batch is batch x accumulate), add --gradient-checkpointing, or use --precision bf16.") from None
+                f"Out of memory at batch size {self.cfg.batch_size} and {self.cfg.resolution} px; lower --batch-size "
+                "and raise --accumulate (the effective batch is batch x accumulate), add --gradient-checkpointing, "
+                "or use --precision bf16.") from None
 
     # ---- files ------------------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
@@ -390,8 +422,10 @@ class Trainer:
         path = path or checkpoint_path(self.cfg.out, self.step)
         save_adapter(path, self.adapter, family=self.family, extra_metadata=self.metadata())
         state = TrainState(step=self.step, config=self.cfg, adapter_file=path, param_names=self.param_names,
-                           optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler is not None else None,
-                           rng=self.rng_state(), extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
+                           optimizer=self.optimizer.state_dict(),
+                           scaler=self.scaler.state_dict() if self.scaler is not None else None,
+                           rng=self.rng_state(),
+                           extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
         spath = state_path_for(path)
         save_state(spath, state)
         return path, spath
@@ -413,7 +447,7 @@ class Trainer:
 
     # ---- preview ----------------------------------------------------------------------------------------------------
     def preview_inputs(self) -> tuple[torch.Tensor, str]:
-        """The fixed preview subject (on white, the training layout: centred, 85% width) and prompt."""
+        """The fixed preview subject (on white, the training layout at inference: centred, core.layout) and prompt."""
         cfg = self.cfg
         first = self.data.index.objects[0][1][0]
         if cfg.preview_reference:
@@ -423,11 +457,13 @@ class Trainer:
             rgb, mask = load_rgb(first.image), load_mask(first.mask)
         if mask is not None:
             if mask.shape != rgb.shape[:2] or not mask.any():
-                raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a matching --preview-mask.")
-            top, left, bottom, right = mask_bbox(mask)
-            rgb = place_on_canvas(subject_on_white(rgb, mask)[top:bottom, left:right], cfg.resolution, 0.85, 0.5, 0.5)
+                raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a "
+                                      "matching --preview-mask.")
+            rgb = place_on_canvas(crop_subject(rgb, mask), cfg.resolution, INFERENCE_WIDTH)
         image = torch.from_numpy(rgb.copy()).float().div(255.0)[None]
-        prompt = cfg.preview_prompt if cfg.preview_prompt is not None else first.caption.read_text(encoding="utf-8").strip()
+        prompt = cfg.preview_prompt
+        if prompt is None:
+            prompt = first.caption.read_text(encoding="utf-8").strip()
         return image, prompt
 
     def preview(self, path: str | None = None, seed: int = 0) -> str:
@@ -438,16 +474,17 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
+        from ..comfy.apply_patch import apply_dreamcache
         from ..comfy.cache_pass import build_feature_cache
         from ..comfy.guidance import make_guider
-        from ..comfy.patching import apply_dreamcache
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()
         af = adapter_file_of(self.adapter, self.family, name=f"step {self.step}")
         res = self.cfg.resolution
         with torch.inference_mode():
-            cache, _ = build_feature_cache(self.model, self.vae, image, af, clip=self.clip, seed=seed, resolution=res, fit="pad")
+            cache, _ = build_feature_cache(self.model, self.vae, image, af, clip=self.clip, seed=seed, resolution=res,
+                                           fit="pad")
             patched = apply_dreamcache(self.model, af, cache)
             pos = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
             neg = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
@@ -455,8 +492,10 @@ class Trainer:
             latent = torch.zeros(1, 4, res // 8, res // 8)
             latent = comfy.sample.fix_empty_latent_channels(patched, latent)
             noise = comfy.sample.prepare_noise(latent, seed)
-            sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal", self.cfg.preview_steps)
-            out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=seed)
+            sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal",
+                                                     self.cfg.preview_steps)
+            out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True,
+                                seed=seed)
             pixels = self.vae.decode(out.to(torch.float32))[0, ..., :3]
         self._ensure_loaded()
         Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().astype(np.uint8)).save(path)
@@ -481,7 +520,8 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 dt = time.perf_counter() - t0
                 losses.append(loss)
-                writer.writerow({"step": self.step, "loss": f"{loss:.6g}", "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                writer.writerow({"step": self.step, "loss": f"{loss:.6g}",
+                                 "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
                                  "images_per_second": f"{cfg.batch_size * cfg.accumulate / dt:.3f}"})
                 f.flush()

@@ -45,7 +45,8 @@ def is_ui_workflow(data) -> bool:
 
 
 def is_api_prompt(data) -> bool:
-    return isinstance(data, dict) and bool(data) and all(isinstance(v, dict) and "class_type" in v for v in data.values())
+    return isinstance(data, dict) and bool(data) and all(isinstance(v,
+                                                                    dict) and "class_type" in v for v in data.values())
 
 
 def load(path: str) -> dict:
@@ -62,7 +63,8 @@ def links_of(workflow: dict) -> dict[int, Link]:
     out = {}
     for raw in workflow.get("links") or []:
         if isinstance(raw, dict):  # newer serialisation
-            link = Link(raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"], str(raw.get("type", "*")))
+            link = Link(raw["id"], raw["origin_id"], raw["origin_slot"], raw["target_id"], raw["target_slot"],
+                        str(raw.get("type", "*")))
         else:
             link = Link(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]), str(raw[5]))
         out[link.id] = link
@@ -82,7 +84,8 @@ def widget_slots(spec) -> tuple[bool, int]:
     """(is a widget, how many extra values the frontend stores after it)."""
     typ = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
     opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-    is_widget = (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput") and not opts.get("rawLink")
+    is_widget = (isinstance(typ,
+                            list) or typ in WIDGET_TYPES) and not opts.get("forceInput") and not opts.get("rawLink")
     if not is_widget:
         return False, 0
     extra = 1 if opts.get("control_after_generate") else 0
@@ -91,7 +94,8 @@ def widget_slots(spec) -> tuple[bool, int]:
 
 
 def combo_options(spec) -> list:
-    """The choices of a COMBO input spec, in either /object_info form (V1 ``[[...], opts]`` or V3 ``["COMBO", {"options": [...]}]``)."""
+    """The choices of a COMBO input spec, in either /object_info form (V1 ``[[...], opts]`` or
+    V3 ``["COMBO", {"options": [...]}]``)."""
     if isinstance(spec, (list, tuple)) and spec:
         if isinstance(spec[0], list):
             return list(spec[0])
@@ -111,7 +115,8 @@ def _title(node: dict) -> str:
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a UI-format workflow to an API prompt ``{id: {"class_type", "inputs", "_meta"}}``."""
     if not is_ui_workflow(workflow):
-        raise WorkflowError("This is not a UI-format workflow (no 'nodes' and 'links'); API-format prompts need no conversion.")
+        raise WorkflowError("This is not a UI-format workflow (no 'nodes' and 'links'); API-format prompts need no "
+                            "conversion.")
     nodes = {int(n["id"]): n for n in workflow["nodes"]}
     links = links_of(workflow)
 
@@ -147,7 +152,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         info = object_info.get(kind)
         if info is None:
-            raise WorkflowError(f"{_title(node)}: node type '{kind}' is not installed in this ComfyUI; install the pack that provides it.")
+            raise WorkflowError(f"{_title(node)}: node type '{kind}' is not installed in this ComfyUI; install the "
+                                "pack that provides it.")
         values = node.get("widgets_values")
         by_name = values if isinstance(values, dict) else None
         values = list(values or []) if by_name is None else []
@@ -171,7 +177,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = value
             elif section == "required":
                 raise WorkflowError(f"{_title(node)}: required input '{name}' is not connected and has no value.")
-        prompt[str(nid)] = {"class_type": kind, "inputs": inputs, "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
+        prompt[str(nid)] = {"class_type": kind, "inputs": inputs,
+                            "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
     return prompt
 
 
@@ -190,8 +197,10 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
             problems.append(f"link {link.id} is not listed on output {link.origin_slot} of {_title(o)}")
         if link.target_slot >= len(ins) or ins[link.target_slot].get("link") != link.id:
             problems.append(f"link {link.id} is not the link of input {link.target_slot} of {_title(t)}")
-        elif link.type != "*" and ins[link.target_slot].get("type") not in (link.type, "*") and link.type not in str(ins[link.target_slot].get("type")).split(","):
-            problems.append(f"link {link.id} carries {link.type} into input '{ins[link.target_slot].get('name')}' ({ins[link.target_slot].get('type')}) of {_title(t)}")
+        elif link.type != "*" and ins[link.target_slot].get("type") not in (link.type, "*") \
+                and link.type not in str(ins[link.target_slot].get("type")).split(","):
+            problems.append(f"link {link.id} carries {link.type} into input '{ins[link.target_slot].get('name')}' "
+                            f"({ins[link.target_slot].get('type')}) of {_title(t)}")
     for nid, node in nodes.items():
         kind = node.get("type")
         if kind in FRONTEND_ONLY:
@@ -205,7 +214,8 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
             problems.append(f"{_title(node)}: {len(values)} widget values, the schema has {widget_value_count(info)}")
         for slot, out in enumerate(node.get("outputs") or []):
             declared = info.get("output", [])
-            if slot < len(declared) and out.get("type") not in (declared[slot], "*") and not isinstance(declared[slot], list):
+            if slot < len(declared) and out.get("type") not in (declared[slot], "*") and not isinstance(declared[slot],
+                                                                                                        list):
                 problems.append(f"{_title(node)}: output {slot} is {out.get('type')}, the schema says {declared[slot]}")
     for dep in workflow.get("models", []):
         if not {"name", "directory"} <= set(dep):
@@ -213,23 +223,69 @@ def check_structure(workflow: dict, object_info: dict) -> list[str]:
     return problems
 
 
-def apply_overrides(prompt: dict, overrides: list[str]) -> dict:
+def input_names(info: dict) -> list[str]:
+    """A node class's input names in /object_info order (required, then optional)."""
+    return [name for name, _spec, _section in input_specs(info)]
+
+
+def apply_overrides(prompt: dict, overrides: list[str], object_info: dict | None = None) -> dict:
     """``--set NODE.INPUT=VALUE``: NODE is a node id, its title or a class type that occurs once; VALUE is JSON
-    (numbers, true/false, quoted strings) or a bare string."""
+    (numbers, true/false, quoted strings) or a bare string. With ``object_info``, INPUT must be one of the node
+    class's inputs (a misspelt name would otherwise be ignored by ComfyUI without a word)."""
     out = {k: {**v, "inputs": dict(v["inputs"])} for k, v in prompt.items()}
     for item in overrides or []:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise WorkflowError(f"Override '{item}' must look like NODE.INPUT=VALUE (e.g. 3.seed=7 or KSampler.steps=20).")
+            raise WorkflowError(f"Override '{item}' must look like NODE.INPUT=VALUE (e.g. 3.seed=7 or "
+                                "KSampler.steps=20).")
         key, raw = item.split("=", 1)
         node_ref, name = key.rsplit(".", 1)
         matches = [k for k, v in out.items() if node_ref in (k, v.get("_meta", {}).get("title"))]
         if not matches:
             matches = [k for k, v in out.items() if v["class_type"] == node_ref]
         if len(matches) != 1:
-            raise WorkflowError(f"Override '{item}': '{node_ref}' matches {len(matches)} nodes; use the node id.")
+            which = f" ({', '.join(matches)})" if matches else ""
+            raise WorkflowError(f"Override '{item}': '{node_ref}' matches {len(matches)} nodes{which}; use the node id "
+                                "(`python -m dreamcache run WORKFLOW --list` shows ids, titles and inputs).")
+        node = out[matches[0]]
+        info = (object_info or {}).get(node["class_type"])
+        if info is not None and name not in input_names(info):
+            title = node.get("_meta", {}).get("title") or node["class_type"]
+            label = f"{title}, {node['class_type']}" if title != node["class_type"] else title
+            raise WorkflowError(f"Override '{item}': node {matches[0]} ({label}) has no input '{name}'; its inputs are "
+                                f"{', '.join(input_names(info)) or 'none'}.")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[matches[0]]["inputs"][name] = value
+        node["inputs"][name] = value
     return out
+
+
+def describe_inputs(prompt: dict, object_info: dict) -> list[str]:
+    """``run WORKFLOW --list``: per node its id, title and type, then each settable (widget) input with its
+    current value; inputs fed by a link say where from."""
+    lines = []
+    for nid in sorted(prompt, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+        node = prompt[nid]
+        kind = node["class_type"]
+        title = node.get("_meta", {}).get("title") or kind
+        lines.append(f"{nid}  {title}  ({kind})" if title != kind else f"{nid}  {kind}")
+        info = object_info.get(kind)
+        if info is None:
+            lines.append("    (not installed in this ComfyUI)")
+            continue
+        for name, spec, section in input_specs(info):
+            if not widget_slots(spec)[0]:
+                continue
+            value = node["inputs"].get(name)
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                shown = f"<- node {value[0]}"
+            elif name not in node["inputs"]:
+                shown = "(not set)" if section == "optional" else "(missing)"
+            else:
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            choices = combo_options(spec)
+            hint = f"   [{len(choices)} choices]" if len(choices) > 1 else ""
+            lines.append(f"    {name} = {shown}{hint}")
+    return lines

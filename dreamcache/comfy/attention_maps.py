@@ -8,7 +8,7 @@ from ..core.attention_maps import AttentionRecorder, mark_point, overlay, point_
 from ..core.errors import DreamCacheError
 from ..core.patch import DreamCachePatch
 from ..core.regional import layer_name, resolve_layer
-from .patching import comfy_attention, find_patch, install_patch
+from .apply_patch import comfy_attention, find_patch, install_patch
 
 
 def patched_layers(patch: DreamCachePatch) -> list:

@@ -29,7 +29,8 @@ def pass_sigma(model) -> float:
 def plain_conditioning(conditioning) -> list:
     """First entry of a CONDITIONING, without area/mask/ControlNet/timestep-range extras."""
     if not conditioning:
-        raise DreamCacheError("The cache pass got an empty CONDITIONING; connect a text encode node or leave the input empty.")
+        raise DreamCacheError("The cache pass got an empty CONDITIONING; connect a text encode node or leave the input "
+                              "empty.")
     tensor, extras = conditioning[0][0], dict(conditioning[0][1])
     for k in _STRIP:
         extras.pop(k, None)
@@ -38,20 +39,9 @@ def plain_conditioning(conditioning) -> list:
 
 def encode_empty_prompt(clip) -> list:
     if clip is None:
-        raise DreamCacheError("BuildFeatureCache needs a CLIP to encode the empty prompt; connect the checkpoint's CLIP or a conditioning.")
+        raise DreamCacheError("BuildFeatureCache needs a CLIP to encode the empty prompt; connect the checkpoint's "
+                              "CLIP or a conditioning.")
     return clip.encode_from_tokens_scheduled(clip.tokenize(""))
-
-
-def _one_pass_guider_class():
-    import comfy.samplers
-
-    class OnePassGuider(comfy.samplers.CFGGuider):
-        """Evaluates only the positive cond (no uncond even if a pack disabled the cfg=1 shortcut)."""
-
-        def predict_noise(self, x, timestep, model_options={}, seed=None):
-            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds["positive"]], x, timestep, model_options)[0]
-
-    return OnePassGuider
 
 
 def _one_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -62,12 +52,15 @@ def _one_step(model, x, sigmas, extra_args=None, callback=None, disable=None):
     return x
 
 
-def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: float, conditioning, layers, seed: int = 0) -> dict:
+def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: float, conditioning, layers,
+                     seed: int = 0) -> dict:
     """Run the model once at ``sigma`` on ``latent + sigma * noise`` (ComfyUI's noise scaling) and capture the
     inputs of ``diffusion_model.<layer.module>``. ``latent`` is a raw VAE latent (``process_latent_in`` is applied
     by the sampler). Returns ``{LayerRef: (B, C, H, W)}`` on the intermediate device."""
     import comfy.model_management
     import comfy.samplers
+
+    from .guidance import PositiveOnlyGuider
 
     m = model.clone()
     m.model_options["transformer_options"][DISABLE_KEY] = True
@@ -76,8 +69,9 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
         try:
             modules[ref.module] = m.get_model_object(f"diffusion_model.{ref.module}")
         except (AttributeError, IndexError, KeyError):
-            raise DreamCacheError(f"This model has no SpatialTransformer at {ref.module}; the adapter does not fit it.") from None
-    guider = _one_pass_guider_class()(m)
+            raise DreamCacheError(
+                f"This model has no SpatialTransformer at {ref.module}; the adapter does not fit it.") from None
+    guider = PositiveOnlyGuider(m)
     guider.inner_set_conds({"positive": conditioning})
     sigmas = torch.tensor([float(sigma), 0.0])
     sampler = comfy.samplers.KSAMPLER(_one_step)
@@ -90,8 +84,10 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
     return {ref: got[ref.module].to(dev) for ref in layers}
 
 
-def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, clip=None, conditioning=None, seed: int = 0,
-                        resolution: int = 512, fit: str = "pad", per_image: bool = False) -> tuple[FeatureCache, torch.Tensor]:
+def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, clip=None, conditioning=None,
+                        seed: int = 0,
+                        resolution: int = 512, fit: str = "pad", per_image: bool = False) -> tuple[FeatureCache,
+                                                                                                   torch.Tensor]:
     """The whole BuildFeatureCache: prepare the reference, VAE-encode it, one capture pass, pack the cache.
     Returns the cache and the prepared reference IMAGE (what the model saw)."""
     import comfy.sample

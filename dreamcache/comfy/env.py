@@ -15,13 +15,27 @@ from ..core.errors import DreamCacheError
 PACK_ROOT = Path(__file__).resolve().parents[2]
 
 
+def is_comfyui(path: str | os.PathLike) -> bool:
+    return (Path(path) / "comfy" / "model_patcher.py").is_file()
+
+
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
-    candidates = [explicit, os.environ.get("COMFYUI_PATH")]
-    if PACK_ROOT.parent.name == "custom_nodes":
-        candidates.append(PACK_ROOT.parent.parent)
-    for c in candidates:
-        if c and (Path(c) / "comfy" / "model_patcher.py").is_file():
-            return Path(c).resolve()
+    """The ComfyUI folder to use, or None when none is found. An explicit path wins over ``COMFYUI_PATH`` and is
+    never passed over silently: one that is not a ComfyUI folder is an error naming it."""
+    if explicit:
+        if not is_comfyui(explicit):
+            where = "does not exist" if not Path(explicit).exists() else "has no comfy/model_patcher.py"
+            raise DreamCacheError(f"--comfyui '{explicit}' is not a ComfyUI folder (it {where}); give the folder that "
+                                  "holds ComfyUI's main.py.")
+        return Path(explicit).resolve()
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        if not is_comfyui(env):
+            raise DreamCacheError(f"COMFYUI_PATH='{env}' is not a ComfyUI folder (no comfy/model_patcher.py); fix or "
+                                  "unset it, or pass --comfyui PATH.")
+        return Path(env).resolve()
+    if PACK_ROOT.parent.name == "custom_nodes" and is_comfyui(PACK_ROOT.parent.parent):
+        return PACK_ROOT.parent.parent.resolve()
     return None
 
 

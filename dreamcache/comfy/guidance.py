@@ -17,7 +17,7 @@ import comfy.samplers
 
 from ..core.errors import DreamCacheError
 from ..core.patch import SWITCH_KEY
-from .patching import cpu_chunked_attention, is_patched
+from .apply_patch import cpu_chunked_attention, is_patched
 
 MODES = ("combined", "joint")
 
@@ -71,7 +71,8 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
 
     def _calc(self, conds, x, timestep, model_options):
         if "sampler_calc_cond_batch_function" in model_options:
-            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options}
+            args = {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model,
+                    "model_options": model_options}
             return model_options["sampler_calc_cond_batch_function"](args)
         return comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
 
@@ -91,7 +92,8 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
             # e(∅,∅) + s (e(c_I,c_T) − e(∅,∅)): the positive branch with the image, the negative without
             mo = with_switch(model_options, (True, False))
             e_it, e_00 = self._pre_cfg([pos, neg], self._calc([pos, neg], x, timestep, mo), x, timestep, mo)
-            return comfy.samplers.cfg_function(self.inner_model, e_it, e_00, s_t, x, timestep, model_options=mo, cond=pos, uncond=neg)
+            return comfy.samplers.cfg_function(self.inner_model, e_it, e_00, s_t, x, timestep, model_options=mo,
+                                               cond=pos, uncond=neg)
         mo_on = with_switch(model_options, (True, True))
         if batch_three(model_options, x.device):
             e_it, e_i0, e_00 = self._calc([pos, neg, neg], x, timestep, with_switch(model_options, (True, True, False)))
@@ -102,15 +104,68 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
         e_it, e_i0 = self._pre_cfg([pos, neg], [e_it, e_i0], x, timestep, mo_on)
         # e(c_I,∅) + s_T (e(c_I,c_T) − e(c_I,∅)) through ComfyUI's cfg_function (so sampler_cfg_function and
         # post-CFG hooks apply to the text term), then e(∅,∅) + s_I (e(c_I,∅) − e(∅,∅)) − e(c_I,∅) added back.
-        text = comfy.samplers.cfg_function(self.inner_model, e_it, e_i0, s_t, x, timestep, model_options=mo_on, cond=pos, uncond=neg)
+        text = comfy.samplers.cfg_function(self.inner_model, e_it, e_i0, s_t, x, timestep, model_options=mo_on,
+                                           cond=pos, uncond=neg)
         return text + (s_i - 1.0) * (e_i0 - e_00)
 
 
-def make_guider(model, positive, negative, text_scale: float, image_scale: float, mode: str = "combined") -> DreamCacheGuider:
+class PositiveOnlyGuider(comfy.samplers.CFGGuider):
+    """Evaluates its conds as they are, in one ``calc_cond_batch`` call, with no CFG arithmetic and no uncond (even
+    if a pack disabled the cfg=1 shortcut); returns the first one's prediction. ``keys``: which conds, in order
+    (default the positive); ``transformer_options`` are merged into the call's; ``last`` keeps every prediction of
+    the latest call."""
+
+    def __init__(self, model_patcher, keys=("positive",), transformer_options: dict | None = None):
+        super().__init__(model_patcher)
+        self.keys, self.extra_options, self.last = tuple(keys), dict(transformer_options or {}), None
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        if self.extra_options:
+            model_options = dict(model_options)
+            model_options["transformer_options"] = {**model_options.get("transformer_options", {}),
+                                                    **self.extra_options}
+        self.last = comfy.samplers.calc_cond_batch(self.inner_model, [self.conds[k] for k in self.keys], x, timestep,
+                                                   model_options)
+        return self.last[0]
+
+
+def make_guider(model, positive, negative, text_scale: float, image_scale: float,
+                mode: str = "combined") -> DreamCacheGuider:
     if not is_patched(model):
-        raise DreamCacheError("This MODEL has no DreamCache patch; connect the MODEL output of ApplyDreamCache (or use a plain KSampler).")
+        raise DreamCacheError("This MODEL has no DreamCache patch; connect the MODEL output of ApplyDreamCache (or use "
+                              "a plain KSampler).")
     check_scales(text_scale, image_scale, mode)
     g = DreamCacheGuider(model)
     g.set_conds(positive, negative)
     g.set_scales(text_scale, image_scale, mode)
     return g
+
+
+def sample_dual_guidance(model, positive, negative, latent: dict, seed: int, steps: int, sampler_name: str,
+                         scheduler: str,
+                         denoise: float = 1.0, text_scale: float = 7.5, image_scale: float = 5.0,
+                         mode: str = "combined") -> dict:
+    """DualGuidanceSampler: KSampler's plumbing (noise, sigmas, preview callback, noise mask) around
+    :class:`DreamCacheGuider`. Returns the output LATENT dict (a copy of ``latent``)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.utils
+    import latent_preview
+
+    guider = make_guider(model, positive, negative, text_scale, image_scale, mode)
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                 scheduler=scheduler,
+                                 denoise=denoise, model_options=model.model_options)
+    sigmas = ks.sigmas
+    out = latent.copy()
+    if sigmas.shape[-1] == 0:
+        return out
+    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+    result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
+                           denoise_mask=latent.get("noise_mask"),
+                           callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out["samples"] = result.to(comfy.model_management.intermediate_device())
+    out.pop("downscale_ratio_spacial", None)
+    return out

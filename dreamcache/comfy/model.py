@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..core.adapter_io import AdapterFile
-from ..core.cache import FeatureCache
+from ..core.cache import FeatureCache, check_cache_matches
 from ..core.errors import DreamCacheError
 from ..core.layers import LayerRef
 
@@ -71,7 +71,8 @@ def check_adapter_fits(model, adapter: AdapterFile) -> str | None:
         )
     if adapter.family and family and adapter.family != family:
         raise DreamCacheError(
-            f"Adapter '{adapter.name}' was trained for {FAMILY_NAMES[adapter.family]} but this model is {FAMILY_NAMES[family]}; "
+            f"Adapter '{adapter.name}' was trained for {FAMILY_NAMES[adapter.family]} but this model is "
+            f"{FAMILY_NAMES[family]}; "
             "load an adapter trained for this model family."
         )
     return family
@@ -81,20 +82,10 @@ def check_cache_fits(model, cache: FeatureCache, adapter: AdapterFile):
     family = model_family(model)
     if cache.model_family and family and cache.model_family != family:
         raise DreamCacheError(
-            f"This cache was built with a {FAMILY_NAMES[cache.model_family]} model but the model here is {FAMILY_NAMES[family]}; "
+            f"This cache was built with a {FAMILY_NAMES[cache.model_family]} model but the model here is "
+            f"{FAMILY_NAMES[family]}; "
             "rebuild the cache with BuildFeatureCache on this model."
         )
-    missing = [str(r) for r in adapter.layers if r not in cache.tokens]
-    if missing:
-        raise DreamCacheError(
-            f"The cache has no features for layer(s) {', '.join(missing)} of adapter '{adapter.name}' "
-            f"(it was built for '{cache.adapter or 'another adapter'}'); rebuild the cache with this adapter."
-        )
-    for r in adapter.layers:
-        if cache.channels(r) != adapter.channels[r]:
-            raise DreamCacheError(
-                f"Cache layer {r} has {cache.channels(r)} channels but adapter '{adapter.name}' expects {adapter.channels[r]}; "
-                "the cache was built on another model family, rebuild it on this model."
-            )
+    check_cache_matches(cache, adapter.channels, adapter.name)
     if cache.model_family is None and family is not None:
         logging.info("DreamCache: the cache does not record its model family; assuming it matches (%s).", family)

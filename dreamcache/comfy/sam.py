@@ -38,7 +38,8 @@ def wrap_sam(sam: torch.nn.Module, variant: str, name: str) -> SamModel:
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    patcher = comfy.model_patcher.ModelPatcher(SamHolder(sam), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(SamHolder(sam), load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
     return SamModel(patcher=patcher, variant=variant, name=name)
 
 
@@ -80,6 +81,7 @@ def segment(sam: SamModel, images_rgb: torch.Tensor, mode: str, box=None, points
         if i:
             bar.update(1)
 
-    probs = core_sam.predict_batch(module, images_rgb, mode, box=box, points=points, labels=labels, on_image=on_image, cache=sam.embeddings)
+    probs = core_sam.predict_batch(module, images_rgb, mode, box=box, points=points, labels=labels, on_image=on_image,
+                                   cache=sam.embeddings)
     bar.update(1)
     return probs.to(mm.intermediate_device())

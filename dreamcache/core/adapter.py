@@ -57,10 +57,12 @@ class LayerAdapter(nn.Module):
     @torch.no_grad()
     def reset_reference_init(self, generator: torch.Generator | None = None):
         """PyTorch's default init (what the reference trainer starts from), optionally seeded."""
-        for lin in (self.attn_mem.to_q, self.attn_mem.to_k, self.attn_mem.to_v, self.attn_mem.to_out[0], self.linear_cat):
+        for lin in (self.attn_mem.to_q, self.attn_mem.to_k, self.attn_mem.to_v, self.attn_mem.to_out[0],
+                    self.linear_cat):
             fan_in = lin.weight.shape[1]
             bound = 1.0 / fan_in**0.5
-            # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear both reduce to U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            # kaiming_uniform_(a=sqrt(5)) and the bias rule of nn.Linear both reduce to
+            # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             lin.weight.uniform_(-bound, bound, generator=generator)
             if lin.bias is not None:
                 lin.bias.uniform_(-bound, bound, generator=generator)
@@ -94,7 +96,8 @@ class DreamCacheAdapter(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def reference_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict under the reference trainer's key names (``diffusion_model.<module>.transformer_blocks.<i>.<param>``)."""
+        """State dict under the authors' trainer's key names
+        (``diffusion_model.<module>.transformer_blocks.<i>.<param>``)."""
         out = {}
         for ref in self.layers:
             for name, t in self.layer(ref).state_dict().items():

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import tempfile
-import zipfile
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -25,15 +23,15 @@ import torch
 from .. import __version__
 from .adapter import PARAM_SHAPES, DreamCacheAdapter, layer_parameter_count
 from .errors import DreamCacheError
+from .files import read_tensor_file
 from .layers import FAMILIES, LayerRef, sort_layers
 
 ADAPTER_FORMAT = "dreamcache.adapter"
 ADAPTER_FORMAT_VERSION = 1
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin")
 
 _PARAM_ALT = "|".join(re.escape(p) for p in PARAM_SHAPES)
-_KEY_RE = re.compile(rf"^(?:model\.)?diffusion_model\.(?P<module>.+?)\.transformer_blocks\.(?P<idx>\d+)\.(?P<param>{_PARAM_ALT})$")
+_KEY_RE = re.compile(
+    rf"^(?:model\.)?diffusion_model\.(?P<module>.+?)\.transformer_blocks\.(?P<idx>\d+)\.(?P<param>{_PARAM_ALT})$")
 
 
 @dataclass
@@ -59,6 +57,13 @@ class AdapterFile:
         module.load_reference_state_dict(self.tensors)
         module.requires_grad_(False)
         return module.eval()
+
+
+def adapter_file_of(module: DreamCacheAdapter, family: str | None = None, name: str = "adapter") -> AdapterFile:
+    """The weights of an adapter module as an :class:`AdapterFile` (detached float32 copies on the CPU)."""
+    tensors = {ref: {k: v.detach().float().cpu().clone() for k, v in module.layer(ref).state_dict().items()}
+               for ref in module.layers}
+    return AdapterFile(name=name, channels=dict(module.channels), tensors=tensors, family=family)
 
 
 def _short(items, n=3) -> str:
@@ -117,7 +122,8 @@ def parse_state_dict(sd: dict, source: str) -> tuple[dict[LayerRef, int], dict[L
                 problems.append(f"layer {ref} {p} has dtype {t.dtype}, expected a float type")
         channels[ref] = c
     if problems:
-        raise DreamCacheError(f"'{source}' is not a valid DreamCache adapter: " + "; ".join(problems) + "; re-download or re-convert it.")
+        raise DreamCacheError(f"'{source}' is not a valid DreamCache adapter: " + "; ".join(problems)
+                              + "; re-download or re-convert it.")
     return channels, per_layer
 
 
@@ -127,62 +133,36 @@ def _parse_metadata(meta: dict | None, source: str, channels: dict[LayerRef, int
     if fmt is None:
         return None, meta  # a bare safetensors with reference names: accepted, family unknown
     if fmt != ADAPTER_FORMAT:
-        raise DreamCacheError(f"'{source}' is a '{fmt}' file, not a DreamCache adapter ('{ADAPTER_FORMAT}'); pick an adapter file.")
+        raise DreamCacheError(f"'{source}' is a '{fmt}' file, not a DreamCache adapter ('{ADAPTER_FORMAT}'); pick an "
+                              "adapter file.")
     try:
         version = int(meta.get("format_version", "1"))
     except ValueError:
-        raise DreamCacheError(f"'{source}' has an unreadable format_version {meta.get('format_version')!r}; re-convert the file.") from None
+        raise DreamCacheError(f"'{source}' has an unreadable format_version {meta.get('format_version')!r}; re-convert "
+                              "the file.") from None
     if version > ADAPTER_FORMAT_VERSION:
         raise DreamCacheError(
-            f"'{source}' uses adapter format version {version}, newer than this pack reads ({ADAPTER_FORMAT_VERSION}); update ComfyUI-DreamCache."
+            f"'{source}' uses adapter format version {version}, newer than this pack reads ({ADAPTER_FORMAT_VERSION}); "
+            "update ComfyUI-DreamCache."
         )
     family = meta.get("base_family") or None
     if family in ("unknown", ""):
         family = None
     if family is not None and family not in FAMILIES:
-        raise DreamCacheError(f"'{source}' names an unknown base family '{family}' (expected one of {', '.join(FAMILIES)}); re-convert it with --family.")
+        raise DreamCacheError(f"'{source}' names an unknown base family '{family}' (expected one of "
+                              f"{', '.join(FAMILIES)}); re-convert it with --family.")
     if "layers" in meta:
         try:
-            listed = {LayerRef(d["module"], int(d.get("block_index", 0))): int(d["channels"]) for d in json.loads(meta["layers"])}
+            listed = {LayerRef(d["module"], int(d.get("block_index",
+                                                      0))): int(d["channels"]) for d in json.loads(meta["layers"])}
         except (ValueError, KeyError, TypeError, DreamCacheError):
             raise DreamCacheError(f"'{source}' has unreadable layer metadata; re-convert the file.") from None
         if listed != channels:
             raise DreamCacheError(
-                f"'{source}' metadata lists layers {sorted(map(str, listed))} but its tensors hold {sorted(map(str, channels))}; the file is inconsistent, re-convert it."
+                f"'{source}' metadata lists layers {sorted(map(str, listed))} but its tensors hold "
+                f"{sorted(map(str, channels))}; the file is inconsistent, re-convert it."
             )
     return family, meta
-
-
-def _load_torch(path: str, name: str) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if glob:
-            raise DreamCacheError(
-                f"'{name}' contains a Python object ({glob.group(1)}) besides tensors, and such objects are never unpickled; "
-                "use a plain tensor .pt or a .safetensors adapter."
-            ) from None
-        raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file (not a valid checkpoint); the file is damaged or not an adapter.") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
-        raise DreamCacheError(f"'{name}' could not be read as a PyTorch tensor file ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not an adapter.") from None
-    if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), dict) and next(iter(obj)) in ("state_dict", "model"):
-        obj = next(iter(obj.values()))
-    if not isinstance(obj, dict):
-        raise DreamCacheError(f"'{name}' holds a {type(obj).__name__}, not a dict of tensors, so it is not a DreamCache adapter.")
-    return obj
-
-
-def _load_safetensors(path: str, name: str) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for damaged headers
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a safetensors file.") from None
-    return sd, meta
 
 
 def read_adapter(path: str, name: str | None = None) -> AdapterFile:
@@ -190,13 +170,12 @@ def read_adapter(path: str, name: str | None = None) -> AdapterFile:
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Adapter file '{path}' does not exist; put adapters in ComfyUI/models/dreamcache.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        sd, meta = _load_safetensors(path, name)
-    elif ext in TORCH_EXTENSIONS:
-        sd, meta = _load_torch(path, name), {}
-    else:
-        raise DreamCacheError(f"'{name}' has extension '{ext}', which is not an adapter format; use .safetensors or the reference .pt.")
+    sd, meta = read_tensor_file(path, name, "the file is damaged or not an adapter; use a plain tensor .pt or a "
+                                            ".safetensors adapter",
+                                "is not an adapter format; use .safetensors or the authors' .pt")
+    if not isinstance(sd, dict):
+        raise DreamCacheError(f"'{name}' holds a {type(sd).__name__}, not a dict of tensors, so it is not a DreamCache "
+                              "adapter.")
     channels, tensors = parse_state_dict(sd, name)
     family, meta = _parse_metadata(meta, name, channels)
     return AdapterFile(name=name, channels=channels, tensors=tensors, family=family, metadata=meta)
@@ -209,7 +188,8 @@ def adapter_metadata(channels: dict[LayerRef, int], family: str | None, extra: d
         "format": ADAPTER_FORMAT,
         "format_version": str(ADAPTER_FORMAT_VERSION),
         "base_family": family or "unknown",
-        "layers": json.dumps([{"module": r.module, "block_index": r.block_index, "channels": channels[r]} for r in sort_layers(channels)]),
+        "layers": json.dumps([{"module": r.module, "block_index": r.block_index,
+                               "channels": channels[r]} for r in sort_layers(channels)]),
         "parameters": str(sum(layer_parameter_count(c) for c in channels.values())),
         "written_by": f"ComfyUI-DreamCache {__version__}",
     }
@@ -223,15 +203,25 @@ STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.f
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]):
-    """Write next to ``path`` then rename, so a crash never leaves half a file under the real name."""
+    """Write next to ``path`` then rename, so a crash never leaves half a file under the real name. The file gets
+    the usual permissions (0666 less the umask, e.g. 0644), not the owner-only 0600 of mkstemp or of safetensors'
+    own writer, so a ComfyUI running as another user can read it."""
     from safetensors.torch import save_file
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=".safetensors", dir=directory)
+    while True:
+        tmp = os.path.join(directory, f".partial-{secrets.token_hex(8)}.safetensors")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
+    mode = os.fstat(fd).st_mode & 0o777  # 0666 less the umask, read without changing the process umask
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, mode)  # safetensors (0.8) writes 0600 whatever the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -239,7 +229,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
         raise
 
 
-def save_adapter(path: str, adapter: AdapterFile | DreamCacheAdapter, family: str | None = None, dtype: torch.dtype | None = None, extra_metadata: dict | None = None):
+def save_adapter(path: str, adapter: AdapterFile | DreamCacheAdapter, family: str | None = None,
+                 dtype: torch.dtype | None = None, extra_metadata: dict | None = None):
     """Write an adapter in the pack's safetensors format (reference key names + metadata)."""
     if isinstance(adapter, DreamCacheAdapter):
         sd = adapter.reference_state_dict()
@@ -259,7 +250,8 @@ def convert_adapter(src: str, dst: str, family: str | None = None, dtype: torch.
     if family is None:
         family = af.family
     elif af.family is not None and af.family != family:
-        raise DreamCacheError(f"'{af.name}' says it is for '{af.family}', not '{family}'; drop --family or pick the right one.")
+        raise DreamCacheError(f"'{af.name}' says it is for '{af.family}', not '{family}'; drop --family or pick the "
+                              "right one.")
     extra = {"converted_from": os.path.basename(src)}
     save_adapter(dst, af, family=family, dtype=dtype, extra_metadata=extra)
     return af

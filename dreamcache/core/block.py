@@ -20,7 +20,8 @@ def project_memory(layer: LayerAdapter, tokens: torch.Tensor) -> tuple[torch.Ten
     return layer.attn_mem.to_k(tokens), layer.attn_mem.to_v(tokens)
 
 
-def memory_attention(layer: LayerAdapter, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, attention) -> torch.Tensor:
+def memory_attention(layer: LayerAdapter, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                     attention) -> torch.Tensor:
     """a_c = to_out(softmax(q kᵀ / √d) v) with q = to_q(norm2_mem(x)); x is the *un-normalised* block input."""
     q = layer.attn_mem.to_q(layer.norm2_mem(x))
     return layer.attn_mem.to_out[0](attention(q, k, v, heads, attn_precision=torch.float32))

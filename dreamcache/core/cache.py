@@ -16,6 +16,7 @@ import torch
 from .. import __version__
 from .adapter_io import atomic_save_safetensors
 from .errors import DreamCacheError
+from .files import read_safetensors
 from .layers import FAMILIES, LayerRef, sort_layers
 
 CACHE_FORMAT = "dreamcache.cache"
@@ -82,7 +83,8 @@ def validate_tokens(tokens, spatial, references, per_image, source):
         expect_b, expect_t = (references, h * w) if per_image else (1, references * h * w)
         if t.dim() != 3 or t.shape[0] != expect_b or t.shape[1] != expect_t or not t.is_floating_point():
             raise DreamCacheError(
-                f"{source} layer {ref} has tokens {tuple(t.shape)} {t.dtype}, expected ({expect_b}, {expect_t}, C) float for "
+                f"{source} layer {ref} has tokens {tuple(t.shape)} {t.dtype}, expected ({expect_b}, {expect_t}, C) "
+                "float for "
                 f"{references} reference(s) of {h}x{w}; build it again."
             )
 
@@ -110,20 +112,24 @@ def concat_caches(caches: list[FeatureCache]) -> FeatureCache:
         if set(c.tokens) != set(first.tokens):
             raise DreamCacheError("Caches to combine hold different layers; build them with the same adapter.")
         if c.model_family != first.model_family:
-            raise DreamCacheError(f"Caches to combine come from different model families ({first.model_family} vs {c.model_family}).")
+            raise DreamCacheError(f"Caches to combine come from different model families ({first.model_family} vs "
+                                  f"{c.model_family}).")
         for r in first.tokens:
             if c.spatial[r] != first.spatial[r] or c.channels(r) != first.channels(r):
-                raise DreamCacheError(f"Caches to combine differ at layer {r} ({c.spatial[r]} vs {first.spatial[r]}); build them at the same resolution.")
+                raise DreamCacheError(f"Caches to combine differ at layer {r} ({c.spatial[r]} vs {first.spatial[r]}); "
+                                      "build them at the same resolution.")
     tokens = {}
     for r in first.tokens:
-        tokens[r] = torch.cat([c.tokens[r].reshape(1, -1, c.channels(r)).to(first.tokens[r].dtype) for c in caches], dim=1)
+        tokens[r] = torch.cat([c.tokens[r].reshape(1, -1, c.channels(r)).to(first.tokens[r].dtype) for c in caches],
+                              dim=1)
     return replace(first, tokens=tokens, references=sum(c.references for c in caches), per_image=False,
                    seed=first.seed, extra={**first.extra, "combined_from": len(caches)})
 
 
 def _meta_of(cache: FeatureCache) -> dict[str, str]:
     layers = [
-        {"module": r.module, "block_index": r.block_index, "channels": cache.channels(r), "spatial": list(cache.spatial[r])}
+        {"module": r.module, "block_index": r.block_index, "channels": cache.channels(r),
+         "spatial": list(cache.spatial[r])}
         for r in cache.layers
     ]
     meta = {
@@ -144,25 +150,35 @@ def _meta_of(cache: FeatureCache) -> dict[str, str]:
     return meta
 
 
+def check_cache_matches(cache: FeatureCache, channels: dict[LayerRef, int], adapter_name: str):
+    """One clear error when ``cache`` lacks a layer of the adapter (``channels``: its layers and channel counts) or
+    holds another channel count there."""
+    missing = [str(r) for r in sort_layers(channels) if r not in cache.tokens]
+    if missing:
+        raise DreamCacheError(
+            f"The cache has no features for layer(s) {', '.join(missing)} of adapter '{adapter_name}' "
+            f"(it was built for '{cache.adapter or 'another adapter'}'); rebuild the cache with this adapter.")
+    for r in sort_layers(channels):
+        if cache.channels(r) != channels[r]:
+            raise DreamCacheError(
+                f"Cache layer {r} has {cache.channels(r)} channels but adapter '{adapter_name}' expects {channels[r]}; "
+                "the cache was built on another model family, rebuild it on this model.")
+
+
 def save_cache(cache: FeatureCache, path: str, dtype: torch.dtype | None = None):
-    tensors = {f"cache.{r.module}.transformer_blocks.{r.block_index}": (t if dtype is None else t.to(dtype)) for r, t in cache.tokens.items()}
+    tensors = {f"cache.{r.module}.transformer_blocks.{r.block_index}": (t if dtype is None else t.to(dtype)) for r,
+               t in cache.tokens.items()}
     atomic_save_safetensors(tensors, path, _meta_of(cache))
 
 
 def load_cache(path: str, name: str | None = None) -> FeatureCache:
-    from safetensors import safe_open
-
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"Cache file '{path}' does not exist; save one with DreamCacheSave first.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:120]}); the file is damaged or not a cache.") from None
+    raw, meta = read_safetensors(path, name, "the file is damaged or not a cache")
     if meta.get("format") != CACHE_FORMAT:
-        raise DreamCacheError(f"'{name}' is not a DreamCache cache file (its metadata format is {meta.get('format')!r}); pick a file written by DreamCacheSave.")
+        raise DreamCacheError(f"'{name}' is not a DreamCache cache file (its metadata format is "
+                              f"{meta.get('format')!r}); pick a file written by DreamCacheSave.")
     try:
         version = int(meta.get("format_version", ""))
         layers = json.loads(meta["layers"])
@@ -179,23 +195,30 @@ def load_cache(path: str, name: str | None = None) -> FeatureCache:
             spatial[ref] = (int(d["spatial"][0]), int(d["spatial"][1]))
             key = f"cache.{ref.module}.transformer_blocks.{ref.block_index}"
             if key not in raw:
-                raise DreamCacheError(f"'{name}' lists layer {ref} in its metadata but has no tensor '{key}'; the file is damaged, save the cache again.")
+                raise DreamCacheError(f"'{name}' lists layer {ref} in its metadata but has no tensor '{key}'; the file "
+                                      "is damaged, save the cache again.")
             tokens[ref] = raw.pop(key)
             if tokens[ref].shape[-1] != int(d["channels"]):
-                raise DreamCacheError(f"'{name}' layer {ref} has {tokens[ref].shape[-1]} channels but its metadata says {d['channels']}; save the cache again.")
+                raise DreamCacheError(f"'{name}' layer {ref} has {tokens[ref].shape[-1]} channels but its metadata "
+                                      f"says {d['channels']}; save the cache again.")
     except DreamCacheError:
         raise
     except (KeyError, ValueError, TypeError, IndexError) as e:
-        raise DreamCacheError(f"'{name}' has missing or unreadable cache metadata ({type(e).__name__}: {e}); save the cache again with DreamCacheSave.") from None
+        raise DreamCacheError(f"'{name}' has missing or unreadable cache metadata ({type(e).__name__}: {e}); save the "
+                              "cache again with DreamCacheSave.") from None
     if version > CACHE_FORMAT_VERSION or version < 1:
-        raise DreamCacheError(f"'{name}' uses cache format version {version}, which this pack does not read ({CACHE_FORMAT_VERSION}); update ComfyUI-DreamCache or rebuild the cache.")
+        raise DreamCacheError(f"'{name}' uses cache format version {version}, which this pack does not read "
+                              f"({CACHE_FORMAT_VERSION}); update ComfyUI-DreamCache or rebuild the cache.")
     if raw:
-        raise DreamCacheError(f"'{name}' holds tensors its metadata does not list ({', '.join(sorted(raw)[:3])}); the file is damaged, save the cache again.")
+        raise DreamCacheError(f"'{name}' holds tensors its metadata does not list ({', '.join(sorted(raw)[:3])}); the "
+                              "file is damaged, save the cache again.")
     if family not in FAMILIES:
         family = None
     validate_tokens(tokens, spatial, references, per_image, f"'{name}'")
     return FeatureCache(
-        tokens=tokens, spatial=spatial, references=references, per_image=per_image, model_family=family, sigma=sigma, seed=seed,
-        resolution=tuple(resolution) if resolution else None, conditioning=meta.get("conditioning", ""), adapter=meta.get("adapter") or None,
+        tokens=tokens, spatial=spatial, references=references, per_image=per_image, model_family=family, sigma=sigma,
+                        seed=seed,
+        resolution=tuple(resolution) if resolution else None, conditioning=meta.get("conditioning", ""),
+                        adapter=meta.get("adapter") or None,
         extra=extra if isinstance(extra, dict) else {},
     )

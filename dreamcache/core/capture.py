@@ -60,6 +60,7 @@ def run_and_capture(modules: dict, run, stop_when_complete: bool = True) -> dict
     missing = [str(k) for k in modules if k not in got]
     if missing:
         raise DreamCacheError(
-            f"The cache pass never reached {', '.join(missing)}; the model does not run those layers (is it an SD U-Net?)."
+            f"The cache pass never reached {', '.join(missing)}; the model does not run those layers (is it an SD "
+            "U-Net?)."
         )
     return dict(got)

@@ -56,7 +56,8 @@ def prepare_reference(images: torch.Tensor, resolution: int = 512, fit: str = "p
     if resolution == 0:
         nh, nw = (h // multiple) * multiple, (w // multiple) * multiple
         if nh < 64 or nw < 64:
-            raise DreamCacheError(f"The reference is {w}x{h} pixels; it must be at least 64x64 (set a resolution to upscale it).")
+            raise DreamCacheError(f"The reference is {w}x{h} pixels; it must be at least 64x64 (set a resolution to "
+                                  "upscale it).")
         top, left = (h - nh) // 2, (w - nw) // 2
         return rgb[:, top:top + nh, left:left + nw, :]
     if resolution < 64 or resolution % multiple:

@@ -73,7 +73,8 @@ SD_LAYERS = tuple(
 
 #: SDXL is not in the paper. Same rule as SD: the middle transformer plus every second decoder
 #: transformer (SDXL's decoder transformers are output_blocks.0.1 .. 5.1), first block of each.
-SDXL_LAYERS = tuple(LayerRef(m) for m in ("middle_block.1", "output_blocks.1.1", "output_blocks.3.1", "output_blocks.5.1"))
+SDXL_LAYERS = tuple(LayerRef(m) for m in ("middle_block.1", "output_blocks.1.1", "output_blocks.3.1",
+                                          "output_blocks.5.1"))
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 
@@ -86,7 +87,8 @@ def default_layers(family: str) -> tuple[LayerRef, ...]:
     raise DreamCacheError(f"No default DreamCache layer set for model family '{family}'; pass the layers explicitly.")
 
 
-def every_second_decoder_layer(decoder_modules: list[str], middle: str | None = "middle_block.1") -> tuple[LayerRef, ...]:
+def every_second_decoder_layer(decoder_modules: list[str], middle: str | None = "middle_block.1") -> tuple[LayerRef,
+                                                                                                           ...]:
     """The paper's rule applied to any U-Net: middle transformer + decoder transformers 2, 4, 6, ... (1-based)."""
     picked = [LayerRef(m) for i, m in enumerate(decoder_modules) if i % 2 == 1]
     return tuple(([LayerRef(middle)] if middle else []) + picked)

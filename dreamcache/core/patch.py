@@ -27,7 +27,7 @@ import torch
 from .adapter import DreamCacheAdapter
 from .attention import sdpa_attention
 from .block import fuse, memory_attention, mix_weighted, project_memory
-from .cache import FeatureCache
+from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
 from .layers import LayerRef
 from .regional import batch_index, check_layer_weights, mask_kind, prepare_mask, token_grid, token_weights
@@ -39,6 +39,17 @@ DISABLE_KEY = "dreamcache_disable"
 #: transformer_options key under which the wrapper leaves its per-call plan.
 PLAN_KEY = "dreamcache_plan"
 _STASH = "dreamcache_attn1_out"
+
+
+#: The strength range DreamCache accepts (1 = the method as trained).
+STRENGTH_RANGE = (-1.0, 3.0)
+
+
+def check_strength(strength: float):
+    lo, hi = STRENGTH_RANGE
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and lo <= strength <= hi):
+        raise DreamCacheError(f"DreamCache strength {strength} is out of range; use a value between {lo:g} and {hi:g} "
+                              "(1 = the method as trained).")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,17 +74,8 @@ class PatchEntry:
             object.__setattr__(self, "_mask_off", kind == "zero")
         weights = check_layer_weights(dict(self.layer_weights or {}), self.adapter.layers)
         object.__setattr__(self, "layer_weights", weights)
-        if not math.isfinite(self.strength) or not -1.0 <= self.strength <= 3.0:
-            raise DreamCacheError(f"DreamCache strength {self.strength} is out of range; use a value between -1 and 3 (1 = the method as trained).")
-        missing = [str(r) for r in self.adapter.layers if r not in self.cache.tokens]
-        if missing:
-            raise DreamCacheError(f"The cache has no features for adapter layer(s) {', '.join(missing)}; rebuild the cache with this adapter.")
-        for r in self.adapter.layers:
-            if self.cache.channels(r) != self.adapter.channels[r]:
-                raise DreamCacheError(
-                    f"Cache layer {r} has {self.cache.channels(r)} channels but the adapter's has {self.adapter.channels[r]}; "
-                    "the cache was built with another model family, rebuild it with this model."
-                )
+        check_strength(self.strength)
+        check_cache_matches(self.cache, self.adapter.channels, self.name)
 
     def active_at(self, sigma: float | None) -> bool:
         return sigma is None or self.sigma_end <= sigma <= self.sigma_start
@@ -267,7 +269,8 @@ class DreamCachePatch:
                 if all(on[first:last + 1]):  # the usual case: one run of chunks -> a slice, no gather/scatter copies
                     rows = slice(first * per, (last + 1) * per)
                 else:
-                    rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)], device=device, dtype=torch.long)
+                    rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)],
+                                        device=device, dtype=torch.long)
         sig = to.get("sigmas")
         sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
         active = [e.active_at(sigma) and not e.mask_off for e in self.entries]
@@ -330,7 +333,8 @@ class DreamCachePatch:
         works = plan.layers[(extra.get("block"), extra.get("block_index", 0))]
         if a.shape != x.shape:
             raise DreamCacheError(
-                f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs {tuple(x.shape)}); "
+                f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs "
+                f"{tuple(x.shape)}); "
                 "apply that node before ApplyDreamCache or disable it for these layers."
             )
         rows = plan.rows

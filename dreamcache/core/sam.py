@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -16,11 +15,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import DreamCacheError
+from .files import read_tensor_file
+from .layout import bounding_box
 
 INSTALL_HINT = "pip install segment-anything"
-SAFETENSORS_EXTENSIONS = (".safetensors", ".sft")
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".ckpt")
-SAM_EXTENSIONS = set(SAFETENSORS_EXTENSIONS + TORCH_EXTENSIONS)
 
 #: Auto mode: a first-pass mask counts as confident when SAM's IoU head scores it within this of the best one.
 CONFIDENT_MARGIN = 0.05
@@ -55,7 +53,8 @@ def require_segment_anything():
         import segment_anything
     except ImportError as e:
         raise DreamCacheError(
-            f"SAM needs the segment-anything package, which could not be imported ({e}); run '{INSTALL_HINT}' with ComfyUI's Python, "
+            f"SAM needs the segment-anything package, which could not be imported ({e}); run '{INSTALL_HINT}' with "
+            "ComfyUI's Python, "
             "or use prompt_mode 'mask' with any segmenter's MASK."
         ) from None
     return segment_anything
@@ -70,40 +69,23 @@ def read_state_dict(path: str, name: str | None = None) -> dict[str, torch.Tenso
     name = name or os.path.basename(path)
     if not os.path.isfile(path):
         raise DreamCacheError(f"SAM checkpoint '{path}' does not exist; put SAM checkpoints in ComfyUI/models/sams.")
-    ext = os.path.splitext(path)[1].lower()
-    if ext in SAFETENSORS_EXTENSIONS:
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types for damaged headers
-            raise DreamCacheError(f"'{name}' could not be read as safetensors ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a SAM checkpoint.") from None
-    elif ext in TORCH_EXTENSIONS:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DreamCacheError(
-                f"'{name}' contains objects other than tensors, which are never unpickled (torch.load weights_only refused: {first[:160]}); "
-                "use the official SAM .pth or a .safetensors conversion."
-            ) from None
-        except Exception as e:  # damaged or foreign files fail in many ways (KeyError, EOFError, BadZipFile, ...)
-            raise DreamCacheError(f"'{name}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:160]}); the file is damaged or not a SAM checkpoint.") from None
-        if isinstance(sd, dict) and len(sd) == 1 and next(iter(sd)) in ("model", "state_dict") and isinstance(next(iter(sd.values())), dict):
-            sd = next(iter(sd.values()))
-    else:
-        raise DreamCacheError(f"'{name}' has extension '{ext}', which is not a SAM checkpoint format; use the official .pth or a .safetensors file.")
+    sd, _ = read_tensor_file(path, name, "the file is damaged or not a SAM checkpoint; use the official SAM .pth or a "
+                                         ".safetensors conversion",
+                             "is not a SAM checkpoint format; use the official .pth or a .safetensors file")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise DreamCacheError(f"'{name}' does not hold a plain dict of tensors, so it is not a SAM checkpoint; use {VARIANTS['vit_b'].file} or another official one.")
+        raise DreamCacheError(f"'{name}' does not hold a plain dict of tensors, so it is not a SAM checkpoint; use "
+                              f"{VARIANTS['vit_b'].file} or another official one.")
     return sd
 
 
 def detect_variant(sd: dict[str, torch.Tensor], name: str = "checkpoint") -> str:
-    """``vit_b`` / ``vit_l`` / ``vit_h`` from the image encoder's embedding width and block count (never the file name)."""
+    """``vit_b`` / ``vit_l`` / ``vit_h`` from the image encoder's embedding width and block count (never the file
+    name)."""
     official = ", ".join(v.file for v in VARIANTS.values())
     patch = sd.get(_PATCH_KEY)
     if not isinstance(patch, torch.Tensor) or patch.dim() != 4 or not any(k.startswith("mask_decoder.") for k in sd):
-        raise DreamCacheError(f"'{name}' is not a Segment Anything checkpoint (no SAM image encoder and mask decoder weights); use one of {official}.")
+        raise DreamCacheError(f"'{name}' is not a Segment Anything checkpoint (no SAM image encoder and mask decoder "
+                              f"weights); use one of {official}.")
     embed_dim = int(patch.shape[0])
     depth = len({int(m.group(1)) for k in sd for m in [_BLOCK_RE.match(k)] if m})
     for v in VARIANTS.values():
@@ -113,13 +95,15 @@ def detect_variant(sd: dict[str, torch.Tensor], name: str = "checkpoint") -> str
                 break
             return v.name
     raise DreamCacheError(
-        f"'{name}' has a SAM-like image encoder of width {embed_dim} with {depth} blocks, which is none of ViT-B (768, 12), ViT-L (1024, 24) "
+        f"'{name}' has a SAM-like image encoder of width {embed_dim} with {depth} blocks, which is none of ViT-B (768, "
+        "12), ViT-L (1024, 24) "
         f"or ViT-H (1280, 32); use one of {official} (SAM-HQ, MobileSAM and SAM 2 files are not supported)."
     )
 
 
 def build_empty(variant: str, device: str | torch.device = "meta") -> torch.nn.Module:
-    """The variant's ``segment_anything.modeling.Sam`` built without a checkpoint (on the meta device by default: no memory,
+    """The variant's ``segment_anything.modeling.Sam`` built without a checkpoint (on the meta device by default: no
+    memory,
     no random init)."""
     sa = require_segment_anything()
     builder = getattr(sa, VARIANTS[variant].builder)
@@ -127,7 +111,8 @@ def build_empty(variant: str, device: str | torch.device = "meta") -> torch.nn.M
         return builder()
 
 
-def sam_from_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint", variant: str | None = None) -> tuple[torch.nn.Module, str]:
+def sam_from_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint",
+                        variant: str | None = None) -> tuple[torch.nn.Module, str]:
     """A ready SAM (fp32, eval, no grad, CPU) from a state dict, loaded strictly; returns ``(model, variant)``."""
     variant = variant or detect_variant(sd, name)
     model = build_empty(variant)
@@ -135,10 +120,12 @@ def sam_from_state_dict(sd: dict[str, torch.Tensor], name: str = "checkpoint", v
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:240]
-        raise DreamCacheError(f"'{name}' looks like SAM {variant} but its weights do not fit it ({detail}); re-download the official {VARIANTS[variant].file}.") from None
+        raise DreamCacheError(f"'{name}' looks like SAM {variant} but its weights do not fit it ({detail}); "
+                              f"re-download the official {VARIANTS[variant].file}.") from None
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise DreamCacheError(f"'{name}' is missing SAM weights (for example '{left[0]}'); re-download the official {VARIANTS[variant].file}.")
+        raise DreamCacheError(f"'{name}' is missing SAM weights (for example '{left[0]}'); re-download the official "
+                              f"{VARIANTS[variant].file}.")
     model = model.float().eval()
     model.requires_grad_(False)
     return model, variant
@@ -226,7 +213,8 @@ def _to_input_frame(emb: Embedded, xy: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(sam, emb: Embedded, points=None, labels=None, box=None, multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(sam, emb: Embedded, points=None, labels=None, box=None, multimask: bool = True) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
     """Low-resolution mask logits ``(C, 4h, 4w)`` and SAM's predicted IoU ``(C,)`` for pixel prompts in the original
     image frame (``points`` [(x, y)], ``labels`` 1 = subject / 0 = not, ``box`` (x0, y0, x1, y1))."""
     dev = emb.features.device
@@ -240,7 +228,8 @@ def decode(sam, emb: Embedded, points=None, labels=None, box=None, multimask: bo
     sparse, dense = sam.prompt_encoder(points=pts, boxes=boxes, masks=None)
     dt = emb.features.dtype
     low, iou = sam.mask_decoder(image_embeddings=emb.features, image_pe=sam.prompt_encoder.get_dense_pe().to(dt),
-                                sparse_prompt_embeddings=sparse.to(dt), dense_prompt_embeddings=dense.to(dt), multimask_output=multimask)
+                                sparse_prompt_embeddings=sparse.to(dt), dense_prompt_embeddings=dense.to(dt),
+                                multimask_output=multimask)
     return low[0].float(), iou[0].float()
 
 
@@ -259,14 +248,14 @@ def _valid_low(sam, emb: Embedded, low: torch.Tensor) -> torch.Tensor:
 
 
 def _low_box(emb: Embedded, valid_mask: torch.Tensor) -> tuple[float, float, float, float] | None:
-    on = valid_mask > 0
-    cols, rows = torch.nonzero(on.any(0)).flatten(), torch.nonzero(on.any(1)).flatten()
-    if cols.numel() == 0:
+    """The bounding box of a low-resolution mask, in pixels of the original image."""
+    box = bounding_box(valid_mask)
+    if box is None:
         return None
     (oh, ow) = emb.original_size
     vh, vw = valid_mask.shape
     sx, sy = ow / vw, oh / vh
-    return float(cols[0]) * sx, float(rows[0]) * sy, (float(cols[-1]) + 1) * sx, (float(rows[-1]) + 1) * sy
+    return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
 @torch.no_grad()
@@ -297,12 +286,14 @@ def predict_prompted(sam, emb: Embedded, points=None, labels=None, box=None) -> 
     return upscale(sam, emb, low[int(iou.argmax())])
 
 
-def predict(sam, rgb: torch.Tensor, mode: str, box=None, points=None, labels=None, cache: EmbeddingCache | None = None) -> torch.Tensor:
+def predict(sam, rgb: torch.Tensor, mode: str, box=None, points=None, labels=None,
+            cache: EmbeddingCache | None = None) -> torch.Tensor:
     """Subject probabilities ``[H, W]`` (on the CPU, float32) for one image ``rgb [H, W, 3]`` in 0..1."""
     if mode not in ("auto", "box", "points"):
         raise DreamCacheError(f"prompt_mode '{mode}' does not use SAM; use auto, box or points.")
     if mode == "points" and not any(label == 1 for label in (labels or [])):
-        raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pairs, e.g. 120,80; 200,150.")
+        raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pairs, e.g. "
+                              "120,80; 200,150.")
     emb = embed_image(sam, rgb, cache)
     if mode == "auto":
         probs = predict_auto(sam, emb)

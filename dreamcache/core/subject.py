@@ -18,12 +18,11 @@ import torch.nn.functional as F
 
 from .errors import DreamCacheError
 from .image import to_rgb_on_white
+from .layout import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
 
 PROMPT_MODES = ("auto", "box", "points", "mask")
 SAM_MODES = ("auto", "box", "points")
 LAYOUTS = ("train", "keep")
-#: In the ``train`` layout the longer side of the subject's bounding box is this fraction of the output side.
-SUBJECT_FILL = 0.85
 #: An alpha channel is a mask candidate when some pixel is at least this transparent.
 _ALPHA_OPAQUE = 0.999
 
@@ -40,7 +39,8 @@ def parse_color(value) -> tuple[float, float, float]:
     Accepts ``#rgb``, ``#rrggbb`` (with or without '#'), ``r,g,b`` / ``r g b`` integers 0..255, the names white,
     black, gray/grey, or a sequence of three numbers 0..255.
     """
-    bad = DreamCacheError(f"Background colour {value!r} is not understood; use a hex colour like #ffffff or three numbers 0-255 like 255,255,255.")
+    bad = DreamCacheError(f"Background colour {value!r} is not understood; use a hex colour like #ffffff or three "
+                          "numbers 0-255 like 255,255,255.")
     if isinstance(value, (tuple, list)):
         parts = list(value)
     else:
@@ -86,7 +86,8 @@ def parse_points(text: str, what: str = "points") -> list[tuple[float, float]]:
                 raise ValueError
         except ValueError:
             raise DreamCacheError(
-                f"Point '{chunk}' in {what} is not understood; write points as x,y pixel pairs separated by ';', e.g. 120,80; 200,150."
+                f"Point '{chunk}' in {what} is not understood; write points as x,y pixel pairs separated by ';', e.g. "
+                "120,80; 200,150."
             ) from None
         points.append((x, y))
     return points
@@ -95,17 +96,20 @@ def parse_points(text: str, what: str = "points") -> list[tuple[float, float]]:
 def check_points(points: Sequence[tuple[float, float]], width: int, height: int, what: str = "points"):
     for x, y in points:
         if not (0 <= x < width and 0 <= y < height):
-            raise DreamCacheError(f"Point ({x:g}, {y:g}) in {what} lies outside the {width}x{height} image; give points in pixels of the input image.")
+            raise DreamCacheError(f"Point ({x:g}, {y:g}) in {what} lies outside the {width}x{height} image; give "
+                                  "points in pixels of the input image.")
 
 
 def box_from_xywh(x: int, y: int, w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
     """A pixel box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) from x, y, width, height, clipped to the image."""
     if w <= 0 or h <= 0:
-        raise DreamCacheError(f"The box is {w}x{h} pixels; set box_width and box_height to the size of the subject in pixels.")
+        raise DreamCacheError(f"The box is {w}x{h} pixels; set box_width and box_height to the size of the subject in "
+                              "pixels.")
     x0, y0 = max(0, int(x)), max(0, int(y))
     x1, y1 = min(width, int(x) + int(w)), min(height, int(y) + int(h))
     if x1 <= x0 or y1 <= y0:
-        raise DreamCacheError(f"The box (x={x}, y={y}, {w}x{h}) lies outside the {width}x{height} image; give it in pixels of the input image.")
+        raise DreamCacheError(f"The box (x={x}, y={y}, {w}x{h}) lies outside the {width}x{height} image; give it in "
+                              "pixels of the input image.")
     return x0, y0, x1, y1
 
 
@@ -146,7 +150,8 @@ def needs_sam(prompt_mode: str, images: torch.Tensor | None) -> bool:
 
 
 def resize_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """A MASK (``[H, W]``, ``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, H, W, 1]``) as ``[batch, height, width]`` float in 0..1:
+    """A MASK (``[H, W]``, ``[B, H, W]``, ``[B, 1, H, W]`` or ``[B, H, W, 1]``) as ``[batch, height, width]`` float
+    in 0..1:
     resized (bilinear) when its size differs, one mask repeated for every image."""
     if not isinstance(mask, torch.Tensor):
         raise DreamCacheError(f"The mask input is a {type(mask).__name__}, not a MASK; connect a MASK output.")
@@ -160,15 +165,18 @@ def resize_masks(mask: torch.Tensor, batch: int, height: int, width: int) -> tor
     if m.dim() != 3 or m.shape[0] == 0 or m.shape[1] == 0 or m.shape[2] == 0:
         raise DreamCacheError(f"The mask has shape {tuple(mask.shape)}; expected a MASK [B, H, W].")
     if m.shape[0] not in (1, batch):
-        raise DreamCacheError(f"The MASK batch holds {m.shape[0]} masks for {batch} images; give one mask, or one per image.")
+        raise DreamCacheError(f"The MASK batch holds {m.shape[0]} masks for {batch} images; give one mask, or one per "
+                              "image.")
     if m.shape[1:] != (height, width):
         down = height < m.shape[1] or width < m.shape[2]
-        m = F.interpolate(m.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False, antialias=down)[:, 0]
+        m = F.interpolate(m.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=down)[:, 0]
     m = m.clamp(0.0, 1.0)
     return m.expand(batch, -1, -1).contiguous() if m.shape[0] == 1 else m.contiguous()
 
 
-def subject_probabilities(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None, invert_mask: bool = False,
+def subject_probabilities(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None,
+                          invert_mask: bool = False,
                           segment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The subject mask candidate ``[B, H, W]`` in 0..1 before thresholding.
 
@@ -188,18 +196,22 @@ def subject_probabilities(images: torch.Tensor, prompt_mode: str, mask: torch.Te
             return 1.0 - m if invert_mask else m
         alpha = alpha_mask(images)
         if alpha is None:
-            raise DreamCacheError("prompt_mode 'mask' needs a MASK input (or an image with transparency); connect a mask, or pick auto, box or points with a SAM model.")
+            raise DreamCacheError("prompt_mode 'mask' needs a MASK input (or an image with transparency); connect a "
+                                  "mask, or pick auto, box or points with a SAM model.")
         return alpha
     if prompt_mode == "auto":
         alpha = alpha_mask(images)
         if alpha is not None:
-            logging.info("DreamCache SubjectMask: the image has transparency; its alpha is used as the subject mask (SAM not run).")
+            logging.info("DreamCache SubjectMask: the image has transparency; its alpha is used as the subject mask "
+                         "(SAM not run).")
             return alpha
     if segment is None:
-        raise DreamCacheError(f"prompt_mode '{prompt_mode}' needs a SAM model; connect DreamCacheSAMLoader to the sam input, or use prompt_mode 'mask' with any segmenter's MASK.")
+        raise DreamCacheError(f"prompt_mode '{prompt_mode}' needs a SAM model; connect DreamCacheSAMLoader to the sam "
+                              "input, or use prompt_mode 'mask' with any segmenter's MASK.")
     probs = segment(to_rgb_on_white(images))
     if not isinstance(probs, torch.Tensor) or tuple(probs.shape) != (b, h, w):
-        raise DreamCacheError(f"The segmenter returned {getattr(probs, 'shape', type(probs))} for {b} images of {w}x{h}; this is a bug, please report it.")
+        raise DreamCacheError(f"The segmenter returned {getattr(probs, 'shape', type(probs))} for {b} images of "
+                              f"{w}x{h}; this is a bug, please report it.")
     return probs.float().clamp(0.0, 1.0)
 
 
@@ -256,31 +268,25 @@ def feather_mask(m: torch.Tensor, pixels: int) -> torch.Tensor:
     return torch.where(x < 1e-6, torch.zeros_like(x), torch.where(x > 1.0 - 1e-6, torch.ones_like(x), x))
 
 
-def bounding_box(m: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """``(x0, y0, x1, y1)`` (x1, y1 exclusive) of the pixels of a 2-D mask that are > 0, or None when there are none."""
-    on = m > 0
-    cols = torch.nonzero(on.any(dim=0)).flatten()
-    rows = torch.nonzero(on.any(dim=1)).flatten()
-    if cols.numel() == 0:
-        return None
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def refine_masks(probs: torch.Tensor, threshold: float = 0.5, grow: int = 0, feather: int = 0) -> torch.Tensor:
-    """Threshold, then grow/shrink, then feather: the final soft mask ``[B, H, W]``. Raises when an image has no subject."""
+    """Threshold, then grow/shrink, then feather: the final soft mask ``[B, H, W]``. Raises when an image has no
+    subject."""
     m = binarize(probs, threshold)
     empty = [i for i in range(m.shape[0]) if not bool(m[i].any())]
     if empty:
         raise DreamCacheError(
-            f"No subject found in image {empty[0] + 1} of {m.shape[0]} (the mask is empty at threshold {threshold:g}); give a box or points, or lower the threshold."
+            f"No subject found in image {empty[0] + 1} of {m.shape[0]} (the mask is empty at threshold {threshold:g}); "
+            "give a box or points, or lower the threshold."
         )
     m = grow_mask(m, grow)
     empty = [i for i in range(m.shape[0]) if not bool(m[i].any())]
     if empty:
-        raise DreamCacheError(f"No subject left in image {empty[0] + 1} after shrinking the mask by {-grow} pixels; use a smaller negative grow.")
+        raise DreamCacheError(f"No subject left in image {empty[0] + 1} after shrinking the mask by {-grow} pixels; "
+                              "use a smaller negative grow.")
     for i in range(m.shape[0]):
         if bool((m[i] > 0).all()):
-            logging.warning("DreamCache SubjectMask: the mask of image %d covers the whole picture; give a box or points if that is not the subject.", i + 1)
+            logging.warning("DreamCache SubjectMask: the mask of image %d covers the whole picture; give a box or "
+                            "points if that is not the subject.", i + 1)
     return feather_mask(m, feather)
 
 
@@ -293,7 +299,8 @@ def _color_tensor(color, like: torch.Tensor) -> torch.Tensor:
 
 
 def composite(rgb: torch.Tensor, m: torch.Tensor, color) -> torch.Tensor:
-    """``rgb * m + color * (1 - m)`` for ``rgb [..., H, W, 3]`` and ``m [..., H, W]``: exactly ``color`` where m == 0."""
+    """``rgb * m + color * (1 - m)`` for ``rgb [..., H, W, 3]`` and ``m [..., H, W]``: exactly ``color`` where
+    m == 0."""
     c = _color_tensor(color, rgb)
     a = m.unsqueeze(-1)
     return torch.where(a > 0, rgb * a + c * (1.0 - a), c.expand_as(rgb))
@@ -305,13 +312,16 @@ def _resize_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if x.shape[0] == h and x.shape[1] == w:
         return x
     down = h < x.shape[0] or w < x.shape[1]
-    y = F.interpolate(x.permute(2, 0, 1).unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+    y = F.interpolate(x.permute(2, 0, 1).unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False,
+                      antialias=down)
     return y[0].permute(1, 2, 0)
 
 
-def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512, fill: float = SUBJECT_FILL) -> torch.Tensor:
-    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``): crop to the mask's bounding box, scale
-    (aspect kept) so its longer side is ``fill * size``, centre it on a ``size x size`` canvas of ``color``.
+def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512,
+                 width: float = INFERENCE_WIDTH) -> torch.Tensor:
+    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.layout`: crop to
+    the mask's bounding box, scale (aspect kept) so its width is ``width * size`` (height capped at ``size``),
+    centre it on a ``size x size`` canvas of ``color``.
 
     The crop is resampled with premultiplied alpha, so no colour of the photo's background bleeds into the edge and
     every pixel the resized mask does not reach is exactly ``color``."""
@@ -319,27 +329,26 @@ def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512, fil
     if box is None:
         raise DreamCacheError("No subject found (the mask is empty); give a box or points.")
     x0, y0, x1, y1 = box
-    bw, bh = x1 - x0, y1 - y0
-    scale = fill * size / max(bw, bh)
-    nw = min(size, max(1, round(bw * scale)))
-    nh = min(size, max(1, round(bh * scale)))
+    nw, nh = subject_size(x1 - x0, y1 - y0, size, width)
     crop_m = m[y0:y1, x0:x1].unsqueeze(-1)
     both = _resize_hw(torch.cat([rgb[y0:y1, x0:x1] * crop_m, crop_m], dim=-1), nh, nw)
     premul, alpha = both[..., :3], both[..., 3:].clamp(0.0, 1.0)
     c = _color_tensor(color, rgb)
     region = torch.where(alpha > 0, (premul + c * (1.0 - alpha)).clamp(0.0, 1.0), c.expand_as(premul))
     canvas = c.expand(size, size, 3).clone()
-    top, left = (size - nh) // 2, (size - nw) // 2
+    left, top = subject_offset(size, nw, nh)
     canvas[top:top + nh, left:left + nw] = region
     return canvas
 
 
-def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "train", size: int = 512, background="#ffffff",
-                   fill: float = SUBJECT_FILL) -> torch.Tensor:
+def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "train", size: int = 512,
+                   background="#ffffff",
+                   width: float = INFERENCE_WIDTH) -> torch.Tensor:
     """The reference batch from images and their final masks ``[B, H, W]``.
 
-    ``train``: each subject cropped, scaled to ``fill`` of the side and centred on a ``size`` square of the background
-    colour (what the adapters were trained on); ``keep``: the same canvas with the background painted over.
+    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.layout`) and centred on a
+    ``size`` square of the background colour (what the adapters were trained on); ``keep``: the same canvas with the
+    background painted over.
     Alpha is composited on white first; gray becomes RGB.
     """
     if layout not in LAYOUTS:
@@ -347,16 +356,18 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
     color = parse_color(background)
     rgb = to_rgb_on_white(as_image_batch(images))
     if tuple(masks.shape) != tuple(rgb.shape[:3]):
-        raise DreamCacheError(f"The masks {tuple(masks.shape)} do not match the images {tuple(rgb.shape[:3])}; this is a bug, please report it.")
+        raise DreamCacheError(f"The masks {tuple(masks.shape)} do not match the images {tuple(rgb.shape[:3])}; this is "
+                              "a bug, please report it.")
     masks = masks.to(rgb.device, rgb.dtype)
     if layout == "keep":
         return composite(rgb, masks, color)
     if int(size) < 8:
         raise DreamCacheError(f"Output size {size} is too small; use 512 for SD1.5/2.1 or 1024 for SDXL.")
-    return torch.stack([layout_train(rgb[i], masks[i], color, int(size), fill) for i in range(rgb.shape[0])])
+    return torch.stack([layout_train(rgb[i], masks[i], color, int(size), width) for i in range(rgb.shape[0])])
 
 
-def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0, box_height: int = 0,
+def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0,
+                box_height: int = 0,
                 positive_points: str = "", negative_points: str = ""):
     """Validated SAM prompts in pixels of the input image: ``(box, points, labels)``.
 
@@ -370,7 +381,8 @@ def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y
     check_points(neg, width, height, "negative_points")
     box = box_from_xywh(box_x, box_y, box_width, box_height, width, height) if prompt_mode == "box" else None
     if prompt_mode == "points" and not pos:
-        raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pixel pairs, e.g. 120,80; 200,150.")
+        raise DreamCacheError("prompt_mode 'points' needs at least one positive point; write them as x,y pixel pairs, "
+                              "e.g. 120,80; 200,150.")
     points = pos + neg
     labels = [1] * len(pos) + [0] * len(neg)
     return box, (points or None), (labels or None)

@@ -7,7 +7,8 @@ on a CPU in seconds with no weight files.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))  # tests/ (tiny_models), through the symlink
+# tests/ (tiny_models), through the symlink
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 import tiny_models  # noqa: E402
 
@@ -32,7 +33,9 @@ class DreamCacheTestTinyCheckpoint:
     DESCRIPTION = "Tiny random-weight checkpoint for tests."
 
     def load(self, family, seed):
-        return _cached(("ckpt", family, seed), lambda: (tiny_models.make_model(family, seed=seed), tiny_models.make_clip(family, seed=seed + 1), tiny_models.make_vae(seed=seed + 2)))
+        return _cached(("ckpt", family, seed), lambda: (tiny_models.make_model(family, seed=seed),
+                                                        tiny_models.make_clip(family, seed=seed + 1),
+                                                        tiny_models.make_vae(seed=seed + 2)))
 
 
 class DreamCacheTestTinyControlNet:

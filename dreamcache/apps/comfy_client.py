@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -45,7 +46,8 @@ class Client:
         self.url = url.rstrip("/")
         self.client_id = uuid.uuid4().hex
 
-    def _request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 60):
+    def _request(self, method: str, path: str, data: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 60):
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -70,16 +72,31 @@ class Client:
     def object_info(self) -> dict:
         return self.get_json("/object_info", timeout=300)
 
-    def queue(self, prompt: dict, extra: dict | None = None) -> str:
+    def queue(self, prompt: dict, extra: dict | None = None, partial: bool = False) -> str:
+        """Queue a prompt and return its id. ComfyUI answers HTTP 200 even when it refused some output nodes
+        (``node_errors``: "Output will be ignored") and runs the rest; unless ``partial``, such a prompt is taken
+        off the queue again (or interrupted) and a ServerError names each refused node once."""
         payload = {"prompt": prompt, "client_id": self.client_id, **(extra or {})}
-        status, body = self._request("POST", "/prompt", json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        status, body = self._request("POST", "/prompt", json.dumps(payload).encode(),
+                                     {"Content-Type": "application/json"})
         try:
             answer = json.loads(body)
         except json.JSONDecodeError:
             answer = {"error": {"message": body.decode(errors="replace")[:500]}}
         if status != 200:
             raise ServerError(describe_rejection(answer), answer)
+        if answer.get("node_errors") and not partial:
+            self.cancel(answer["prompt_id"])
+            message = describe_rejection(answer) + "\nThe prompt was taken off the queue: nothing was run."
+            raise ServerError(message, answer)
         return answer["prompt_id"]
+
+    def cancel(self, prompt_id: str):
+        """Take a queued prompt off the queue, or interrupt it if it is already running (only that prompt)."""
+        body = json.dumps({"delete": [prompt_id]}).encode()
+        self._request("POST", "/queue", body, {"Content-Type": "application/json"})
+        body = json.dumps({"prompt_id": prompt_id}).encode()
+        self._request("POST", "/interrupt", body, {"Content-Type": "application/json"})
 
     def upload_image(self, path: str, overwrite: bool = False) -> str:
         boundary = uuid.uuid4().hex
@@ -87,11 +104,14 @@ class Client:
         with open(path, "rb") as f:
             content = f.read()
         parts = [
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n",
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"overwrite\"\r\n\r\n{'true' if overwrite else 'false'}\r\n".encode(),
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: "
+            "application/octet-stream\r\n\r\n".encode() + content + b"\r\n",
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            f"name=\"overwrite\"\r\n\r\n{'true' if overwrite else 'false'}\r\n".encode(),
             f"--{boundary}--\r\n".encode(),
         ]
-        status, body = self._request("POST", "/upload/image", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        status, body = self._request("POST", "/upload/image", b"".join(parts),
+                                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         if status != 200:
             raise ServerError(f"Uploading {name} failed with HTTP {status}.")
         return json.loads(body)["name"]
@@ -115,7 +135,8 @@ class Client:
             while time.monotonic() < deadline:
                 if ws is not None:
                     msg = ws.receive(timeout=0.5)
-                    if msg is not None and on_event is not None and msg.get("data", {}).get("prompt_id", prompt_id) == prompt_id:
+                    if msg is not None and on_event is not None and msg.get("data", {}).get("prompt_id",
+                                                                                            prompt_id) == prompt_id:
                         on_event(msg)
                 else:
                     time.sleep(0.3)
@@ -131,19 +152,43 @@ class Client:
                 ws.close()
 
 
-def describe_rejection(answer: dict) -> str:
-    err = answer.get("error") or {}
-    lines = [err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")]
-    for nid, ne in (answer.get("node_errors") or {}).items():
+def node_error_lines(node_errors: dict, prompt: dict | None = None) -> list[str]:
+    """One line per refused node, each distinct message once (ComfyUI repeats a failed ``validate_inputs`` under
+    every input the function takes, and lists the same errors again in the top-level message)."""
+    lines = []
+    for nid, ne in (node_errors or {}).items():
+        seen = []
         for e in ne.get("errors", []):
-            lines.append(f"node {nid} ({ne.get('class_type')}): {e.get('message')}" + (f" — {e['details']}" if e.get("details") else ""))
-    return "; ".join(lines)
+            details = str(e.get("details") or "")
+            name = (e.get("extra_info") or {}).get("input_name")
+            if e.get("type") == "custom_validation_failed" and name and details.startswith(f"{name} - "):
+                text = details[len(name) + 3:]  # "<input> - <the node's own message>": the message alone
+            else:
+                text = e.get("message", "error") + (f": {details}" if details else "")
+            if text not in seen:
+                seen.append(text)
+        title = ((prompt or {}).get(str(nid), {}).get("_meta") or {}).get("title")
+        kind = ne.get("class_type") or ""
+        label = f"{title}, {kind}" if title and title != kind else kind
+        lines.append(f"node {nid} ({label}): " + "; ".join(seen))
+    return lines
+
+
+def describe_rejection(answer: dict, prompt: dict | None = None) -> str:
+    err = answer.get("error") or {}
+    node_lines = node_error_lines(answer.get("node_errors") or {}, prompt)
+    if node_lines:  # the top-level details repeat the node errors: name each node once instead
+        head = err.get("message") or "ComfyUI refused output node(s) " + ", ".join(
+            sorted({o for ne in answer["node_errors"].values() for o in ne.get("dependent_outputs", [])}))
+        return head + ":\n  " + "\n  ".join(node_lines)
+    return err.get("message", "The prompt was rejected") + (f": {err['details']}" if err.get("details") else "")
 
 
 def describe_failure(entry: dict) -> str:
     for kind, data in entry.get("status", {}).get("messages", []):
         if kind == "execution_error":
-            return f"node {data.get('node_id')} ({data.get('node_type')}) failed: {data.get('exception_message', '').strip()}"
+            return (f"node {data.get('node_id')} ({data.get('node_type')}) failed: "
+                    f"{data.get('exception_message', '').strip()}")
         if kind == "execution_interrupted":
             return "The prompt was interrupted."
     return "The prompt failed."
@@ -167,7 +212,8 @@ class WebSocket:
                 raise OSError("websocket handshake closed")
             head += chunk
         header, self.buf = head.split(b"\r\n\r\n", 1)
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        digest = hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        accept = base64.b64encode(digest).decode()
         if b" 101 " not in header.split(b"\r\n", 1)[0] or accept.encode() not in header:
             raise OSError("websocket handshake refused")
 
@@ -189,7 +235,8 @@ class WebSocket:
         else:
             head = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack(">Q", n)
         mask = os.urandom(4)
-        masked = (int.from_bytes(payload, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")).to_bytes(n + 4, "little")[:n] if n else b""
+        mixed = int.from_bytes(payload, "little") ^ int.from_bytes(mask * (n // 4 + 1), "little")
+        masked = mixed.to_bytes(n + 4, "little")[:n] if n else b""
         self.sock.sendall(head + mask + masked)
 
     def send_json(self, obj):
@@ -231,7 +278,8 @@ class ComfyServer:
     """A ComfyUI server started for a run: ``with ComfyServer(comfyui_dir) as server: server.client.queue(...)``."""
 
     def __init__(self, comfyui: str | os.PathLike, base_directory: str | None = None, cpu: bool | None = None,
-                 extra_args: list[str] | None = None, python: str | None = None, log_path: str | None = None, startup_timeout: float = 600):
+                 extra_args: list[str] | None = None, python: str | None = None, log_path: str | None = None,
+                 startup_timeout: float = 600):
         self.comfyui = Path(comfyui)
         self.base_directory = base_directory
         self.cpu = cpu
@@ -261,8 +309,9 @@ class ComfyServer:
         if self.base_directory:
             cmd += ["--base-directory", str(self.base_directory)]
         cmd += self.extra_args
-        if self.log_path is None:
-            self.log_path = os.path.join(self.base_directory or os.getcwd(), f"comfyui-{self.port}.log")
+        if self.log_path is None:  # never the current folder
+            folder = self.base_directory or tempfile.gettempdir()
+            self.log_path = os.path.join(folder, f"comfyui-{self.port}.log")
         self._log = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -270,14 +319,16 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log: {self.log_tail()}")
+                raise ServerError(f"ComfyUI exited during start-up (code {self.proc.returncode}); its log "
+                                  f"({self.log_path}) ends: {self.log_tail()}")
             try:
                 self.client.get_json("/system_stats", timeout=5)
                 return self
             except ServerError:
                 time.sleep(0.5)
         self.stop()
-        raise ServerError(f"ComfyUI did not start within {self.startup_timeout:.0f} s; its log: {self.log_tail()}")
+        raise ServerError(f"ComfyUI did not start within {self.startup_timeout:.0f} s; its log ({self.log_path}) ends: "
+                          f"{self.log_tail()}")
 
     def log_tail(self, n: int = 3000) -> str:
         try:

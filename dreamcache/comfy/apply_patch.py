@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import math
 
-
 from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache
 from ..core.errors import DreamCacheError
-from ..core.patch import DreamCachePatch, PatchEntry
+from ..core.patch import DreamCachePatch, PatchEntry, check_strength
 from ..core.regional import parse_layer_weights
 from .model import check_adapter_fits, check_cache_fits, compute_dtype
 
@@ -40,7 +39,8 @@ def cpu_chunked_attention(device) -> bool:
     unless PyTorch attention is enabled)."""
     from comfy.ldm.modules import attention
 
-    return device.type == "cpu" and attention.optimized_attention in (attention.attention_sub_quad, attention.attention_split)
+    return device.type == "cpu" and attention.optimized_attention in (attention.attention_sub_quad,
+                                                                      attention.attention_split)
 
 
 def find_patch(model) -> DreamCachePatch | None:
@@ -65,7 +65,8 @@ def build_adapter_patcher(model, adapter: AdapterFile):
     import comfy.ops
 
     module = adapter.build(operations=comfy.ops.manual_cast, device=model.offload_device, dtype=compute_dtype(model))
-    return module, comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
+    return module, comfy.model_patcher.ModelPatcher(module, load_device=model.load_device,
+                                                    offload_device=model.offload_device)
 
 
 def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength: float = 1.0,
@@ -74,10 +75,10 @@ def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength:
     ``mask`` (a MASK) limits the subject to a region; ``layer_weights`` ({LayerRef: w} or text such as
     ``"middle=1, output_4=0.8"``) scales it per layer."""
 
-    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and -1.0 <= strength <= 3.0):
-        raise DreamCacheError(f"DreamCache strength {strength} is out of range; use a value between -1 and 3 (1 = the method as trained).")
+    check_strength(strength)
     if not (0.0 <= start_percent <= end_percent <= 1.0):
-        raise DreamCacheError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy 0 <= start <= end <= 1.")
+        raise DreamCacheError(f"start_percent {start_percent} and end_percent {end_percent} must satisfy 0 <= start <= "
+                              "end <= 1.")
     check_adapter_fits(model, adapter)
     check_cache_fits(model, cache, adapter)
     ms = model.get_model_object("model_sampling")

@@ -1,0 +1,41 @@
+"""``python -m dreamcache.train``: parse the command line (:mod:`.train`), load ComfyUI and the checkpoint, run the
+:class:`~.trainer.Trainer`. Its own module so that the trainer can import the configuration without a cycle."""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ..core.errors import DreamCacheError
+from .train import build_parser, config_from_args, load_state, log_path, resolve_resume
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        state = None
+        if args.resume:
+            state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
+        cfg = config_from_args(args, state.config if state else None)
+        from ..comfy.env import import_comfyui
+
+        cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) "
+                                  "or fix the CUDA install.")
+        import_comfyui(args.comfyui, cpu=cpu)
+        if cpu:
+            torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
+        from ..comfy import loading
+        from . import trainer
+
+        precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
+        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
+        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
+        t.run()
+        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
+        return 0
+    except DreamCacheError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,154 @@
+"""The layering of the pack (docs/architecture.md): imports go apps -> comfy -> core only, nodes -> comfy/core, no
+import cycles (lazy imports inside functions count), and the old module paths and command lines keep working.
+
+Static checks (``import_graph``: the source is parsed, nothing imported), so they run without ComfyUI."""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import import_graph
+import pytest
+from conftest import COMFYUI, NO_COMFY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_pack_has_no_layer_violation_and_no_import_cycle():
+    """Protects the architecture: the method never reaches the glue or ComfyUI, the glue never an application,
+    and no two modules import each other (directly or around a loop)."""
+    assert import_graph.check(ROOT) == []
+
+
+def _tree(root: Path, files: dict[str, str]):
+    for rel, text in files.items():
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(textwrap.dedent(text), encoding="utf-8")
+
+
+CLEAN = {
+    "__init__.py": "from .nodes import EXT\n",
+    "dreamcache/__init__.py": "__version__ = '0'\n",
+    "dreamcache/core/__init__.py": "",
+    "dreamcache/core/method.py": "import torch\nfrom .. import __version__\n",
+    "dreamcache/comfy/__init__.py": "",
+    "dreamcache/comfy/glue.py": "import comfy.samplers\nimport nodes\nfrom ..core import method\n",
+    "dreamcache/apps/__init__.py": "",
+    "dreamcache/apps/tool.py": "from ..comfy.glue import x\nfrom ..core.method import y\n",
+    "nodes/__init__.py": "import folder_paths\nfrom ..dreamcache.comfy import glue\nEXT = 1\n",
+}
+
+
+def test_a_clean_tree_passes(tmp_path):
+    """The checker does not flag the allowed directions (apps -> comfy -> core, ComfyUI modules from the glue,
+    ComfyUI's absolute ``nodes`` from the glue)."""
+    _tree(tmp_path, CLEAN)
+    assert import_graph.check(tmp_path) == []
+
+
+def test_the_checker_reports_every_planted_violation(tmp_path):
+    """The check can fail: a lazy core -> glue import, a core -> ComfyUI import, glue -> application, nodes ->
+    application, and a lazy two-module cycle are each reported, and nothing else is."""
+    _tree(tmp_path, {
+        **CLEAN,
+        "dreamcache/core/method.py": """\
+            import torch
+            import folder_paths
+
+            def lazy():
+                from ..comfy.glue import helper
+            """,
+        "dreamcache/comfy/glue.py": "from ..core import method\nfrom ..apps import tool\n",
+        "dreamcache/apps/tool.py": "from . import other\n",
+        "dreamcache/apps/other.py": "def later():\n    from .tool import run\n",
+        "nodes/__init__.py": "from ..dreamcache.apps.tool import run\nEXT = 1\n",
+    })
+    problems = import_graph.check(tmp_path)
+    expected = [
+        "dreamcache.core.method:2 imports ComfyUI's 'folder_paths', which dreamcache.core must not import",
+        "dreamcache.core.method:5 lazily imports dreamcache.comfy.glue, which dreamcache.core must not import",
+        "dreamcache.comfy.glue:2 imports dreamcache.apps.tool, which dreamcache.comfy must not import",
+        "nodes:1 imports dreamcache.apps.tool, which nodes must not import",
+        "import cycle: dreamcache.apps.other -> dreamcache.apps.tool -> dreamcache.apps.other",
+    ]
+    for line in expected:
+        assert line in problems, (line, problems)
+    # the core -> glue -> core loop is a cycle too; nothing beyond these is reported
+    assert [p for p in problems if p not in expected] == [
+        "import cycle: dreamcache.comfy.glue -> dreamcache.core.method -> dreamcache.comfy.glue"]
+
+
+def test_an_absolute_nodes_import_in_the_core_is_comfyui(tmp_path):
+    """``import nodes`` means ComfyUI's nodes.py (the pack's own package is only reachable relatively)."""
+    _tree(tmp_path, {**CLEAN, "dreamcache/core/method.py": "def f():\n    import nodes\n"})
+    assert import_graph.check(tmp_path) == [
+        "dreamcache.core.method:2 lazily imports ComfyUI's 'nodes', which dreamcache.core must not import"]
+
+
+@pytest.mark.skipif(COMFYUI is None, reason=NO_COMFY)
+def test_the_list_of_comfyui_modules_is_complete():
+    """The core rule knows every top-level module of the ComfyUI it is tested against."""
+    skip = {"tests", "tests-unit", "script_examples", "input", "output", "models", "custom_nodes", "alembic_db",
+            "user", "temp", "web", "notebooks"}
+    top = {p.stem for p in COMFYUI.glob("*.py")} | {
+        p.name for p in COMFYUI.iterdir() if p.is_dir() and p.name not in skip and any(p.rglob("*.py"))}
+    assert top - import_graph.COMFYUI_MODULES == set()
+
+
+def test_old_module_paths_give_the_new_modules():
+    """Users' scripts that import the 0.1 paths (``dreamcache.patch``, ...) get the very new module, with a
+    DeprecationWarning naming where it moved."""
+    from dreamcache import _aliases
+
+    for old, new in _aliases.MOVED.items():
+        sys.modules.pop(f"dreamcache.{old}", None)
+        with pytest.warns(DeprecationWarning, match=f"dreamcache.{old} moved to dreamcache.{new}"):
+            mod = importlib.import_module(f"dreamcache.{old}")
+        assert mod is importlib.import_module(f"dreamcache.{new}"), old
+    sys.modules.pop("dreamcache.patch", None)
+    with pytest.warns(DeprecationWarning):
+        import dreamcache.patch as old_patch
+    import dreamcache.core.patch as new_patch
+
+    assert old_patch is new_patch and old_patch.DreamCachePatch is new_patch.DreamCachePatch
+
+
+def test_the_old_data_and_train_modules_still_import():
+    """``dreamcache.data`` and ``dreamcache.train`` are command entry points now; imported (0.1 scripts), they still
+    give the library they held, with a DeprecationWarning."""
+    code = ("import warnings; warnings.simplefilter('always'); "
+            "import dreamcache.apps.data as new_data, dreamcache.apps.train as new_train\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import dreamcache.data as d, dreamcache.train as t\n"
+            "assert d.validate_dataset is new_data.validate_dataset and t.TrainConfig is new_train.TrainConfig\n"
+            "print(sorted(str(x.message) for x in w if x.category is DeprecationWarning))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "dreamcache.data moved to dreamcache.apps.data" in r.stdout
+    assert "dreamcache.train moved to dreamcache.apps.train" in r.stdout
+
+
+def test_new_paths_import_without_warnings():
+    """The pack's own imports use the new paths: importing the applications warns about nothing."""
+    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); "
+            "import dreamcache.apps.cli, dreamcache.apps.data.cli, dreamcache.apps.train_cli, dreamcache.apps.runner")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("module, prog", [
+    ("dreamcache", "python -m dreamcache"),
+    ("dreamcache.train", "python -m dreamcache.train"),
+    ("dreamcache.data", "python -m dreamcache.data"),
+])
+def test_command_lines_still_answer_help(module, prog):
+    """``python -m dreamcache``, ``python -m dreamcache.train`` and ``python -m dreamcache.data`` keep working
+    (thin entry modules over dreamcache.apps)."""
+    r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: {prog}"), r.stdout[:200]
