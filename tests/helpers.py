@@ -25,7 +25,8 @@ def node(node_id: str):
     return nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
-def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py")):
+def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py",
+                            "nodes_mask.py")):
     """Register a few of ComfyUI's comfy_extras node modules (the ones the tests combine with ours)."""
     import asyncio
     import os

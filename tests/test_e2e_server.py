@@ -25,6 +25,7 @@ SUBJECT = ROOT / "workflows" / "dreamcache_example_subject.png"
 PERMANENT_IDS = ["DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
                  "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine",
                  "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
+PERMANENT_IDS += ["DreamCacheApplyAdvanced", "DreamCacheAttentionRecorder", "DreamCacheShowAttention"]
 TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64,
                  "output_blocks.10.1": 32}
 

@@ -24,10 +24,12 @@ CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLat
               "PreviewImage",
               "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise",
               "KSamplerSelect",
-              "BasicScheduler", "KSampler", "MarkdownNote", "Note"}
+              "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
+              "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note"}
 EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet",
             "dreamcache_cache_library",
-            "dreamcache_custom_sampling"}
+            "dreamcache_custom_sampling", "dreamcache_regional", "dreamcache_two_subjects",
+            "dreamcache_attention_maps"}
 PLACEHOLDERS = {"your_sd21_lora.safetensors"}
 LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "DreamCacheLoader": "adapter_name",
                  "DreamCacheSAMLoader": "sam_name",
