@@ -1,7 +1,7 @@
 """DreamCache cost at full model size with random weights (real architecture, so timings are real).
 
     python benchmarks/bench.py [--family sd15|sd21|sdxl] [--res 512] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
-                               [--warmup 1] [--repeats 3] [--attention comfy-default|pytorch] [--flops]
+                               [--warmup 1] [--repeats 3] [--attention comfy-default|pytorch] [--flops] [--mask]
                                [--comfyui PATH] [--out bench_out/NAME.json]
 
 Measures, with warm-up and repeats (median, min, max):
@@ -12,7 +12,8 @@ Measures, with warm-up and repeats (median, min, max):
    the tensors) and the working memory of one evaluation above what was resident when it started (CUDA max
    allocated, or the process's RSS sampled every 2 ms on the CPU);
 5. adapter size on disk (fp16 / fp32) and cache size per subject;
-6. with --flops, the FLOPs of one U-Net forward with and without DreamCache (what the overhead cannot go below).
+6. with --flops, the FLOPs of one U-Net forward with and without DreamCache (what the overhead cannot go below);
+7. with --mask, one evaluation with a soft left-half mask on Apply DreamCache against the same without a mask.
 Prints a markdown table of ratios and writes it as JSON. Needs ComfyUI (COMFYUI_PATH or --comfyui); no weight files.
 """
 from __future__ import annotations
@@ -169,10 +170,12 @@ def measure(guider, latent, sigma, warmup, repeats, device):
     return times, peak["bytes"] - peak["start"]
 
 
-def count_flops(model, patch, latent, cond) -> dict:
+def count_flops(model, patch, latent, cond, transformer_options: dict | None = None) -> dict:
     """FLOPs of one U-Net forward, base and with the DreamCache patch (K/V already memoised, so what every sampling
     step pays), counted by torch.utils.flop_counter. Attention is counted through an explicit matmul softmax, since the
-    counter does not see the fused CPU SDPA kernel; the FLOPs are the same whichever kernel runs."""
+    counter does not see the fused CPU SDPA kernel; the FLOPs are the same whichever kernel runs. The patch's
+    attention recorder, if any, is kept; ``transformer_options`` are added to the call's (e.g. a sampling
+    schedule)."""
     import comfy.ldm.modules.attention as A
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -188,7 +191,7 @@ def count_flops(model, patch, latent, cond) -> dict:
 
     dm = model.model.diffusion_model
     p = next(dm.parameters())
-    counting = DreamCachePatch(list(patch.entries), attention=explicit)
+    counting = DreamCachePatch(list(patch.entries), attention=explicit, recorder=getattr(patch, "recorder", None))
     x, ctx = latent.to(p), cond[0][0].to(p)
     t = torch.full((1,), 500.0, device=p.device)
     y = {"y": torch.zeros(1,
@@ -198,9 +201,9 @@ def count_flops(model, patch, latent, cond) -> dict:
     try:
         A.optimized_attention = explicit  # CrossAttention looks the module global up at every call
         with torch.inference_mode():
-            to = counting.transformer_options({})
+            to = counting.transformer_options(dict(transformer_options or {}))
             dm(x, t, context=ctx, transformer_options=to, **y)  # memoises K/V, as the first sampling step does
-            for name, opts in (("base", {}), ("dreamcache", to)):
+            for name, opts in (("base", dict(transformer_options or {})), ("dreamcache", to)):
                 fc = FlopCounterMode(display=False)
                 with fc:
                     dm(x, t, context=ctx, transformer_options=opts, **y)
@@ -229,6 +232,8 @@ def main(argv=None):
                          "--use-pytorch-cross-attention")
     ap.add_argument("--flops", action="store_true", help="also count the FLOPs of one U-Net forward, base and with "
                                                          "DreamCache")
+    ap.add_argument("--mask", action="store_true",
+                    help="also time one evaluation with a soft left-half mask on Apply DreamCache")
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
@@ -265,7 +270,7 @@ def main(argv=None):
     results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name,
                           "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
-                          "attention": comfy_attention.optimized_attention.__name__}}
+                          "attention": comfy_attention.optimized_attention.__name__, "mask": args.mask}}
 
     def single(m):
         g = guidance.PositiveOnlyGuider(m)
@@ -308,6 +313,10 @@ def main(argv=None):
         "step_joint": guidance.make_guider(patched, cond, neg, 7.5, 7.5, "joint"),
         "step_combined": guidance.make_guider(patched, cond, neg, 7.5, 5.0, "combined"),
     }
+    if args.mask:  # the subject on the left half, with a soft 1/8-wide edge: every layer runs the masked path
+        ramp = torch.linspace(0, 1, args.res)
+        mask = ((0.5625 - ramp) * 8).clamp(0, 1).expand(1, args.res, args.res)
+        guiders["eval_dreamcache_mask"] = single(apply_patch.apply_dreamcache(model, adapter, cache, mask=mask))
     # Interleaved rounds (A B C D E, A B C D E, ...): slow drift of the machine (other load, allocator state,
     # clock) spreads over every measure instead of biasing whichever ran first. Warm-up in the first round only.
     runs = {k: ([], 0) for k in guiders}
@@ -339,6 +348,10 @@ def main(argv=None):
         "step_combined / step_cfg": statistics.median(runs["step_combined"][0]) / cfg_med,
         "cache_pass / eval_base": statistics.median(pass_times) / base_med,
     }
+    if args.mask:
+        masked = statistics.median(runs["eval_dreamcache_mask"][0])
+        plain = statistics.median(runs["eval_dreamcache"][0])
+        results["ratios"]["eval_dreamcache_mask / eval_dreamcache"] = masked / plain
     results["memory"] = {
         "adapter_params": adapter.parameter_count(),
         "adapter_bytes_in_compute_dtype": adapter.parameter_count() * torch.empty((), dtype=dtype).element_size(),
@@ -376,6 +389,7 @@ def markdown(r) -> str:
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"eval_dreamcache / eval_base": "≤ 1.10", "step_joint / step_cfg": "≤ 1.12",
                "step_combined / step_cfg": "≤ 1.60", "cache_pass / eval_base": "≤ 1.10"}
+    targets["eval_dreamcache_mask / eval_dreamcache"] = "≤ 1.02"
     for k, v in r["ratios"].items():
         lines.append(f"| {k} | {v:.3f} | {targets[k]} |")
     m, s = r["memory"], r["sizes_bytes"]

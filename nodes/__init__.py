@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .apply import DreamCacheApply
+from .apply import DreamCacheApply, DreamCacheApplyAdvanced
+from .attention_maps import DreamCacheAttentionRecorder, DreamCacheShowAttention
 from .build_cache import DreamCacheBuildFeatureCache
 from .cache_files import DreamCacheCombine, DreamCacheLoad, DreamCacheSave
 from .loader import DreamCacheLoader
@@ -24,6 +25,9 @@ NODES: list[type[io.ComfyNode]] = [
     DreamCacheCombine,
     DreamCacheSAMLoader,
     DreamCacheSubjectMask,
+    DreamCacheApplyAdvanced,
+    DreamCacheAttentionRecorder,
+    DreamCacheShowAttention,
 ]
 
 

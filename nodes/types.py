@@ -4,3 +4,4 @@ from comfy_api.latest import io
 Adapter = io.Custom("DREAMCACHE_ADAPTER")
 Cache = io.Custom("DREAMCACHE_CACHE")
 Sam = io.Custom("DREAMCACHE_SAM")
+Attention = io.Custom("DREAMCACHE_ATTENTION")

@@ -18,6 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
+# One CPU thread for the tests and the processes they start (ComfyUI servers, CLIs), unless DREAMCACHE_TEST_THREADS
+# says otherwise: the tiny models' operations are far too small to split, and on a 2-core machine two OpenMP threads
+# spin-wait on each other (a ControlNet guidance test: 4.8 s with one thread, 78 s with two on a busy machine).
+# benchmarks/bench.py sets its own thread count.
+TEST_THREADS = os.environ.get("DREAMCACHE_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = TEST_THREADS
+os.environ["MKL_NUM_THREADS"] = TEST_THREADS
+
 
 def _find_comfyui() -> Path | None:
     env = os.environ.get("COMFYUI_PATH")
@@ -50,21 +58,41 @@ for p in (str(ROOT), str(TESTS)):
     if p not in sys.path:
         sys.path.append(p)
 
+from helpers import ON_GPU, TEST_DEVICE  # noqa: E402  (tests/ is on sys.path now)
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(TEST_THREADS))
+
 
 def pytest_report_header(config):
     where = f"ComfyUI at {COMFYUI}" if COMFYUI else NO_COMFY
-    return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}"]
+    return [f"dreamcache: {where}", f"dreamcache: golden fixture at {FIXTURES or 'NOT FOUND'}",
+            f"dreamcache: integration tests compute on {TEST_DEVICE} (DREAMCACHE_TEST_DEVICE), "
+            f"{TEST_THREADS} CPU thread(s)"]
 
 
 @pytest.fixture(scope="session")
 def comfy():
-    """Imports ComfyUI in CPU mode and returns its root path (skips the test without ComfyUI)."""
+    """Imports ComfyUI in CPU mode (or on the GPU with DREAMCACHE_TEST_DEVICE=cuda) and returns its root path
+    (skips the test without ComfyUI)."""
     if COMFYUI is None:
         pytest.skip(NO_COMFY)
+    import torch
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = not ON_GPU
     args.disable_api_nodes = True
+    if ON_GPU:
+        if TEST_DEVICE != "cuda" or not torch.cuda.is_available():
+            raise pytest.UsageError(f"DREAMCACHE_TEST_DEVICE={TEST_DEVICE}: only 'cuda' is supported, and it needs "
+                                    "a CUDA GPU")
+        # parity at 1e-5 needs full fp32 matmuls and convolutions (TF32 rounds to 10 mantissa bits)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
     import comfy.model_management  # noqa: F401  (after args.cpu)
     import comfy.samplers  # noqa: F401
 
@@ -72,6 +100,10 @@ def comfy():
 
     assert Path(nodes.__file__).resolve().parent == COMFYUI, \
         f"'nodes' resolved to {nodes.__file__}, not ComfyUI's nodes.py"
+    if ON_GPU:  # ComfyUI may change these while importing; the parity bounds assume fp32 everywhere
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        assert comfy.model_management.get_torch_device().type == "cuda"
     return COMFYUI
 
 

@@ -1,6 +1,20 @@
 """Helpers for the ComfyUI integration tests."""
 from __future__ import annotations
 
+import os
+
+import pytest
+
+#: Where ComfyUI computes in the integration tests: "cpu" (default, ComfyUI started with --cpu) or "cuda"
+#: (DREAMCACHE_TEST_DEVICE=cuda: ComfyUI picks the GPU as for a user, with TF32 off so parity holds at 1e-5).
+TEST_DEVICE = os.environ.get("DREAMCACHE_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+ON_GPU = TEST_DEVICE != "cpu"
+
+
+def cpu_only(why: str):
+    """Marks a test that asserts behaviour of ComfyUI on a CPU; on a GPU run it is skipped with the reason."""
+    return pytest.mark.skipif(ON_GPU, reason=f"asserts CPU-only behaviour ({why}); this run computes on {TEST_DEVICE}")
+
 
 def node(node_id: str):
     """A registered node class by id (ComfyUI's NODE_CLASS_MAPPINGS, plus core extras loaded on demand)."""
@@ -11,7 +25,8 @@ def node(node_id: str):
     return nodes.NODE_CLASS_MAPPINGS[node_id]
 
 
-def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py")):
+def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py",
+                            "nodes_mask.py")):
     """Register a few of ComfyUI's comfy_extras node modules (the ones the tests combine with ours)."""
     import asyncio
     import os
@@ -97,3 +112,17 @@ def random_adapter(core, model, seed: int = 0, layers=None, family=None, scale: 
             for p in module.parameters():
                 p.mul_(scale)
     return core.core.adapter_io.adapter_file_of(module, fam, name=f"random-{fam}-{seed}")
+
+
+def prompt_executor(server):
+    """ComfyUI's execution.PromptExecutor with the classic cache, on 0.3.x (cache_size) and 0.33+ (cache_args, whose
+    execute reads cache_args["ram"] and ["ram_inactive"]; 0 = no RAM-pressure headroom, as main.py passes for the
+    classic cache)."""
+    import inspect
+
+    import execution
+
+    params = inspect.signature(execution.PromptExecutor).parameters
+    if "cache_args" in params:
+        return execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server)

@@ -18,9 +18,9 @@ PACKAGES = ("dreamcache", "nodes")
 
 #: Top-level modules and packages of ComfyUI (0.3.64 and 0.33.0 source trees, tests and examples left out).
 COMFYUI_MODULES = frozenset({
-    "api_server", "app", "comfy", "comfy_api", "comfy_api_nodes", "comfy_config", "comfy_execution", "comfy_extras",
-    "comfyui_version", "cuda_malloc", "execution", "folder_paths", "hook_breaker_ac10a0", "latent_preview", "main",
-    "middleware", "new_updater", "node_helpers", "nodes", "protocol", "server", "utils",
+    "api_server", "app", "blueprints", "comfy", "comfy_api", "comfy_api_nodes", "comfy_config", "comfy_execution",
+    "comfy_extras", "comfyui_version", "cuda_malloc", "execution", "folder_paths", "hook_breaker_ac10a0",
+    "latent_preview", "main", "middleware", "new_updater", "node_helpers", "nodes", "protocol", "server", "utils",
 })
 
 #: (layer, pack modules it must not import, whether it may import ComfyUI's modules)

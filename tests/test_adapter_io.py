@@ -70,9 +70,19 @@ def test_convert_pt_to_safetensors_roundtrip(tmp_path):
 def test_fp16_conversion_halves_size(tmp_path):
     a = small_adapter()
     torch.save(a.reference_state_dict(), tmp_path / "ref.pt")
+    convert_adapter(str(tmp_path / "ref.pt"), str(tmp_path / "f.safetensors"))
     convert_adapter(str(tmp_path / "ref.pt"), str(tmp_path / "h.safetensors"), dtype=torch.float16)
     b = read_adapter(str(tmp_path / "h.safetensors"))
     assert all(t.dtype == torch.float16 for p in b.tensors.values() for t in p.values())
+    # the tensor data is half the fp32 file's (the JSON header and metadata are about the same size in both)
+    payload = 4 * a.parameter_count()
+    full, half = (tmp_path / "f.safetensors").stat().st_size, (tmp_path / "h.safetensors").stat().st_size
+    assert full - half == pytest.approx(payload / 2, abs=256), (full, half, payload)
+    # the values are the fp32 weights rounded to fp16, nothing else
+    sd = a.reference_state_dict()
+    for ref in b.layers:
+        for p, t in b.tensors[ref].items():
+            assert torch.equal(t, sd[ref.key_prefix + p].half()), ref.key_prefix + p
 
 
 def _save_pt(tmp_path, sd, name="x.pt"):

@@ -95,7 +95,8 @@ def test_the_list_of_comfyui_modules_is_complete():
     skip = {"tests", "tests-unit", "script_examples", "input", "output", "models", "custom_nodes", "alembic_db",
             "user", "temp", "web", "notebooks"}
     top = {p.stem for p in COMFYUI.glob("*.py")} | {
-        p.name for p in COMFYUI.iterdir() if p.is_dir() and p.name not in skip and any(p.rglob("*.py"))}
+        p.name for p in COMFYUI.iterdir()
+        if p.is_dir() and p.name not in skip and not p.name.startswith(".") and any(p.rglob("*.py"))}
     assert top - import_graph.COMFYUI_MODULES == set()
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dreamcache.core.adapter import DreamCacheAdapter
+from dreamcache.core.block import fuse, memory_attention, project_memory
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import LayerRef
@@ -123,22 +124,43 @@ def test_norm2_mem_sees_the_true_input_even_with_near_zero_layernorm_weights():
     assert rel < 1e-6
 
 
+def _block_tail(x, text, bsd):
+    """The block after its self-attention residual: cross-attention and the GEGLU feed-forward."""
+    x = x + oracle._cross_attention(oracle._ln(x, bsd, "norm2."), text, bsd, "attn2.", HEADS)
+    h = oracle._ln(x, bsd, "norm3.") @ bsd["ff.net.0.proj.weight"].T + bsd["ff.net.0.proj.bias"]
+    h, gate = h.chunk(2, -1)
+    return x + (h * torch.nn.functional.gelu(gate)) @ bsd["ff.net.2.weight"].T + bsd["ff.net.2.bias"]
+
+
 def test_strength_endpoints_are_exact():
+    """Strength 0 is the untouched block and strength 1 is x + linear_cat([a, a_c]) itself, both bit for bit (no
+    interpolation rounding at the endpoints); 0.5 lies between, as the reference computes it."""
     bsd = block_state()
     x, text = data()
-    base = host_block(DreamCachePatch([make_entry(strength=0.0)]), x, text, bsd, {})
-    n = oracle._ln(x, bsd, "norm1.")
-    a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
     # strength 0 is the untouched block: identical to running it without any patch
+    zero = host_block(DreamCachePatch([make_entry(strength=0.0)]), x, text, bsd, {})
     plain = host_block(DreamCachePatch([make_entry()]), x, text, bsd, {"patches": {}})
-    assert torch.equal(base, plain)
+    assert torch.equal(zero, plain)
+    # strength 1 is the fused update, computed here from the pack's own block functions without any mixing
+    # (a + s·(fused − a) at s = 1 would differ from fused in rounding)
+    e = make_entry(strength=1.0)
+    patch = DreamCachePatch([e])
+    full = host_block(patch, x, text, bsd, {})
+    layer = e.adapter.layer(REF)
+    with torch.no_grad():
+        k, v = project_memory(layer, e.cache.tokens[REF])
+        n = oracle._ln(x, bsd, "norm1.")
+        a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
+        rows = x.shape[0]
+        a_c = memory_attention(layer, x, k.expand(rows, -1, -1), v.expand(rows, -1, -1), HEADS, patch.attention)
+        want_full = _block_tail(x + fuse(layer, a, a_c), text, bsd)
+    assert torch.equal(full, want_full)
+    ref_full = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
+    assert (full - ref_full).abs().max().item() < 2e-5
     half = host_block(DreamCachePatch([make_entry(strength=0.5)]), x, text, bsd, {})
-    full = host_block(DreamCachePatch([make_entry(strength=1.0)]), x, text, bsd, {})
-    want_half = oracle.dreamcache_block(x, text, make_entry().cache.tokens[REF], bsd, adapter_sd(make_entry()), HEADS,
-                                        strength=0.5)
+    want_half = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS, strength=0.5)
     assert (half - want_half).abs().max().item() < 2e-5
-    assert not torch.equal(half, full) and not torch.equal(half, base)
-    assert a.shape == x.shape
+    assert not torch.equal(half, full) and not torch.equal(half, zero)
 
 
 def test_rows_with_image_off_are_exactly_the_base_block():
@@ -344,17 +366,6 @@ def test_half_precision_block_is_close_to_fp32(dtype):
     got = host_block(DreamCachePatch([eh]), x.to(dtype), text.to(dtype), {k: v.to(dtype) for k, v in bsd.items()}, {})
     assert got.dtype == dtype
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 0.05
-
-
-def test_combined_guidance_formula():
-    e00, ei0, eit = torch.randn(3, 4)
-    assert torch.allclose(oracle.combined_guidance(e00, ei0, eit, 7.5, 7.5), e00 + 7.5 * (eit - e00), atol=1e-5)
-    assert torch.allclose(oracle.combined_guidance(e00, ei0, eit, 0.0, 1.0), e00 + (eit - ei0))
-    # the weights sum to one, so x0 and eps predictions combine the same way
-    x = torch.randn(4)
-    s = 2.0
-    assert torch.allclose(x - s * oracle.combined_guidance(e00, ei0, eit, 5.0, 7.5),
-                          oracle.combined_guidance(x - s * e00, x - s * ei0, x - s * eit, 5.0, 7.5), atol=1e-4)
 
 
 def test_trainable_patch_lets_gradients_reach_every_adapter_parameter():

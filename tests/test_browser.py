@@ -1,8 +1,9 @@
 """The basic workflow in ComfyUI's real frontend, in headless Chromium (runs where Chromium and ComfyUI exist).
 
-Protects what a user sees when opening dreamcache_basic.json: no missing-node dialog, no alert, every node drawn
-with its widgets. Two negative controls prove the checks can fail: an unknown node type is reported missing, and a
-models entry without a url raises the frontend's alert.
+Protects what a user sees when opening dreamcache_basic.json in the frontend the ComfyUI tree pins (1.27 for
+0.3.64, 1.49 for 0.33): no missing-node dialog or error overlay, no alert (with the frontend's schema validation
+on), every node drawn with its widgets. Two negative controls prove the checks can fail: an unknown node type is
+reported missing, and a models entry without a url raises the frontend's alert.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from cdp import INSPECT_JS, find_chromium  # noqa: E402
+from cdp import INSPECT_JS, VALIDATE_WORKFLOWS_JS, find_chromium  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def page(comfy, tmp_path_factory):
     browser = Browser()
     try:
         open_comfy(browser, srv.client.url)
+        assert browser.evaluate(VALIDATE_WORKFLOWS_JS) is True
         yield browser, base
     finally:
         browser.close()
@@ -58,7 +60,8 @@ def test_basic_workflow_opens_cleanly(page):
     browser, base = page
     wf = json.loads((ROOT / "workflows" / "dreamcache_basic.json").read_text())
     report = _load(browser, wf)
-    assert report["missing"] == [] and report["dialogs"] == [] and report["toasts"] == []
+    assert report["missing"] == [] and report["dialogs"] == [] and report["toasts"] == [], report
+    assert report["overlays"] == [], report
     widgets = {n["type"]: n["widgets"] for n in report["nodes"]}
     assert len(report["nodes"]) == len(wf["nodes"])
     assert widgets["DreamCacheSubjectMask"] >= 14 and widgets["DreamCacheDualGuidanceSampler"] >= 9
@@ -77,7 +80,19 @@ def test_unknown_node_type_is_reported(page):
     wf["nodes"][0]["type"] = "NoSuchNodeFromAnotherPack"
     report = _load(browser, wf)
     assert "NoSuchNodeFromAnotherPack" in report["missing"]
-    assert report["dialogs"] or report["toasts"]
+    # frontend 1.27: the "Some Nodes Are Missing" dialog; 1.49: an error overlay card naming the node
+    shown = report["dialogs"] + report["toasts"] + report["overlays"]
+    assert any("NoSuchNodeFromAnotherPack" in t or "Missing" in t for t in shown), report
+
+
+def test_the_frontend_is_the_one_this_comfyui_pins(page, comfy):
+    """The page runs the comfyui-frontend-package version that the ComfyUI tree's requirements.txt pins."""
+    import re
+
+    browser, _ = page
+    pin = re.search(r"^comfyui-frontend-package==(\S+)", (comfy / "requirements.txt").read_text(), re.M)
+    assert pin, "the ComfyUI tree pins no frontend package"
+    assert browser.evaluate("window.__COMFYUI_FRONTEND_VERSION__") == pin.group(1)
 
 
 def test_models_entry_without_url_raises_the_frontend_alert(page):

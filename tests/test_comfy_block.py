@@ -6,6 +6,8 @@ attention; and every node of the pack is registered with a permanent prefixed id
 """
 from __future__ import annotations
 
+import zlib
+
 import oracle
 import pytest
 import torch
@@ -53,7 +55,7 @@ def test_real_block_matches_reference(pack, family):
         blk = _block_and_options(core, model, ref)
         c = adapter.channels[ref]
         heads = blk.n_heads
-        g = torch.Generator().manual_seed(hash(ref.module) % 1000)
+        g = torch.Generator().manual_seed(zlib.crc32(ref.module.encode()))  # stable across processes, unlike hash(str)
         x = torch.randn(2, 24, c, generator=g)
         text = torch.randn(2, 7, blk.attn2.to_k.in_features, generator=g)
         caps = {ref: torch.randn(1, c, 3, 4, generator=g) * 2}

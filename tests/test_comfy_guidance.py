@@ -7,9 +7,10 @@ in either order (our hooks are reordered around its reshaping); an error mid-sam
 """
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
-from helpers import denoise_once, run_node
+from helpers import cpu_only, denoise_once, eps_from_denoised, run_node
 
 SIGMA = 3.0
 
@@ -35,11 +36,13 @@ def guided_once(guider, x, sigma=SIGMA):
     return got["out"].cpu()
 
 
-def formula(model, x, pos, neg, s_t, s_i, sigma=SIGMA):
+def formula(core, model, x, pos, neg, s_t, s_i, sigma=SIGMA):
+    """The method's combined guidance (the independent reference's formula) on the three branches, each evaluated
+    alone with the image switched on or off. Returns the guided prediction and the branches (x0 predictions)."""
     e_it = denoise_once(model, x, sigma, pos, switch=(True,))
     e_i0 = denoise_once(model, x, sigma, neg, switch=(True,))
     e_00 = denoise_once(model, x, sigma, neg, switch=(False,))
-    return e_00 + s_i * (e_i0 - e_00) + s_t * (e_it - e_i0), (e_it, e_i0, e_00)
+    return oracle.combined_guidance(e_00, e_i0, e_it, s_i, s_t), (e_it, e_i0, e_00)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ def test_combined_guidance_batched_equals_formula(sd1, patched, cond_batches, mo
     g = core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     assert core.comfy.guidance.only_our_patches(patched.model_options)
     x = _x()
-    want, (e_it, e_i0, e_00) = formula(patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    want, (e_it, e_i0, e_00) = formula(sd1.core, patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
     cond_batches.clear()
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
     assert cond_batches == [3]  # the three branches in one call
@@ -93,6 +96,21 @@ def test_combined_guidance_batched_equals_formula(sd1, patched, cond_batches, mo
     assert torch.equal(e_00, denoise_once(sd1.model, x, SIGMA, sd1.negative))
 
 
+def test_combined_guidance_is_the_method_formula_in_eps_space(sd1, patched):
+    """method.md states the guidance on noise predictions; the guider combines ComfyUI's x0 predictions. The weights
+    sum to one, so both agree: the guided x0 is x − σ·ε̂ with ε̂ the reference formula on the three branches' ε."""
+    g = sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
+    x = _x()
+    _, branches = formula(sd1.core, patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    e_it, e_i0, e_00 = (eps_from_denoised(x, b, SIGMA) for b in branches)
+    eps = oracle.combined_guidance(e_00, e_i0, e_it, 3.0, 7.5)
+    got = guided_once(g, x)
+    assert (got - (x - SIGMA * eps)).abs().max().item() < 1e-4
+    # and it is not the plain CFG of the image-on branches (the image term matters)
+    assert (got - (x - SIGMA * (e_i0 + 7.5 * (e_it - e_i0)))).abs().max().item() > 1e-3
+
+
+@cpu_only("on a GPU the three branches are always one batched call")
 def test_combined_guidance_on_cpu_sub_quad_attention_splits_the_branches(sd1, patched, cond_batches, monkeypatch):
     """On a CPU with ComfyUI's chunked attention a batch of three is slower than two calls (benchmarks/README.md)."""
     import comfy.ldm.modules.attention as A
@@ -100,7 +118,7 @@ def test_combined_guidance_on_cpu_sub_quad_attention_splits_the_branches(sd1, pa
     monkeypatch.setattr(A, "optimized_attention", A.attention_sub_quad)
     g = sd1.core.comfy.guidance.make_guider(patched, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     x = _x()
-    want, _ = formula(patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    want, _ = formula(sd1.core, patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
     cond_batches.clear()
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
     assert cond_batches == [2, 2]  # [positive, negative] with the image, then [None, negative] without
@@ -114,7 +132,7 @@ def test_combined_guidance_split_with_foreign_patch_equals_formula(sd1, patched)
     assert not core.comfy.guidance.only_our_patches(m.model_options)
     g = core.comfy.guidance.make_guider(m, sd1.positive, sd1.negative, 7.5, 3.0, "combined")
     x = _x()
-    want, _ = formula(patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
+    want, _ = formula(sd1.core, patched, x, sd1.positive, sd1.negative, 7.5, 3.0)
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
     assert spy.seen == {0, 1}
 
@@ -192,7 +210,7 @@ def test_controlnet_on_the_positive_with_both_guidance_modes(pack, sd1, patched)
         assert torch.isfinite(with_cn).all() and (with_cn - without).abs().max() > 1e-4, mode
     # the batched three-branch call gives the same result as the formula evaluated branch by branch
     g = sd1.core.comfy.guidance.make_guider(patched, pos, neg, 7.5, 3.0, "combined")
-    want, _ = formula(patched, x, pos, neg, 7.5, 3.0)
+    want, _ = formula(sd1.core, patched, x, pos, neg, 7.5, 3.0)
     assert (guided_once(g, x) - want).abs().max().item() < 1e-4
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     (out,) = run_node("DreamCacheDualGuidanceSampler", model=patched, positive=pos, negative=neg, latent_image=latent,

@@ -8,7 +8,6 @@ one clear error per bad input; cache files saved inside their folder and loaded 
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
@@ -257,10 +256,27 @@ def test_applying_twice_adds_a_second_subject(sd1):
 
 # ---- errors -------------------------------------------------------------------------------------------------------
 
+def _patch_state(model):
+    """Everything an apply could leave on a ModelPatcher: options (callables by identity), weight and object patches,
+    additional models, and whether the diffusion model carries forward hooks."""
+    def view(v):
+        if isinstance(v, dict):
+            return {k: view(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [view(x) for x in v]
+        return v if isinstance(v, (str, int, float, bool, type(None))) else ("id", id(v))
+
+    dm = model.get_model_object("diffusion_model")
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in dm.modules())
+    return (view(model.model_options), sorted(model.patches), sorted(model.object_patches),
+            len(model.model_patches_models()), hooks)
+
+
 def test_adapter_that_does_not_fit_names_both(pack, sd1):
     from tiny_models import make_model
 
     xl = make_model("sdxl")
+    before_xl, before_sd1 = _patch_state(xl), _patch_state(sd1.model)
     with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"Adapter 'random-sd1-0' \(for SD1.x\) does not fit "
                                                                    r"this SDXL model: .*channels in the adapter but .* "
                                                                    r"in the model"):
@@ -269,8 +285,12 @@ def test_adapter_that_does_not_fit_names_both(pack, sd1):
     wrong_family = random_adapter(sd1.core, sd2, family="sd2")
     with pytest.raises(sd1.core.core.errors.DreamCacheError, match=r"trained for SD2.x but this model is SD1.x"):
         run_node("DreamCacheApply", model=sd1.model, adapter=wrong_family, cache=sd1.cache)
-    opts = copy.deepcopy(xl.model_options)
-    assert xl.model_options == opts  # a failed apply leaves nothing patched
+    # a failed apply leaves nothing patched on the models it was given
+    assert _patch_state(xl) == before_xl and _patch_state(sd1.model) == before_sd1
+    assert not sd1.core.comfy.apply_patch.is_patched(xl) and not sd1.core.comfy.apply_patch.is_patched(sd1.model)
+    # the comparison can fail: a successful apply on a clone changes the state
+    (ok,) = run_node("DreamCacheApply", model=sd1.model, adapter=sd1.adapter, cache=sd1.cache)
+    assert _patch_state(ok) != before_sd1 and _patch_state(sd1.model) == before_sd1
 
 
 def test_cache_from_another_family_or_adapter(pack, sd1):
@@ -294,11 +314,11 @@ def test_out_of_range_values(sd1):
     with pytest.raises(err, match="start_percent 0.8 and end_percent 0.2"):
         sd1.core.comfy.apply_patch.apply_dreamcache(sd1.model, sd1.adapter, sd1.cache, start_percent=0.8,
                                                     end_percent=0.2)
-    schema = sd1.core  # the node schema bounds what the UI and /prompt validation accept
     import nodes
 
+    # the node schema bounds what the UI and /prompt validation accept
     strength = next(i for i in nodes.NODE_CLASS_MAPPINGS["DreamCacheApply"].GET_SCHEMA().inputs if i.id == "strength")
-    assert (strength.min, strength.max) == (0.0, 2.0) and schema is not None
+    assert (strength.min, strength.max) == (0.0, 2.0)
 
 
 def test_loader_errors(sd1, models_dir):
@@ -312,9 +332,13 @@ def test_loader_errors(sd1, models_dir):
         run_node("DreamCacheLoader", adapter_name="broken.safetensors")
     with pytest.raises(err, match="was not found in .*dreamcache"):
         run_node("DreamCacheLoader", adapter_name="nope.safetensors")
-    # a typed '../' cannot leave the folder
-    typed = folder_paths.get_full_path("dreamcache", "../dreamcache_caches/x.safetensors")
-    assert typed is None or os.path.commonpath([str(folder), typed]) == str(folder)
+    # a typed '../' cannot leave the folder, even to a file that exists beside it
+    outside = models_dir / "dreamcache_caches" / "escape_target.safetensors"
+    outside.parent.mkdir(exist_ok=True)
+    sd1.core.core.adapter_io.save_adapter(str(outside), sd1.adapter)  # a valid adapter: loading it would succeed
+    assert folder_paths.get_full_path("dreamcache", "../dreamcache_caches/escape_target.safetensors") is None
+    with pytest.raises(err, match="was not found in .*dreamcache"):
+        run_node("DreamCacheLoader", adapter_name="../dreamcache_caches/escape_target.safetensors")
 
 
 def test_loader_lists_models_folder_and_respects_extra_paths(sd1, tmp_path):

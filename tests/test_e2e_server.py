@@ -1,4 +1,5 @@
-"""End-to-end against a real ComfyUI server process (127.0.0.1, free port, --cpu, its own base directory).
+"""End-to-end against a real ComfyUI server process (127.0.0.1, free port, --cpu unless DREAMCACHE_TEST_DEVICE=cuda,
+its own base directory).
 
 The pack and a test-only node pack (tiny random-weight models) are linked into the base directory's
 custom_nodes. Protects: /object_info lists every node of the pack with tooltips; graphs run through /prompt to a
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ON_GPU
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -23,6 +25,7 @@ SUBJECT = ROOT / "workflows" / "dreamcache_example_subject.png"
 PERMANENT_IDS = ["DreamCacheLoader", "DreamCacheBuildFeatureCache", "DreamCacheApply", "DreamCacheGuider",
                  "DreamCacheDualGuidanceSampler", "DreamCacheSave", "DreamCacheLoad", "DreamCacheCombine",
                  "DreamCacheSAMLoader", "DreamCacheSubjectMask"]
+PERMANENT_IDS += ["DreamCacheApplyAdvanced", "DreamCacheAttentionRecorder", "DreamCacheShowAttention"]
 TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks.6.1": 64, "output_blocks.8.1": 64,
                  "output_blocks.10.1": 32}
 
@@ -60,7 +63,7 @@ def server(comfy, tmp_path_factory):
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
-    srv = ComfyServer(comfy, base_directory=str(base), cpu=True, log_path=str(base / "server.log"))
+    srv = ComfyServer(comfy, base_directory=str(base), cpu=not ON_GPU, log_path=str(base / "server.log"))
     srv.start()
     srv.base = base
     yield srv

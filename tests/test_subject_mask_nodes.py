@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from helpers import node, random_adapter, run_node
+from helpers import node, prompt_executor, random_adapter, run_node
 
 
 @pytest.fixture(scope="module")
@@ -354,13 +354,11 @@ def _run(executor, prompt, pid):
 def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_sam(core, graph_env, monkeypatch):
     """Image -> SubjectMask (mask mode) -> BuildFeatureCache in a ComfyUI graph. The SAM loader in the graph points at a
     file that is not a SAM at all: had it run, the graph would fail."""
-    import execution
-
     objects, captured = graph_env
     calls = []
     real = core.core.subject.refine_masks
     monkeypatch.setattr(core.core.subject, "refine_masks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    executor = execution.PromptExecutor(_Server())
+    executor = prompt_executor(_Server())
     captured.clear()
     _run(executor, _prompt("mask", "broken_sam.pth"), "p1")
     (got,) = captured
@@ -389,7 +387,6 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
 
 
 def test_graph_auto_mode_loads_sam_once_and_does_not_rerun_it(core, graph_env, tiny_sam, sams_dir, monkeypatch):
-    import execution
     from tiny_sam import register_tiny_variant
 
     register_tiny_variant(core.core.sam, monkeypatch)
@@ -398,7 +395,7 @@ def test_graph_auto_mode_loads_sam_once_and_does_not_rerun_it(core, graph_env, t
     runs = []
     real = core.core.sam.predict
     monkeypatch.setattr(core.core.sam, "predict", lambda *a, **k: runs.append(1) or real(*a, **k))
-    executor = execution.PromptExecutor(_Server())
+    executor = prompt_executor(_Server())
     captured.clear()
     _run(executor, _prompt("auto", "tiny_graph.pth"), "q1")
     assert len(runs) == 2  # one SAM run per image of the batch

@@ -37,6 +37,7 @@ CONTROLNET = {"name": "control_v11p_sd21_depth.safetensors",
               "url": "https://huggingface.co/thibaud/controlnet-sd21/resolve/main/control_v11p_sd21_depth.safetensors",
               "directory": "controlnet"}
 SUBJECT = "dreamcache_example_subject.png"
+SUBJECT2 = "dreamcache_example_subject2.png"
 DEPTH = "dreamcache_example_depth.png"
 OFFICIAL_NEGATIVE = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
 NEGATIVE = "blurry, low quality, deformed, watermark, text"
@@ -394,7 +395,188 @@ def custom_sampling():
     return wf, [CKPT, ADAPTER, SAM]
 
 
-WORKFLOWS = [basic, official_sd21, lora, controlnet, cache_library, custom_sampling]
+def box_mask(wf, pos, x, y, width, height, feather=0, size=(512, 512), title=None):
+    """A MASK that is 1 inside the box (x, y, width, height) of a size[0]×size[1] canvas, optionally feathered, from
+    core nodes: SolidMask (canvas 0) + SolidMask (box 1) -> MaskComposite (add) [-> FeatherMask]."""
+    px, py = pos
+    canvas = wf.add(
+        "SolidMask", (px, py), {"value": 0.0, "width": size[0], "height": size[1]}, title="Canvas (the image size)"
+    )
+    box = wf.add(
+        "SolidMask", (px, py + 170), {"value": 1.0, "width": width, "height": height}, title=title or "Subject's box"
+    )
+    comp = wf.add("MaskComposite", (px + 340, py), {"x": x, "y": y, "operation": "add"})
+    wf.link(canvas, comp, "destination")
+    wf.link(box, comp, "source")
+    if not feather:
+        return comp
+    soft = wf.add(
+        "FeatherMask",
+        (px + 340, py + 230),
+        {"left": feather, "top": feather, "right": feather, "bottom": feather},
+        title="Soft edge",
+    )
+    wf.link(comp, soft, "mask")
+    return soft
+
+
+def preview_mask(wf, mask_src, pos, title):
+    img = wf.add("MaskToImage", pos)
+    wf.link(mask_src, img, "mask")
+    prev = wf.add("PreviewImage", (pos[0], pos[1] + 100), title=title, size=(260, 300))
+    wf.link(img, prev, "images")
+    return prev
+
+
+def regional():
+    wf = Workflow("dreamcache_regional")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    mask = box_mask(wf, (1260, -520), 40, 140, 240, 330, feather=40)
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
+    wf.link(mask, apply_, "mask")
+    preview_mask(wf, mask, (2000, -560), "Where the subject goes")
+    pos, neg = prompts(
+        wf,
+        ckpt,
+        1260,
+        520,
+        "a photo of a mug on the left of a wooden desk, a laptop and a plant on the right, morning light",
+    )
+    sample_and_save(wf, apply_.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_regional")
+    wf.note(
+        "### Place the subject with a mask\nThe **mask** input of Apply DreamCache limits the subject to a region: "
+        "1 = fully, 0 = not at all "
+        "(there the model is the plain one at every patched layer), soft in between. Here core nodes draw a "
+        "feathered box on the "
+        "left; or right-click a **Load Image**, *Open in MaskEditor*, paint the region and wire its MASK. The mask "
+        "must have the "
+        "aspect of the image you generate (any resolution). Say in the prompt what goes where.",
+        (2320, -560),
+        size=(440, 250),
+    )
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def subject_cache(wf, ckpt, adapter, sam, image_name, pos, title):
+    """LoadImage -> SubjectMask (shared SAM) -> BuildFeatureCache with a shared adapter."""
+    x, y = pos
+    image = wf.add("LoadImage", (x, y), {"image": image_name}, title=title)
+    mask = wf.add("DreamCacheSubjectMask", (x + 380, y), {"prompt_mode": "auto", "layout": "train", "size": 512})
+    build = wf.add(
+        "DreamCacheBuildFeatureCache",
+        (x + 820, y),
+        {"seed": 0, "resolution": 512, "fit": "pad", "batch_mode": "concat"},
+    )
+    wf.link(image.out("IMAGE"), mask, "image")
+    wf.link(sam, mask, "sam")
+    wf.link(mask.out(0), build, "image")
+    for name in ("MODEL", "VAE", "CLIP"):
+        wf.link(ckpt.out(name), build, name.lower())
+    wf.link(adapter, build, "adapter")
+    return build
+
+
+def two_subjects():
+    wf = Workflow("dreamcache_two_subjects")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter = wf.add(
+        "DreamCacheLoader", (0, 220), {"adapter_name": ADAPTER["name"], "base_family": "sd2"}, models=[ADAPTER]
+    )
+    sam = wf.add("DreamCacheSAMLoader", (0, 380), {"sam_name": SAM["name"]}, models=[SAM])
+    build1 = subject_cache(wf, ckpt, adapter, sam, SUBJECT, (0, 560), "Subject 1 (left)")
+    build2 = subject_cache(wf, ckpt, adapter, sam, SUBJECT2, (0, 1000), "Subject 2 (right)")
+    left = box_mask(wf, (1260, -560), 0, 0, 256, 512, title="Left half")
+    right = wf.add("InvertMask", (1600, -330), title="Right half")
+    wf.link(left, right, "mask")
+    apply1 = apply_subject(wf, ckpt.out("MODEL"), adapter, build1, pos=(1260, 560))
+    wf.link(left, apply1, "mask")
+    apply2 = apply_subject(wf, apply1.out(0), adapter, build2, pos=(1260, 1000))
+    wf.link(right, apply2, "mask")
+    pos, neg = prompts(
+        wf, ckpt, 1720, 560, "a photo of a mug and a teapot side by side on a wooden table, soft window light"
+    )
+    regional_prompts = []
+    for i, (text, mask) in enumerate((("a red mug with a white star", left), ("a round blue teapot", right))):
+        enc = wf.add(
+            "CLIPTextEncode",
+            (1720, 960 + 230 * i),
+            {"text": text},
+            title=f"Prompt for the {'left' if i == 0 else 'right'}",
+            size=(400, 130),
+        )
+        wf.link(ckpt.out("CLIP"), enc, "clip")
+        cs = wf.add("ConditioningSetMask", (2160, 960 + 230 * i), {"strength": 1.0, "set_cond_area": "default"})
+        wf.link(enc, cs, "conditioning")
+        wf.link(mask, cs, "mask")
+        regional_prompts.append(cs)
+    comb1 = wf.add("ConditioningCombine", (2520, 760))
+    wf.link(pos, comb1, "conditioning_1")
+    wf.link(regional_prompts[0], comb1, "conditioning_2")
+    comb2 = wf.add("ConditioningCombine", (2520, 900))
+    wf.link(comb1, comb2, "conditioning_1")
+    wf.link(regional_prompts[1], comb2, "conditioning_2")
+    sample_and_save(wf, apply2.out(0), comb2.out(0), neg, ckpt, 2900, 200, "dreamcache_two_subjects")
+    wf.note(
+        "### Two subjects, one image\nEach **Apply DreamCache** brings its own cache and its own mask; chained, "
+        "they act independently "
+        "(each adapter reads the base model's features and its own subject) and their contributions add, so keep "
+        "the masks apart "
+        "(where they overlap the two subjects add up). **ConditioningSetMask** gives each half its own prompt, the "
+        "scene prompt "
+        "covers all. Guidance switches both subjects on and off together as the image condition.",
+        (2000, -560),
+        size=(460, 260),
+    )
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def attention_maps():
+    wf = Workflow("dreamcache_attention_maps")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
+    rec = wf.add("DreamCacheAttentionRecorder", (1260, -260), {"layer": "output_6", "step_percent": 0.5})
+    wf.link(apply_, rec, "model")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a mug on a beach, sunset")
+    sampler, save = sample_and_save(wf, rec.out(0), pos, neg, ckpt, 1720, 200, "dreamcache_attention")
+    decode = [n for n in wf.nodes if n.kind == "VAEDecode"][-1]
+    show = wf.add(
+        "DreamCacheShowAttention", (2440, 720), {"point_x": 0.5, "point_y": 0.55, "subject": 1, "opacity": 0.55}
+    )
+    wf.link(rec.out(1), show, "attention")
+    wf.link(sampler, show, "latent")
+    wf.link(decode, show, "image")
+    wf.link(build.out(1), show, "reference")
+    p1 = wf.add("PreviewImage", (2860, 720), title="Where the image draws on the subject", size=(360, 400))
+    wf.link(show.out(0), p1, "images")
+    p2 = wf.add("PreviewImage", (3260, 720), title="Where the marked point looks in the reference", size=(360, 400))
+    wf.link(show.out(1), p2, "images")
+    wf.note(
+        "### Attention maps (paper Fig. 5)\n**Attention Recorder** makes the model remember, at one layer "
+        "(`output_4` = 16×16, `output_6` "
+        "= 32×32 tokens at 512²) and one step, how the image's locations attend to the cached reference; the image "
+        "is unchanged. "
+        "**Show Attention** draws it: red where the image draws most on the subject, and for the marked point "
+        "(point_x/point_y) where it looks in the reference. Move the point and re-queue: only the show node runs "
+        "again.",
+        (1720, -420),
+        size=(460, 270),
+    )
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+WORKFLOWS = [
+    basic,
+    official_sd21,
+    lora,
+    controlnet,
+    cache_library,
+    custom_sampling,
+    regional,
+    two_subjects,
+    attention_maps,
+]
 
 
 def main():

@@ -137,8 +137,22 @@ INSPECT_JS = """
     .map(d => d.innerText.slice(0, 300));
   const dialogs = visible('[role=dialog], .p-dialog, .comfy-modal');
   const toasts = visible('.p-toast-message-error, .p-toast-message-warn');
-  return {missing, dialogs, toasts,
+  // frontend 1.3x+: missing nodes and models are reported in an error overlay card instead of a dialog
+  const overlays = visible('[data-testid=error-overlay]');
+  return {missing, dialogs, toasts, overlays, version: window.__COMFYUI_FRONTEND_VERSION__ || null,
           nodes: nodes.map(n => ({type: n.type, widgets: (n.widgets || []).length, mode: n.mode}))};
+})()
+"""
+
+
+#: Turns on the frontend's schema validation of loaded workflows (on by default in frontend 1.27, off in 1.49), so
+#: a workflow the schema rejects raises its alert on every frontend.
+VALIDATE_WORKFLOWS_JS = """
+(async () => {
+  const s = app.extensionManager && app.extensionManager.setting;
+  if (s && s.set) { await s.set('Comfy.Validation.Workflows', true); return s.get('Comfy.Validation.Workflows'); }
+  await app.ui.settings.setSettingValueAsync('Comfy.Validation.Workflows', true);
+  return app.ui.settings.getSettingValue('Comfy.Validation.Workflows');
 })()
 """
 

@@ -1,6 +1,7 @@
 """Draws the example images shipped with the workflows, made by the project (no downloaded image):
 
 * workflows/dreamcache_example_subject.png: a red mug with a star, on white (the basic workflow opens with it);
+* workflows/dreamcache_example_subject2.png: a blue teapot, on white (the second subject of the two-subject workflow);
 * workflows/dreamcache_example_depth.png: a depth map (near = bright) of a mug on a table, the ControlNet example's
   hint.
 
@@ -48,6 +49,29 @@ def mug(size=S):
     return img
 
 
+def teapot(size=S):
+    """A round blue teapot with a spout, a handle and a lid, shaded from the upper left."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    cx, cy, r = 250, 300, 130
+    d.polygon(
+        [(cx - 100, cy - 10), (cx - 215, cy - 95), (cx - 200, cy - 110), (cx - 80, cy - 50)], fill=(30, 70, 150)
+    )  # spout
+    d.arc([cx + 60, cy - 90, cx + 190, cy + 70], -130, 130, fill=(30, 70, 150), width=26)  # handle
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    body = (xx - cx) ** 2 + ((yy - cy) * 1.15) ** 2 <= r * r
+    light = np.clip(1 - np.hypot(xx - (cx - 50), yy - (cy - 60)) / (1.9 * r), 0, 1)
+    rgb = np.array(img, np.float32)
+    base = np.array([40, 90, 190], np.float32)
+    rgb[body] = (base[None] * (0.45 + 0.75 * light[body][:, None])).clip(0, 255)
+    img = Image.fromarray(rgb.astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    d.ellipse([cx - 70, cy - 140, cx + 70, cy - 95], fill=(35, 80, 170))  # lid
+    d.ellipse([cx - 14, cy - 170, cx + 14, cy - 135], fill=(230, 200, 90))  # knob
+    d.rectangle([cx - 120, cy + 5, cx + 120, cy + 25], fill=(240, 240, 245))  # a white band
+    return img
+
+
 def depth(size=S):
     """Near = bright: a table plane receding upwards and a mug-shaped cylinder standing on it, seen from the left."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -64,6 +88,7 @@ def depth(size=S):
 
 if __name__ == "__main__":
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "workflows"
-    for name, img in (("dreamcache_example_subject.png", mug()), ("dreamcache_example_depth.png", depth())):
+    for name, img in (("dreamcache_example_subject.png", mug()), ("dreamcache_example_subject2.png", teapot()),
+                      ("dreamcache_example_depth.png", depth())):
         img.save(f"{out_dir}/{name}", optimize=True)
         print("wrote", f"{out_dir}/{name}")

@@ -27,7 +27,8 @@ CORE_NODES = sorted([
                      "PreviewImage",
     "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise",
                      "KSamplerSelect",
-    "BasicScheduler", "KSampler",
+    "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
+    "ConditioningSetMask", "ConditioningCombine",
 ])
 VOLATILE = {"tooltip"}
 

@@ -36,7 +36,7 @@ DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. Defaults are the reference trainer's where it has one
+    """Everything that defines a run. Defaults are the authors' trainer's where it has one
     (AdamW lr 1e-5, weight decay 0.01, caption dropout 0.07, timesteps uniform in 0..999)."""
 
     data: str = ""
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                                              "released cross_attention-199999.pt")
     g = p.add_argument_group("optimisation")
     _arg(g, "--steps", "steps", type=int, help="total optimizer steps (default 1000; resuming continues up to this)")
-    _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (default 1)")
+    _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (on each rank; default 1)")
     _arg(g, "--accumulate", "accumulate", type=int, help="micro-batches per optimizer step (default 1)")
     _arg(g, "--lr", "lr", type=float, help="AdamW learning rate (default 1e-5, the reference's)")
     _arg(g, "--weight-decay", "weight_decay", type=float, help="AdamW weight decay (default 0.01)")
@@ -373,10 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
+    from .distributed import add_arguments
+
+    add_arguments(p)
     return p
 
 
-def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None, world_size: int = 1,
+                     saved_world_size: int = 1) -> TrainConfig:
+    """``world_size``: ranks of this run; ``saved_world_size``: ranks of the resumed run (its global batch
+    ``batch x accumulate x ranks`` is kept, see :func:`dreamcache.apps.distributed.resolve_batch`)."""
+    from .distributed import resolve_batch
+
+    resolve_batch(args, saved, world_size, saved_world_size)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if saved is None:
         missing = [_ARG_FIELDS[k] for k in ("checkpoint", "data", "out") if not given.get(k)]
@@ -385,6 +394,8 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None)
         return TrainConfig(**given)
     clashes = []
     for k in TrainConfig.IDENTITY:
+        if k in ("batch_size", "accumulate"):
+            continue  # resolve_batch checked that the global batch stays
         if k in given:
             a, b = given[k], getattr(saved, k)
             if k == "betas":

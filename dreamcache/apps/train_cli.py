@@ -13,15 +13,22 @@ from .train import build_parser, config_from_args, load_state, log_path, resolve
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .distributed import DistContext, setup
+
+    ctx = DistContext.single()
     try:
+        ctx = setup(args.device, args.dist_backend, args.dist_timeout)  # single process unless started by torchrun
         state = None
         if args.resume:
             state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
-        cfg = config_from_args(args, state.config if state else None)
+        cfg = config_from_args(args, state.config if state else None, ctx.world_size,
+                               int(state.extra.get("world_size", 1)) if state else 1)
         from ..comfy.env import import_comfyui
 
         cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if ctx.enabled:
+            cpu = ctx.device.type == "cpu"
+        elif args.device == "cuda" and not torch.cuda.is_available():
             raise DreamCacheError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu (slow) "
                                   "or fix the CUDA install.")
         import_comfyui(args.comfyui, cpu=cpu)
@@ -32,10 +39,15 @@ def main(argv=None) -> int:
 
         precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
         model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state)
+        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
+                            dist=ctx)
         t.run()
-        print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
+        ctx.close()  # every rank waits here for the others (rank 0 may still be writing the final files)
+        if ctx.is_main:
+            print(f"done: {t.step} steps; adapter at {cfg.out}; loss log at {log_path(cfg.out)}")
         return 0
     except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {ctx.prefix()}{e}", file=sys.stderr)
         return 2
+    finally:
+        ctx.close(finished=False)  # (after an error: no waiting for ranks that may be gone)

@@ -52,6 +52,7 @@ from .data import (
     torch_generator,
     validate_dataset,
 )
+from .distributed import DistContext
 from .train import (
     DEFAULT_RESOLUTION,
     TrainConfig,
@@ -150,15 +151,17 @@ class Trainer:
     """Trains the adapters of ``model`` (a ComfyUI ModelPatcher) with ``clip`` and ``vae``.
 
     ``data``: a :class:`TrainingData` (default: built from ``config.data``). ``state``: a :class:`TrainState` to
-    resume from (its adapter file is loaded, optimizer, scaler and RNG restored)."""
+    resume from (its adapter file is loaded, optimizer, scaler and RNG restored). ``dist``: this rank's
+    :class:`~dreamcache.apps.distributed.DistContext` in a data-parallel run (default: a single process)."""
 
     def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None,
                  checkpoint_name: str | None = None,
-                 state: TrainState | None = None, log=print):
+                 state: TrainState | None = None, log=print, dist: DistContext | None = None):
         import comfy.model_base
         import comfy.model_management as mm
 
         self.log = log
+        self.dist = dist if dist is not None else DistContext.single()
         self.model, self.clip, self.vae = model, clip, vae
         self.family = check_supported(model, checkpoint_name or "the model")
         if clip is None or vae is None:
@@ -189,8 +192,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.step = 0
         if data is None:
-            index = validate_dataset(config.data, check_files=config.validate_files, progress=config.progress,
-                                     report=f"{os.path.splitext(config.out)[0]}.dataset-problems.txt")
+            main = self.dist.is_main
+            index = validate_dataset(config.data, check_files=config.validate_files, progress=config.progress and main,
+                                     report=f"{os.path.splitext(config.out)[0]}.dataset-problems.txt" if main else None)
             data = TrainingData(index, AugmentConfig(resolution=config.resolution,
                                                      caption_dropout=config.caption_dropout), seed=config.seed)
         elif data.cfg.resolution != config.resolution:
@@ -201,8 +205,9 @@ class Trainer:
         self._stream = None
         if state is not None:
             self._restore(state)
+        self.dist.start(self)
         self._eval = None
-        if config.eval_every:  # --eval-every: check the DreamBench folder and the metric models before training
+        if config.eval_every and self.dist.is_main:  # --eval-every: DreamBench and metric models checked up front
             from .eval.training import TrainingEval
 
             self._eval = TrainingEval(config)
@@ -257,7 +262,7 @@ class Trainer:
             self.scaler.load_state_dict(state.scaler)
         if "torch_cpu" in state.rng:
             torch.set_rng_state(state.rng["torch_cpu"])
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not self.dist.enabled:  # (a rank touches only its own GPU)
             cuda = [state.rng[k] for k in sorted(state.rng) if k.startswith("cuda.")]
             if len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda)
@@ -364,8 +369,12 @@ class Trainer:
     def next_batch(self) -> dict:
         if self._stream is None:
             start = self.step * self.cfg.batch_size * self.cfg.accumulate
-            self._stream = batches(self.data, self.cfg.batch_size, start_position=start,
-                                   num_workers=self.cfg.num_workers)
+            workers = self.cfg.num_workers
+            if self.dist.enabled:  # this rank's share of every global batch
+                start = self.step * self.dist.global_batch(self.cfg)
+                self._stream = self.dist.batches(self.data, self.cfg.batch_size, start, num_workers=workers)
+            else:
+                self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=workers)
         return next(self._stream)
 
     def accumulate(self, micro_batches=None) -> float:
@@ -398,11 +407,15 @@ class Trainer:
 
     def train_step(self, micro_batches=None) -> tuple[float, float | None]:
         try:
-            loss = self.accumulate(micro_batches)
-            if not math.isfinite(loss) and self.scaler is None:
-                raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use --precision "
-                                      "fp32/bf16.")
-            return loss, self.optimizer_step()
+            with self.dist.step_guard(self.step + 1):
+                loss = self.accumulate(micro_batches)
+                n = self.cfg.accumulate if micro_batches is None else len(micro_batches)
+                # several ranks: gradients averaged over them, the global mean loss (one process: unchanged)
+                loss = self.dist.reduce_step(self.params, loss, self.step + 1, images=n * self.cfg.batch_size)
+                if not math.isfinite(loss) and self.scaler is None:
+                    raise DreamCacheError(f"The loss became {loss} at step {self.step + 1}; lower --lr or use "
+                                          "--precision fp32/bf16.")
+                return loss, self.optimizer_step()
         except torch.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             raise DreamCacheError(
@@ -417,7 +430,7 @@ class Trainer:
 
     def rng_state(self) -> dict:
         rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not self.dist.enabled:
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda.{i:02d}"] = s
         return rng
@@ -425,17 +438,25 @@ class Trainer:
     def save(self, path: str | None = None) -> tuple[str, str]:
         """Write the adapter (fp32, the pack's format) and its training state; returns both paths."""
         path = path or checkpoint_path(self.cfg.out, self.step)
+        if not self.dist.is_main:  # rank 0 writes the files of a data-parallel run
+            return path, state_path_for(path)
         save_adapter(path, self.adapter, family=self.family, extra_metadata=self.metadata())
         state = TrainState(step=self.step, config=self.cfg, adapter_file=path, param_names=self.param_names,
                            optimizer=self.optimizer.state_dict(),
                            scaler=self.scaler.state_dict() if self.scaler is not None else None,
                            rng=self.rng_state(),
                            extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
+        if self.dist.enabled:  # what a resume with another number of ranks needs
+            g = self.dist.global_batch(self.cfg)
+            state.extra.update(positions_consumed=self.step * g, global_batch=g, world_size=self.dist.world_size)
         spath = state_path_for(path)
         save_state(spath, state)
         return path, spath
 
     def _open_log(self):
+        if not self.dist.is_main:
+            f = open(os.devnull, "w", encoding="utf-8")
+            return f, csv.DictWriter(f, fieldnames=["step"], extrasaction="ignore")
         path = log_path(self.cfg.out)
         rows = []
         if os.path.exists(path):
@@ -443,7 +464,8 @@ class Trainer:
                 rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         f = open(path, "w", newline="", encoding="utf-8")
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "grad_norm", "seconds", "images_per_second"])
+        fields = ["step", "loss", "lr", "grad_norm", "seconds", "images_per_second"]
+        w = csv.DictWriter(f, fieldnames=self.dist.log_fields(fields))
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in w.fieldnames})
@@ -521,7 +543,7 @@ class Trainer:
         losses = []
         f, writer = self._open_log()
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
@@ -534,16 +556,17 @@ class Trainer:
                 writer.writerow({"step": self.step, "loss": f"{loss:.6g}",
                                  "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
-                                 "images_per_second": f"{cfg.batch_size * cfg.accumulate / dt:.3f}"})
+                                 "images_per_second": f"{self.dist.global_batch(cfg) / dt:.3f}",
+                                 **self.dist.step_record(dt)})
                 f.flush()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                     self.save()
-                if cfg.preview_every and self.step % cfg.preview_every == 0:
+                if cfg.preview_every and self.step % cfg.preview_every == 0 and self.dist.is_main:
                     self.preview()
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.dist.is_main:
                     self.evaluate()
         finally:
             f.close()
@@ -551,4 +574,6 @@ class Trainer:
                 bar.close()
             self._stream = None
         self.save(cfg.out)
+        if self.dist.is_main and losses:
+            self.log(self.dist.summary(self.dist.global_batch(cfg)))
         return losses

@@ -15,6 +15,7 @@ from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache
 from ..core.errors import DreamCacheError
 from ..core.patch import DreamCachePatch, PatchEntry, check_strength
+from ..core.regional import parse_layer_weights
 from .model import check_adapter_fits, check_cache_fits, compute_dtype
 
 WRAPPER_KEY = "dreamcache"
@@ -69,9 +70,10 @@ def build_adapter_patcher(model, adapter: AdapterFile):
 
 
 def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength: float = 1.0,
-                     start_percent: float = 0.0, end_percent: float = 1.0):
-    """A patched clone of ``model``. Applying again adds another adapter+cache (their updates are summed)."""
-    import comfy.patcher_extension
+                     start_percent: float = 0.0, end_percent: float = 1.0, mask=None, layer_weights=None):
+    """A patched clone of ``model``. Applying again adds another adapter+cache (their updates are summed).
+    ``mask`` (a MASK) limits the subject to a region; ``layer_weights`` ({LayerRef: w} or text such as
+    ``"middle=1, output_4=0.8"``) scales it per layer."""
 
     check_strength(strength)
     if not (0.0 <= start_percent <= end_percent <= 1.0):
@@ -83,14 +85,24 @@ def apply_dreamcache(model, adapter: AdapterFile, cache: FeatureCache, strength:
     sigma_start = math.inf if start_percent <= 0.0 else float(ms.percent_to_sigma(start_percent))
     sigma_end = 0.0 if end_percent >= 1.0 else float(ms.percent_to_sigma(end_percent))
 
+    if isinstance(layer_weights, str):
+        layer_weights = parse_layer_weights(layer_weights, adapter.layers)
     module, adapter_patcher = build_adapter_patcher(model, adapter)
-    entry = PatchEntry(module, cache, float(strength), sigma_start, sigma_end, name=adapter.name)
+    entry = PatchEntry(module, cache, float(strength), sigma_start, sigma_end, name=adapter.name, mask=mask,
+                       layer_weights=layer_weights)
 
     m = model.clone()
     old = find_patch(m)
     entries = (old.entries if old else ()) + (entry,)
     models = (old.models_list if old else ()) + (adapter_patcher,)
-    patch = DreamCachePatch(list(entries), attention=comfy_attention, models=models)
+    recorder = old.recorder if old else None
+    patch = DreamCachePatch(list(entries), attention=comfy_attention, models=models, recorder=recorder)
+    return install_patch(m, patch, old)
+
+
+def install_patch(m, patch: DreamCachePatch, old: DreamCachePatch | None):
+    """Put ``patch``'s hooks and wrapper on the clone ``m`` in place of ``old``'s (if any); returns ``m``."""
+    import comfy.patcher_extension
 
     patches = m.model_options["transformer_options"].setdefault("patches", {})
     if old is not None:

@@ -1,6 +1,6 @@
 """The DreamCache adapter modules: one small cross-attention + fusion per patched transformer block.
 
-Parameter names inside a layer match the reference trainer's (``attn_mem.to_q.weight``,
+Parameter names inside a layer match the authors' trainer's (``attn_mem.to_q.weight``,
 ``attn_mem.to_out.0.bias``, ``linear_cat.weight``, ``norm2_mem.weight`` ...), so a reference state dict maps
 onto it without renaming. ``operations`` lets ComfyUI inject its casting layers (``comfy.ops.manual_cast``);
 plain ``torch.nn`` is the default so the core runs without ComfyUI.
@@ -56,7 +56,7 @@ class LayerAdapter(nn.Module):
 
     @torch.no_grad()
     def reset_reference_init(self, generator: torch.Generator | None = None):
-        """PyTorch's default init (what the reference trainer starts from), optionally seeded."""
+        """PyTorch's default init (what the authors' trainer starts from), optionally seeded."""
         for lin in (self.attn_mem.to_q, self.attn_mem.to_k, self.attn_mem.to_v, self.attn_mem.to_out[0],
                     self.linear_cat):
             fan_in = lin.weight.shape[1]

@@ -2,11 +2,11 @@
 
 Two formats are read:
 
-* the reference trainer's ``.pt`` (``torch.save`` of a plain dict of tensors), loaded with
+* the authors' trainer's ``.pt`` (``torch.save`` of a plain dict of tensors), loaded with
   ``torch.load(weights_only=True)`` only: nothing but tensors and plain containers is ever unpickled;
 * the pack's own ``.safetensors``: the same key names plus metadata (format, version, base family, layers).
 
-Loading is strict, unlike the reference's ``strict=False``: every key must be an adapter parameter, every layer
+Loading is strict, unlike the authors' ``strict=False``: every key must be an adapter parameter, every layer
 must have all nine parameters, every shape must agree with the layer's channel count. The layers an adapter
 patches are whatever its keys name.
 """

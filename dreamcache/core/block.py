@@ -46,3 +46,17 @@ def mix(a: torch.Tensor, fused: list[torch.Tensor], strengths: list[float]) -> t
     for f, s in zip(fused, strengths):
         out = out + s * (f - a)
     return out
+
+
+def mix_weighted(a: torch.Tensor, fused: list[torch.Tensor], scales: list, weights: list) -> torch.Tensor:
+    """What is added to x when some subjects carry a mask: a + Σ wsᵢ·(fusedᵢ − a), where wsᵢ is the
+    per-token tensor w·λ·s (B or 1, N, 1) of a masked subject or the scalar λ·s of an unmasked one. Without any
+    tensor this is :func:`mix` exactly. A token where every wsᵢ is 0 gets ``a`` bit for bit, and one subject's term
+    is the same whether or not other subjects are added (so disjoint masks give each region what its subject alone
+    gives)."""
+    if all(w is None for w in weights):
+        return mix(a, fused, scales)
+    out = a
+    for f, s, ws in zip(fused, scales, weights):
+        out = out + s * (f - a) if ws is None else torch.addcmul(out, ws, f - a)
+    return out

@@ -47,7 +47,7 @@ class LayerRef:
 
     @property
     def key_prefix(self) -> str:
-        """Prefix of this layer's tensors in adapter files (the reference trainer's names)."""
+        """Prefix of this layer's tensors in adapter files (the authors' trainer's names)."""
         return f"diffusion_model.{self.module}.transformer_blocks.{self.block_index}."
 
     @property

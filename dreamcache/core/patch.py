@@ -26,10 +26,11 @@ import torch
 
 from .adapter import DreamCacheAdapter
 from .attention import sdpa_attention
-from .block import fuse, memory_attention, mix, project_memory
+from .block import fuse, memory_attention, mix_weighted, project_memory
 from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
 from .layers import LayerRef
+from .regional import batch_index, check_layer_weights, mask_kind, prepare_mask, token_grid, token_weights
 
 #: transformer_options key a guider sets: tuple of bools, image condition on/off per cond position.
 SWITCH_KEY = "dreamcache_image"
@@ -53,7 +54,8 @@ def check_strength(strength: float):
 
 @dataclass(frozen=True, eq=False)
 class PatchEntry:
-    """One adapter + cache applied to the model, with its strength and sigma range (inclusive)."""
+    """One adapter + cache applied to the model, with its strength and sigma range (inclusive), an optional mask
+    ((B, H, W) in [0, 1]: where the subject applies) and optional weights per layer (missing layers: 1)."""
 
     adapter: DreamCacheAdapter
     cache: FeatureCache
@@ -61,32 +63,54 @@ class PatchEntry:
     sigma_start: float = math.inf
     sigma_end: float = 0.0
     name: str = "DreamCache"
+    mask: torch.Tensor | None = None
+    layer_weights: dict | None = None
 
     def __post_init__(self):
+        if self.mask is not None:
+            m = prepare_mask(self.mask)
+            kind = mask_kind(m)
+            object.__setattr__(self, "mask", None if kind == "none" else m)  # one everywhere = no mask
+            object.__setattr__(self, "_mask_off", kind == "zero")
+        weights = check_layer_weights(dict(self.layer_weights or {}), self.adapter.layers)
+        object.__setattr__(self, "layer_weights", weights)
         check_strength(self.strength)
         check_cache_matches(self.cache, self.adapter.channels, self.name)
 
     def active_at(self, sigma: float | None) -> bool:
         return sigma is None or self.sigma_end <= sigma <= self.sigma_start
 
+    @property
+    def mask_off(self) -> bool:
+        """A mask that is zero everywhere: the subject is off (the base model exactly)."""
+        return getattr(self, "_mask_off", False)
+
+    def scale(self, ref: LayerRef) -> float:
+        """λ·s at this layer (exactly s where λ = 1)."""
+        lam = self.layer_weights.get(ref, 1.0)
+        return self.strength if lam == 1.0 else lam * self.strength
+
 
 class _Work:
     """What one adapter layer does in one model call."""
 
-    __slots__ = ("layer", "k", "v", "strength")
+    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows")
 
-    def __init__(self, layer, k, v, strength):
+    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None):
         self.layer, self.k, self.v, self.strength = layer, k, v, strength
+        self.entry, self.ref = entry, ref  # entry index and layer (masked subjects and the recorder need them)
+        self.mask_rows = mask_rows  # None: one mask for every row; else the mask index of each computed row
 
 
 class CallPlan:
-    __slots__ = ("layers", "rows", "ordered", "zero")
+    __slots__ = ("layers", "rows", "ordered", "zero", "record")
 
-    def __init__(self, layers, rows, ordered, zero):
+    def __init__(self, layers, rows, ordered, zero, record=None):
         self.layers = layers  # {(block, block_index): [_Work, ...]}
         self.rows = rows  # None: every row; a slice (one run of chunks) or a LongTensor of the rows with the image on
         self.ordered = ordered  # True when the wrapper put our hooks in place (a 0-d zero is then safe)
         self.zero = zero
+        self.record = record  # None, or (hook key, rows of the computed rows to record) when the recorder records
 
 
 _EMPTY = CallPlan({}, None, True, None)
@@ -157,12 +181,15 @@ class ModelWrapper(_Shared):
 class DreamCachePatch:
     """Everything DreamCache adds to one model: its entries, their K/V memo and the three hook objects."""
 
-    def __init__(self, entries: list[PatchEntry], attention=None, models=(), trainable: bool = False):
+    def __init__(self, entries: list[PatchEntry], attention=None, models=(), trainable: bool = False, recorder=None):
         """``trainable=True`` (training): K/V are recomputed every call with autograd on, so gradients reach
-        ``to_k``/``to_v``; the default memoises them per device and dtype without gradients (sampling)."""
+        ``to_k``/``to_v``; the default memoises them per device and dtype without gradients (sampling).
+        ``recorder`` (an :class:`~.attention_maps.AttentionRecorder`, opt-in) keeps the adapter attention of one
+        layer at one step; without it nothing is recorded and nothing is computed for it."""
         if not entries:
             raise DreamCacheError("A DreamCache patch needs at least one adapter and cache.")
         self.trainable = trainable
+        self.recorder = recorder
         self.entries = tuple(entries)
         self.attention = attention or sdpa_attention
         self.models_list = tuple(models)
@@ -172,6 +199,7 @@ class DreamCachePatch:
                 self.layers.setdefault(ref.hook_key, []).append((i, ref))
         self._kv: dict = {}
         self._zero: dict = {}
+        self._weights: dict = {}
         self.output_hook = OutputHook(self)
         self.middle_hook = MiddleHook(self)
         self.wrapper = ModelWrapper(self)
@@ -187,6 +215,7 @@ class DreamCachePatch:
             dev = torch.device(device_or_dtype)
             self._kv = {k: v for k, v in self._kv.items() if k[2] == dev}
             self._zero = {k: v for k, v in self._zero.items() if k[0] == dev}
+            self._weights = {k: v for k, v in self._weights.items() if k[-2] == dev}
         return self
 
     def kv(self, entry_index: int, ref: LayerRef, device, dtype):
@@ -244,11 +273,18 @@ class DreamCachePatch:
                                         device=device, dtype=torch.long)
         sig = to.get("sigmas")
         sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
-        active = [e.active_at(sigma) for e in self.entries]
+        active = [e.active_at(sigma) and not e.mask_off for e in self.entries]
         if not any(active):
             return _EMPTY
         n_rows = batch if rows is None else (rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel()))
         chunk = batch // len(coc) if coc else batch
+        mask_rows = {}
+        for i, e in enumerate(self.entries):
+            if active[i] and e.mask is not None:
+                idx = batch_index(e.mask.shape[0], batch, chunk, device)
+                if idx is not None and rows is not None:
+                    idx = idx[rows] if isinstance(rows, slice) else idx.index_select(0, rows)
+                mask_rows[i] = idx
         layers = {}
         for key, items in self.layers.items():
             works = []
@@ -256,6 +292,8 @@ class DreamCachePatch:
                 if not active[i]:
                     continue
                 e = self.entries[i]
+                if e.layer_weights.get(ref, 1.0) == 0.0:
+                    continue  # layer weight 0: this layer runs the base block exactly
                 k, v = self.kv(i, ref, device, dtype)
                 if e.cache.per_image and e.cache.batch > 1:
                     if chunk != e.cache.batch:
@@ -269,10 +307,26 @@ class DreamCachePatch:
                     k, v = k.index_select(0, idx), v.index_select(0, idx)
                 elif n_rows > 1:
                     k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
-                works.append(_Work(e.adapter.layer(ref), k, v, e.strength))
+                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i)))
             if works:
                 layers[key] = works
-        return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None)
+        record = None
+        if self.recorder is not None:
+            record = self.recorder.plan(to, coc, switch, rows, batch, layers)
+        return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None, record)
+
+    def token_weights(self, w: _Work, n_tokens: int, extra: dict, device, dtype):
+        """w·λ·s per token of this layer for a masked subject, (B_mask, N, 1), memoised per grid, device and
+        dtype (so it is computed once per sampling run, not per call)."""
+        shape = extra.get("original_shape")
+        latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else None
+        key = (w.entry, w.ref, n_tokens, latent, torch.device(device), dtype)
+        hit = self._weights.get(key)
+        if hit is None:
+            grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
+            e = self.entries[w.entry]
+            hit = self._weights[key] = token_weights(e.mask, grid, latent or grid, w.strength, device, dtype)
+        return hit
 
     def update(self, x: torch.Tensor, a: torch.Tensor, extra: dict) -> torch.Tensor:
         plan: CallPlan = extra[PLAN_KEY]
@@ -292,7 +346,14 @@ class DreamCachePatch:
             xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
         heads = extra["n_heads"]
         fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
-        upd = mix(as_, fused, [w.strength for w in works])
+        weights = [None] * len(works)
+        for j, w in enumerate(works):
+            if self.entries[w.entry].mask is not None:
+                ws = self.token_weights(w, x.shape[1], extra, x.device, x.dtype)
+                weights[j] = ws if w.mask_rows is None else ws.index_select(0, w.mask_rows)
+        upd = mix_weighted(as_, fused, [w.strength for w in works], weights)
+        if plan.record is not None and plan.record[0] == (extra.get("block"), extra.get("block_index", 0)):
+            self.recorder.observe(self, works, xs, plan.record[1:], heads, extra)
         if rows is None:
             return x + upd
         out = x + a  # rows with the image off: exactly the base block (a + x == x + a in IEEE arithmetic)

@@ -35,6 +35,9 @@ def captions_from_args(args) -> list[str]:
 
 
 def cmd_synth(args) -> int:
+    from ..distributed import synth_process
+
+    shard = synth_process(args.shard, cpu=args.cpu)  # --shard I/N and/or torchrun's ranks (one GPU each)
     captions = captions_from_args(args)
     masker = MASKERS[args.masks](args)
     from ...comfy.env import import_comfyui
@@ -51,9 +54,10 @@ def cmd_synth(args) -> int:
                              extra={"checkpoint": os.path.basename(args.checkpoint), "masks": getattr(masker,
                                                                                                       "describe",
                                                                                                       args.masks)})
-    report = synthesize(model, clip, vae, captions, args.out, masker, settings, progress=not args.no_progress)
-    print(f"{report['written']} written, {report['skipped']} already done, {report['rejected']} rejected (see "
-          "synth_rejected.jsonl); "
+    report = synthesize(model, clip, vae, captions, args.out, masker, settings, progress=not args.no_progress,
+                        shard=shard)
+    print(f"{f'shard {shard[0]}/{shard[1]}: ' if shard else ''}{report['written']} written, "
+          f"{report['skipped']} already done, {report['rejected']} rejected (see synth_rejected.jsonl); "
           f"dataset at {args.out}")
     return 0
 
@@ -102,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none-white-bg: a channel value >= this is white")
     s.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
     s.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    s.add_argument("--shard", help="render only shard I of N (I/N, 0-based) into the same --out; under torchrun "
+                                   "each rank takes its own shard (with --shard too, torchrun's ranks split shard I "
+                                   "further); each shard is resumable")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_synth)
     return p
