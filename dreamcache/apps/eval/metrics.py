@@ -94,10 +94,24 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Embedder:
     """Batched image (and text) embeddings of one metric model on ``device``; results are L2-normalised, fp32, CPU."""
 
-    def __init__(self, device=None, batch_size: int = 32, dtype: torch.dtype | None = None):
+    model_id: str  # the Hugging Face id the model is looked up as
+    option: str  # the command-line option that names a local folder for it
+
+    def __init__(
+        self, source: str | None = None, device=None, batch_size: int = 32, dtype=None, option: str | None = None
+    ):
         self.device = pick_device(device)
         self.batch_size = int(batch_size)
         self.dtype = dtype or torch.float32
+        self.option = option or self.option
+        tf = _transformers()
+        src = source or self.model_id
+        self.processor = _load(tf.AutoImageProcessor, src, self.model_id, self.option)
+        model = self._load_model(tf, src)
+        self.model = model.to(self.device, self.dtype).eval()
+
+    def _load_model(self, tf, src):
+        raise NotImplementedError
 
     def _batches(self, seq):
         for i in range(0, len(seq), self.batch_size):
@@ -118,17 +132,10 @@ class DinoEmbedder(Embedder):
     model_id = DINO_ID
     option = "--dino"
 
-    def __init__(
-        self, source: str | None = None, device=None, batch_size: int = 32, dtype=None, option: str | None = None
-    ):
-        super().__init__(device, batch_size, dtype)
-        tf = _transformers()
-        src = source or self.model_id
-        self.option = option or self.option
-        self.processor = _load(tf.AutoImageProcessor, src, self.model_id, self.option)
+    def _load_model(self, tf, src):
         model = _load(tf.ViTModel, src, self.model_id, self.option, add_pooling_layer=False)
-        self.model = model.to(self.device, self.dtype).eval()
         self.dim = model.config.hidden_size
+        return model
 
     def _image_features(self, pixels):
         return self.model(pixel_values=pixels).last_hidden_state[:, 0]
@@ -140,18 +147,11 @@ class ClipEmbedder(Embedder):
     model_id = CLIP_ID
     option = "--clip"
 
-    def __init__(
-        self, source: str | None = None, device=None, batch_size: int = 32, dtype=None, option: str | None = None
-    ):
-        super().__init__(device, batch_size, dtype)
-        tf = _transformers()
-        src = source or self.model_id
-        self.option = option or self.option
-        self.processor = _load(tf.AutoImageProcessor, src, self.model_id, self.option)
+    def _load_model(self, tf, src):
         self.tokenizer = _load(tf.AutoTokenizer, src, self.model_id, self.option)
         model = _load(tf.CLIPModel, src, self.model_id, self.option)
-        self.model = model.to(self.device, self.dtype).eval()
         self.dim = model.config.projection_dim
+        return model
 
     def _image_features(self, pixels):
         return _features(self.model.get_image_features(pixel_values=pixels))
