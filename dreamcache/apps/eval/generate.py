@@ -3,7 +3,7 @@
 Per subject: the photo (EXIF orientation applied, as ComfyUI's LoadImage does) -> SubjectMask's preprocessing
 (:mod:`dreamcache.core.subject`: a mask from a file or SAM, threshold, the training layout on white) ->
 BuildFeatureCache (:func:`dreamcache.comfy.cache_pass.build_feature_cache`) -> ApplyDreamCache
-(:func:`dreamcache.comfy.patching.apply_dreamcache`); per prompt: CLIPTextEncode, then DualGuidanceSampler's
+(:func:`dreamcache.comfy.apply_patch.apply_dreamcache`); per prompt: CLIPTextEncode, then DualGuidanceSampler's
 plumbing (:func:`dreamcache.comfy.guidance.make_guider`, ComfyUI's KSampler sigmas and sampler) and VAEDecode.
 The "no adapter" baseline samples the same checkpoint with ComfyUI's plain CFG guider at s_T.
 Needs ComfyUI imported first (:func:`dreamcache.comfy.env.import_comfyui`).
@@ -207,8 +207,8 @@ class Generator:
 
     def model_for(self, method: Method, reference: Reference | None):
         """BuildFeatureCache + ApplyDreamCache for an adapter; the plain model for the baseline."""
+        from ...comfy.apply_patch import apply_dreamcache
         from ...comfy.cache_pass import build_feature_cache
-        from ...comfy.patching import apply_dreamcache
 
         if method.adapter is None:
             return self.model, None

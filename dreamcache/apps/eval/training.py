@@ -65,7 +65,7 @@ class TrainingEval:
         self.mask_mode = "files" if cfg.eval_masks else "none"
 
     def __call__(self, trainer) -> dict:
-        from ..trainer import adapter_file_of
+        from ...core.adapter_io import adapter_file_of
         from .engine import Evaluation
         from .generate import Generator, Method, SamplingSettings
 
