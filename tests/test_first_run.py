@@ -155,3 +155,20 @@ def test_each_refused_nodes_error_is_named_once():
     prompt = {"11": {"class_type": "DreamCacheDualGuidanceSampler", "_meta": {"title": "Sampler"}}}
     text = describe_rejection(answer, prompt)
     assert text.count("ddim2") == 1 and "node 11 (Sampler, DreamCacheDualGuidanceSampler)" in text, text
+
+
+def test_base_directory_must_hold_this_pack(tmp_path):
+    """ComfyUI started with --base-directory loads custom nodes only from BASE/custom_nodes and crashes when it is
+    missing: the runner says so in one sentence before starting it, and accepts a base that links the pack."""
+    from dreamcache.apps.runner import PACK_ROOT, check_base_directory
+    from dreamcache.core.errors import DreamCacheError
+
+    base = tmp_path / "base"
+    with pytest.raises(DreamCacheError, match="has no custom_nodes folder"):
+        check_base_directory(str(base))
+    (base / "custom_nodes" / "other_pack").mkdir(parents=True)
+    with pytest.raises(DreamCacheError, match="does not hold this pack"):
+        check_base_directory(str(base))
+    os.symlink(PACK_ROOT, base / "custom_nodes" / "ComfyUI-DreamCache")
+    assert check_base_directory(str(base)) is None
+    assert (Path(PACK_ROOT) / "dreamcache" / "apps" / "runner.py").is_file()

@@ -102,6 +102,23 @@ def save_outputs(client: Client, entry: dict, out_dir: str) -> list[str]:
     return paths
 
 
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_base_directory(base: str) -> None:
+    """ComfyUI started with --base-directory loads custom nodes (this pack too) from BASE/custom_nodes only, and
+    exits with a traceback when that folder is missing: say so before starting it."""
+    nodes_dir = os.path.join(base, "custom_nodes")
+    if not os.path.isdir(nodes_dir):
+        raise DreamCacheError(f"--base-directory {base} has no custom_nodes folder; ComfyUI then loads no custom nodes "
+                              f"(not this pack either): create it and link this pack into it "
+                              f"(ln -s {PACK_ROOT} {nodes_dir}/), or leave --base-directory out.")
+    here = os.path.realpath(PACK_ROOT)
+    if not any(os.path.realpath(os.path.join(nodes_dir, n)) == here for n in os.listdir(nodes_dir)):
+        raise DreamCacheError(f"{nodes_dir} does not hold this pack, so ComfyUI would not know its nodes: link it "
+                              f"there (ln -s {PACK_ROOT} {nodes_dir}/), or leave --base-directory out.")
+
+
 def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | None = None, server: str | None = None,
                  output: str | None = None, timeout: float = 3600, cpu: bool | None = None,
                  base_directory: str | None = None, list_inputs: bool = False) -> list[str]:
@@ -123,6 +140,8 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
                 raise DreamCacheError(f"Starting ComfyUI needs ComfyUI's Python, and {sys.executable} has no torch: "
                                       "run this command with ComfyUI's Python, or pass --server URL of a running "
                                       "ComfyUI.")
+            if base_directory:
+                check_base_directory(base_directory)
             if list_inputs:
                 log = os.path.join(tempfile.gettempdir(), f"dreamcache-list-{os.getpid()}.log")
             else:
