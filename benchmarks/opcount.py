@@ -28,6 +28,7 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
+        self.views = 0  # ops that only make a view (no kernel runs on a GPU)
         self.by_label: dict[str, Counter] = {}
         self.label: str | None = None
 
@@ -35,6 +36,8 @@ class OpCounter(TorchDispatchMode):
         name = func._schema.name
         if name not in _SKIP:
             self.ops[name] += 1
+            if self.label == "update" and func.is_view:
+                self.views += 1
             if self.label is not None:
                 self.by_label.setdefault(self.label, Counter())[name] += 1
         return func(*args, **(kwargs or {}))
@@ -90,6 +93,7 @@ def count_ops(dm, patch, x, t, context, transformer_options: dict | None = None,
         "base": c_base.total, "dreamcache": c.total, "added": added, "layers": layers, "plan_calls": plan.calls,
         "plan": n_plan, "update": n_update,
         "per_layer": (added - n_plan) / layers if layers else 0.0,
+        "update_views_per_layer": c.views / layers if layers else 0.0,
         "update_ops": {k: v / max(layers, 1) for k, v in sorted(upd.items())},
         "other_added": dict(sorted((c.ops - c_base.ops - upd - c.by_label.get("plan", Counter())).items())),
     }
@@ -98,7 +102,7 @@ def count_ops(dm, patch, x, t, context, transformer_options: dict | None = None,
 def format_ops(r: dict) -> str:
     lines = [f"aten ops of one U-Net forward: base {r['base']}, DreamCache {r['dreamcache']} (+{r['added']}); "
              f"{r['layers']} patched layers, plan {r['plan']} ops per model call, "
-             f"{r['per_layer']:.1f} added ops per patched layer"]
+             f"{r['per_layer']:.1f} added ops per patched layer ({r['update_views_per_layer']:.1f} of them views)"]
     lines.append("  per layer, inside update: " + ", ".join(f"{k.removeprefix('aten::')} {v:g}"
                                                            for k, v in r["update_ops"].items()))
     if r["other_added"]:
