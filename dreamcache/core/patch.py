@@ -46,6 +46,8 @@ SWITCH_KEY = "dreamcache_image"
 DISABLE_KEY = "dreamcache_disable"
 #: transformer_options key under which the wrapper leaves its per-call plan.
 PLAN_KEY = "dreamcache_plan"
+#: transformer_options key under which the APPLY_MODEL pre-planner leaves ((batch, device, dtype), plan).
+PREPLAN_KEY = "dreamcache_preplan"
 _STASH = "dreamcache_attn1_out"
 
 
@@ -102,10 +104,11 @@ class PatchEntry:
 class _Work:
     """What one adapter layer does in one model call."""
 
-    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows")
+    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows", "folded")
 
-    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None):
+    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None, folded=None):
         self.layer, self.k, self.v, self.strength = layer, k, v, strength
+        self.folded = folded  # (W_a, W_oᵀ, b) of block.fold_output; None when trainable (the unfolded math)
         self.entry, self.ref = entry, ref  # entry index and layer (masked subjects and the recorder need them)
         self.mask_rows = mask_rows  # None: one mask for every row; else the mask index of each computed row
 
@@ -179,11 +182,36 @@ class ModelWrapper(_Shared):
         if to.get(DISABLE_KEY):
             return executor(x, timesteps, context, y, control, to, **kwargs)
         to = dict(to)
-        to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
+        pre = to.get(PREPLAN_KEY)
+        if pre is not None and pre[0] == (x.shape[0], x.device, x.dtype):
+            to[PLAN_KEY] = pre[1]  # planned outside a compiled diffusion model (see PrePlanWrapper)
+        else:
+            to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
         patches = to.get("patches")
         if patches:
             to["patches"] = self.patch.ordered_patches(patches)
         return executor(x, timesteps, context, y, control, to, **kwargs)
+
+
+class PrePlanWrapper(_Shared):
+    """APPLY_MODEL wrapper: plans the call before the diffusion model runs, with the batch, device and dtype that
+    ``BaseModel._apply_model`` will give it. When the diffusion model is compiled (``torch.compile``, ComfyUI's
+    TorchCompileModel) this keeps the plan, its memo look-ups and the one host read of sigma out of the compiled
+    graph: the graph sees the same plan object every step (no recompilation, no graph break)."""
+
+    dreamcache_hook = "preplan"
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = transformer_options if transformer_options is not None else {}
+        base = getattr(executor, "class_obj", None)
+        if to.get(DISABLE_KEY) or base is None or not hasattr(base, "get_dtype"):
+            return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
+        to = dict(to)
+        to[PREPLAN_KEY] = ((x.shape[0], x.device, dtype), plan)
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
 class DreamCachePatch:
@@ -215,6 +243,7 @@ class DreamCachePatch:
         self.output_hook = OutputHook(self)
         self.middle_hook = MiddleHook(self)
         self.wrapper = ModelWrapper(self)
+        self.preplan = PrePlanWrapper(self)
 
     def __deepcopy__(self, memo):
         return self
@@ -350,7 +379,8 @@ class DreamCachePatch:
                     k, v = k.index_select(0, idx), v.index_select(0, idx)
                 elif n_rows > 1:
                     k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
-                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i)))
+                folded = None if self.trainable else self.folded(i, ref, device, dtype)
+                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i), folded))
             if works:
                 layers[key] = works
         if self.trainable and self.recorder is not None:
@@ -391,7 +421,7 @@ class DreamCachePatch:
         if self.trainable:
             fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         else:
-            fused = [fuse_folded(self.folded(w.entry, w.ref, x.device, x.dtype), as_,
+            fused = [fuse_folded(w.folded, as_,
                                  memory_attention_heads(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         weights = [None] * len(works)
         for j, w in enumerate(works):
