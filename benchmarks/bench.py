@@ -184,6 +184,9 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
     import comfy.ldm.modules.attention as A
     from torch.utils.flop_counter import FlopCounterMode
 
+    def _addmm_flop(self_shape, a_shape, b_shape, out_shape=None, **kw):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
     from dreamcache.core.patch import DreamCachePatch
 
     def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
@@ -210,7 +213,9 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
             to = counting.transformer_options(dict(transformer_options or {}))
             dm(x, t, context=ctx, transformer_options=to, **y)  # memoises K/V, as the first sampling step does
             for name, opts in (("base", dict(transformer_options or {})), ("dreamcache", to)):
-                fc = FlopCounterMode(display=False)
+                # the folded linear_cat accumulates its second half with an in-place addmm_, which the counter's
+                # table lacks: count it with addmm's formula
+                fc = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop})
                 with fc:
                     dm(x, t, context=ctx, transformer_options=opts, **y)
                 out[name] = fc.get_total_flops()
