@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--family sd15|sd21|sdxl] [--res 512] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
                                [--warmup 1] [--repeats 3] [--attention comfy-default|pytorch] [--flops] [--mask]
+                               [--batch N] [--compile] [--ops]
                                [--comfyui PATH] [--out bench_out/NAME.json]
 
 Measures, with warm-up and repeats (median, min, max):
@@ -13,7 +14,11 @@ Measures, with warm-up and repeats (median, min, max):
    allocated, or the process's RSS sampled every 2 ms on the CPU);
 5. adapter size on disk (fp16 / fp32) and cache size per subject;
 6. with --flops, the FLOPs of one U-Net forward with and without DreamCache (what the overhead cannot go below);
-7. with --mask, one evaluation with a soft left-half mask on Apply DreamCache against the same without a mask.
+7. with --mask, one evaluation with a soft left-half mask on Apply DreamCache against the same without a mask;
+8. with --ops, the aten operations DreamCache adds per patched layer and per model call (benchmarks/opcount.py).
+``--batch N`` evaluates N latents against a cache built from ONE reference (the cache pass runs on one latent).
+``--compile`` puts ComfyUI's torch.compile wrapper (what the TorchCompileModel node does, Inductor) on the base
+and the patched model alike; use --warmup 2 or more so the compilation stays out of the timings.
 Prints a markdown table of ratios and writes it as JSON. Needs ComfyUI (COMFYUI_PATH or --comfyui); no weight files.
 """
 from __future__ import annotations
@@ -179,6 +184,9 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
     import comfy.ldm.modules.attention as A
     from torch.utils.flop_counter import FlopCounterMode
 
+    def _addmm_flop(self_shape, a_shape, b_shape, out_shape=None, **kw):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
     from dreamcache.core.patch import DreamCachePatch
 
     def explicit(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kw):
@@ -193,7 +201,8 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
     p = next(dm.parameters())
     counting = DreamCachePatch(list(patch.entries), attention=explicit, recorder=getattr(patch, "recorder", None))
     x, ctx = latent.to(p), cond[0][0].to(p)
-    t = torch.full((1,), 500.0, device=p.device)
+    t = torch.full((x.shape[0],), 500.0, device=p.device)
+    ctx = ctx.expand(x.shape[0], -1, -1)
     y = {"y": torch.zeros(1,
                           dm.label_emb[0][0].in_features).to(p)} if dm.num_classes is not None else {}  # SDXL's vector
     saved = A.optimized_attention
@@ -204,7 +213,9 @@ def count_flops(model, patch, latent, cond, transformer_options: dict | None = N
             to = counting.transformer_options(dict(transformer_options or {}))
             dm(x, t, context=ctx, transformer_options=to, **y)  # memoises K/V, as the first sampling step does
             for name, opts in (("base", dict(transformer_options or {})), ("dreamcache", to)):
-                fc = FlopCounterMode(display=False)
+                # the folded linear_cat accumulates its second half with an in-place addmm_, which the counter's
+                # table lacks: count it with addmm's formula
+                fc = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_flop})
                 with fc:
                     dm(x, t, context=ctx, transformer_options=opts, **y)
                 out[name] = fc.get_total_flops()
@@ -234,6 +245,12 @@ def main(argv=None):
                                                          "DreamCache")
     ap.add_argument("--mask", action="store_true",
                     help="also time one evaluation with a soft left-half mask on Apply DreamCache")
+    ap.add_argument("--batch", type=int, default=1, help="latents per evaluation (the cache keeps one reference)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the diffusion model (ComfyUI's TorchCompileModel wrapper, Inductor), base and "
+                         "DreamCache alike")
+    ap.add_argument("--ops", action="store_true",
+                    help="also count the aten ops DreamCache adds per patched layer (benchmarks/opcount.py)")
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
@@ -264,13 +281,14 @@ def main(argv=None):
     module.reset_reference_init(0)
     adapter = adapter_file_of(module, family_core, name="random")
     h = w = args.res // 8
-    latent = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(2))
+    latent = torch.randn(args.batch, 4, h, w, generator=torch.Generator().manual_seed(2))
     cond, neg = conditioning(args.family, seed=1), conditioning(args.family, seed=3)
     sigma = float(model.get_model_object("model_sampling").sigma(torch.tensor(500.0)))
     results = {"config": {"family": args.family, "res": args.res, "device": str(device), "dtype": dtype_name,
                           "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
-                          "attention": comfy_attention.optimized_attention.__name__, "mask": args.mask}}
+                          "attention": comfy_attention.optimized_attention.__name__, "mask": args.mask,
+                          "batch": args.batch, "compile": args.compile}}
 
     def single(m):
         g = guidance.PositiveOnlyGuider(m)
@@ -285,8 +303,8 @@ def main(argv=None):
 
     # ---- cache pass ------------------------------------------------------------------------------------------
     def cache_once():
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
-        return cache_pass.run_capture_pass(model, latent, noise, cache_pass.pass_sigma(model), cond, layers)
+        noise = torch.randn(latent[:1].shape, generator=torch.Generator().manual_seed(0))  # ONE reference
+        return cache_pass.run_capture_pass(model, latent[:1], noise, cache_pass.pass_sigma(model), cond, layers)
 
     with torch.inference_mode():
         for _ in range(args.warmup):
@@ -306,10 +324,17 @@ def main(argv=None):
 
     # ---- evaluations and steps -------------------------------------------------------------------------------
     patched = apply_patch.apply_dreamcache(model, adapter, cache)
+    base_model = model
+    if args.compile:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        base_model, patched = model.clone(), patched.clone()
+        set_torch_compile_wrapper(base_model, backend="inductor")
+        set_torch_compile_wrapper(patched, backend="inductor")
     guiders = {
-        "eval_base": single(model),
+        "eval_base": single(base_model),
         "eval_dreamcache": single(patched),
-        "step_cfg": cfg_guider(model),
+        "step_cfg": cfg_guider(base_model),
         "step_joint": guidance.make_guider(patched, cond, neg, 7.5, 7.5, "joint"),
         "step_combined": guidance.make_guider(patched, cond, neg, 7.5, 5.0, "combined"),
     }
@@ -367,10 +392,22 @@ def main(argv=None):
     results["sizes_bytes"] = sizes
     if args.flops:
         results["flops"] = count_flops(model, apply_patch.find_patch(patched), latent.to(device), cond)
+    if args.ops:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from opcount import count_ops, format_ops
+
+        dm = model.model.diffusion_model
+        pp = next(dm.parameters())
+        x = latent.to(pp)
+        y = {"y": torch.zeros(x.shape[0], dm.label_emb[0][0].in_features).to(pp)} if dm.num_classes is not None else {}
+        results["ops"] = count_ops(dm, apply_patch.find_patch(patched), x, torch.full((x.shape[0],), 500.0,
+                                   device=pp.device), cond[0][0].to(pp).expand(x.shape[0], -1, -1), **y)
+        print(format_ops(results["ops"]))
     results["wall_s"] = time.perf_counter() - t_start
 
     print(markdown(results))
     stem = f"{args.family}_{args.res}_{device.type}_{dtype_name}_{results['config']['attention']}"
+    stem += (f"_b{args.batch}" if args.batch != 1 else "") + ("_compile" if args.compile else "")
     out = args.out or str(ROOT / "bench_out" / f"{stem}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -382,7 +419,8 @@ def main(argv=None):
 def markdown(r) -> str:
     c = r["config"]
     lines = [f"### {c['family']} {c['res']}² on {c['device']} ({c['dtype']}, {c['threads']} threads, attention "
-             f"{c['attention']}, torch {c['torch']})", "",
+             f"{c['attention']}, torch {c['torch']}, batch {c.get('batch', 1)}"
+             f"{', compiled' if c.get('compile') else ''})", "",
              "| measure | median s | min s | max s |", "|---|---|---|---|"]
     for k, s in r["timings_s"].items():
         lines.append(f"| {k} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")

@@ -39,10 +39,10 @@ def test_bench_runs_and_reports_the_stated_sizes(tmp_path):
     values = 1 * 1280 + 4 * 1280 + 16 * 640 + 16 * 640 + 64 * 320
     assert r["memory"]["cache_values"] == values
     assert values * 2 < r["sizes_bytes"]["cache_fp16"] < values * 2 + 16_000
-    # FLOPs added per evaluation = exactly the adapter's matmuls with K/V memoised: per layer to_q, to_out
-    # (2·N·C² each),
-    # linear_cat (2·N·2C·C) and the attention's two matmuls (2·N·M·C each, M = N cached tokens). A K/V projection
+    # FLOPs added per evaluation = exactly the adapter's matmuls with K/V memoised: per layer to_q (2·N·C²), the
+    # two halves of linear_cat with to_out folded into the second (2·N·C² each; issue 16: to_out is no longer a
+    # separate matmul) and the attention's two matmuls (2·N·M·C each, M = N cached tokens). A K/V projection
     # recomputed per call, or any other extra matmul in the hot path, would break the equality.
     shapes = [(1, 1280), (4, 1280), (16, 640), (16, 640), (64, 320)]  # (tokens, channels) per layer at 64 px
-    assert r["flops"]["added"] == sum(8 * n * c * c + 4 * n * n * c for n, c in shapes) == 229_463_040
+    assert r["flops"]["added"] == sum(6 * n * c * c + 4 * n * n * c for n, c in shapes) == 173_757_440
     assert "| eval_dreamcache / eval_base |" in proc.stdout and "GFLOP" in proc.stdout

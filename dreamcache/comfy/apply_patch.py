@@ -110,7 +110,10 @@ def install_patch(m, patch: DreamCachePatch, old: DreamCachePatch | None):
             if name in patches:
                 patches[name] = _without_ours(patches[name])
         m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+        m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     m.set_model_attn1_output_patch(patch.output_hook)
     m.set_model_patch(patch.middle_hook, "middle_patch")
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, patch.wrapper)
+    # plans each call outside the diffusion model, so a compiled diffusion model sees a memoised plan (issue 16)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, patch.preplan)
     return m

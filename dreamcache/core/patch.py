@@ -26,7 +26,15 @@ import torch
 
 from .adapter import DreamCacheAdapter
 from .attention import sdpa_attention
-from .block import fuse, memory_attention, mix_weighted, project_memory
+from .block import (
+    fold_output,
+    fuse,
+    fuse_folded,
+    memory_attention,
+    memory_attention_heads,
+    mix_weighted,
+    project_memory,
+)
 from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
 from .layers import LayerRef
@@ -38,6 +46,8 @@ SWITCH_KEY = "dreamcache_image"
 DISABLE_KEY = "dreamcache_disable"
 #: transformer_options key under which the wrapper leaves its per-call plan.
 PLAN_KEY = "dreamcache_plan"
+#: transformer_options key under which the APPLY_MODEL pre-planner leaves ((batch, device, dtype), plan).
+PREPLAN_KEY = "dreamcache_preplan"
 _STASH = "dreamcache_attn1_out"
 
 
@@ -94,10 +104,11 @@ class PatchEntry:
 class _Work:
     """What one adapter layer does in one model call."""
 
-    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows")
+    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows", "folded")
 
-    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None):
+    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None, folded=None):
         self.layer, self.k, self.v, self.strength = layer, k, v, strength
+        self.folded = folded  # (W_a, W_oᵀ, b) of block.fold_output; None when trainable (the unfolded math)
         self.entry, self.ref = entry, ref  # entry index and layer (masked subjects and the recorder need them)
         self.mask_rows = mask_rows  # None: one mask for every row; else the mask index of each computed row
 
@@ -171,11 +182,36 @@ class ModelWrapper(_Shared):
         if to.get(DISABLE_KEY):
             return executor(x, timesteps, context, y, control, to, **kwargs)
         to = dict(to)
-        to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
+        pre = to.get(PREPLAN_KEY)
+        if pre is not None and pre[0] == (x.shape[0], x.device, x.dtype):
+            to[PLAN_KEY] = pre[1]  # planned outside a compiled diffusion model (see PrePlanWrapper)
+        else:
+            to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
         patches = to.get("patches")
         if patches:
             to["patches"] = self.patch.ordered_patches(patches)
         return executor(x, timesteps, context, y, control, to, **kwargs)
+
+
+class PrePlanWrapper(_Shared):
+    """APPLY_MODEL wrapper: plans the call before the diffusion model runs, with the batch, device and dtype that
+    ``BaseModel._apply_model`` will give it. When the diffusion model is compiled (``torch.compile``, ComfyUI's
+    TorchCompileModel) this keeps the plan, its memo look-ups and the one host read of sigma out of the compiled
+    graph: the graph sees the same plan object every step (no recompilation, no graph break)."""
+
+    dreamcache_hook = "preplan"
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                 **kwargs):
+        to = transformer_options if transformer_options is not None else {}
+        base = getattr(executor, "class_obj", None)
+        if to.get(DISABLE_KEY) or base is None or not hasattr(base, "get_dtype"):
+            return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+        plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
+        to = dict(to)
+        to[PREPLAN_KEY] = ((x.shape[0], x.device, dtype), plan)
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
 class DreamCachePatch:
@@ -200,9 +236,14 @@ class DreamCachePatch:
         self._kv: dict = {}
         self._zero: dict = {}
         self._weights: dict = {}
+        self._folded: dict = {}
+        self._plans: dict = {}
+        # whether any entry has a sigma range: only then does a model call read sigma (one host sync per call)
+        self._sigma_ranged = any(e.sigma_start != math.inf or e.sigma_end != 0.0 for e in self.entries)
         self.output_hook = OutputHook(self)
         self.middle_hook = MiddleHook(self)
         self.wrapper = ModelWrapper(self)
+        self.preplan = PrePlanWrapper(self)
 
     def __deepcopy__(self, memo):
         return self
@@ -216,6 +257,8 @@ class DreamCachePatch:
             self._kv = {k: v for k, v in self._kv.items() if k[2] == dev}
             self._zero = {k: v for k, v in self._zero.items() if k[0] == dev}
             self._weights = {k: v for k, v in self._weights.items() if k[-2] == dev}
+            self._folded = {k: v for k, v in self._folded.items() if k[2] == dev}
+            self._plans = {}
         return self
 
     def kv(self, entry_index: int, ref: LayerRef, device, dtype):
@@ -230,6 +273,14 @@ class DreamCachePatch:
                 tokens = e.cache.tokens[ref].to(device=device, dtype=dtype)
                 hit = project_memory(e.adapter.layer(ref), tokens)
             self._kv[key] = hit
+        return hit
+
+    def folded(self, entry_index: int, ref: LayerRef, device, dtype):
+        """linear_cat's halves with to_out folded in (:func:`~.block.fold_output`), once per device and dtype."""
+        key = (entry_index, ref, torch.device(device), dtype)
+        hit = self._folded.get(key)
+        if hit is None:
+            hit = self._folded[key] = fold_output(self.entries[entry_index].adapter.layer(ref), device, dtype)
         return hit
 
     def zero(self, device, dtype):
@@ -254,10 +305,34 @@ class DreamCachePatch:
 
     # ---- per call -----------------------------------------------------------------------------------------
     def plan(self, to: dict, batch: int, device, dtype, ordered: bool) -> CallPlan:
+        """What this model call does. Sampling calls repeat the same shapes and branches, so the plan is memoised
+        per (batch, device, dtype, branches, active entries) and a repeat costs a dict lookup and no tensor op.
+        sigma is read (``sig.max()``, one host sync per model call) only when an entry has a sigma range."""
         if to.get(DISABLE_KEY):
             return _EMPTY
         coc = to.get("cond_or_uncond")
         switch = to.get(SWITCH_KEY)
+        sigma = None
+        if self._sigma_ranged:
+            sig = to.get("sigmas")
+            sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
+        active = tuple(e.active_at(sigma) and not e.mask_off for e in self.entries)
+        if self.trainable:
+            return self._plan(to, coc, switch, active, batch, device, dtype, ordered)
+        key = (batch, torch.device(device), dtype, ordered, tuple(coc) if coc else None,
+               None if switch is None else tuple(bool(s) for s in switch), active)
+        hit = self._plans.get(key)
+        if hit is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            hit = self._plans[key] = self._plan(to, coc, switch, active, batch, device, dtype, ordered)
+        if self.recorder is not None and hit.layers:
+            record = self.recorder.plan(to, coc, switch, hit.rows, batch, hit.layers)
+            if record is not None:
+                return CallPlan(hit.layers, hit.rows, hit.ordered, hit.zero, record)
+        return hit
+
+    def _plan(self, to, coc, switch, active, batch, device, dtype, ordered) -> CallPlan:
         rows = None
         if switch is not None and coc:
             on = [bool(switch[c]) if c < len(switch) else True for c in coc]
@@ -271,9 +346,6 @@ class DreamCachePatch:
                 else:
                     rows = torch.tensor([c * per + i for c, flag in enumerate(on) if flag for i in range(per)],
                                         device=device, dtype=torch.long)
-        sig = to.get("sigmas")
-        sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
-        active = [e.active_at(sigma) and not e.mask_off for e in self.entries]
         if not any(active):
             return _EMPTY
         n_rows = batch if rows is None else (rows.stop - rows.start if isinstance(rows, slice) else int(rows.numel()))
@@ -307,13 +379,14 @@ class DreamCachePatch:
                     k, v = k.index_select(0, idx), v.index_select(0, idx)
                 elif n_rows > 1:
                     k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
-                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i)))
+                folded = None if self.trainable else self.folded(i, ref, device, dtype)
+                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i), folded))
             if works:
                 layers[key] = works
-        record = None
-        if self.recorder is not None:
+        if self.trainable and self.recorder is not None:
             record = self.recorder.plan(to, coc, switch, rows, batch, layers)
-        return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None, record)
+            return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None, record)
+        return CallPlan(layers, rows, ordered, self.zero(device, dtype) if ordered else None)
 
     def token_weights(self, w: _Work, n_tokens: int, extra: dict, device, dtype):
         """w·λ·s per token of this layer for a masked subject, (B_mask, N, 1), memoised per grid, device and
@@ -345,7 +418,11 @@ class DreamCachePatch:
         else:
             xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
         heads = extra["n_heads"]
-        fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
+        if self.trainable:
+            fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
+        else:
+            fused = [fuse_folded(w.folded, as_,
+                                 memory_attention_heads(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         weights = [None] * len(works)
         for j, w in enumerate(works):
             if self.entries[w.entry].mask is not None:

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 16's GPU measurements, as one script a CUDA machine runs as is (about 10 minutes on one H200):
+#   COMFYUI_PATH=/path/to/ComfyUI bash benchmarks/gpu_check.sh [OUT_DIR]
+# Writes one JSON per run into OUT_DIR (default bench_out/gpu) and prints the markdown tables. No weights needed.
+set -u
+OUT=${1:-bench_out/gpu}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+run() {  # name, then bench.py arguments
+  local name=$1; shift
+  echo "=== $name: $*"
+  timeout 900 "$PY" benchmarks/bench.py --device cuda --warmup 5 --repeats 20 --attention pytorch "$@" \
+    --out "$OUT/$name.json" || echo "!!! $name failed (exit $?)"
+}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+run sd15_fp16_b1 --family sd15 --res 512 --dtype fp16 --ops
+run sd15_fp16_b4 --family sd15 --res 512 --dtype fp16 --batch 4
+run sdxl_fp16_b1 --family sdxl --res 1024 --dtype fp16
+run sd21_fp16_b1 --family sd21 --res 512 --dtype fp16
+run sd15_bf16_b1 --family sd15 --res 512 --dtype bf16
+run sd15_fp16_b1_compile --family sd15 --res 512 --dtype fp16 --compile --warmup 3 --repeats 10
+echo "targets (issue 16): SD1.5 eval <= 1.06 at batch 1 and 4, joint <= 1.06 x CFG, combined <= 1.10 x CFG, SDXL eval <= 1.06"
