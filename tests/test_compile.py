@@ -80,7 +80,6 @@ def test_torch_compile_model_node_compiles_once_across_steps_and_branches(sd1, p
     assert (got - want).abs().max().item() <= 1e-5
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DREAMCACHE_INDUCTOR_TEST"),
                     reason="Inductor compiles C++ (~145 s on 2 CPU cores); set DREAMCACHE_INDUCTOR_TEST=1 to run it")
 def test_inductor_compiled_patched_model_matches_eager(sd1, pytorch_attention):
