@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from dreamcache.core.adapter import DreamCacheAdapter
-from dreamcache.core.block import fuse, memory_attention, project_memory
+from dreamcache.core.block import (
+    fold_output,
+    fuse,
+    fuse_folded,
+    memory_attention,
+    memory_attention_heads,
+    project_memory,
+)
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import LayerRef
@@ -152,9 +159,15 @@ def test_strength_endpoints_are_exact():
         n = oracle._ln(x, bsd, "norm1.")
         a = oracle._cross_attention(n, n, bsd, "attn1.", HEADS)
         rows = x.shape[0]
-        a_c = memory_attention(layer, x, k.expand(rows, -1, -1), v.expand(rows, -1, -1), HEADS, patch.attention)
-        want_full = _block_tail(x + fuse(layer, a, a_c), text, bsd)
+        kx, vx = k.expand(rows, -1, -1), v.expand(rows, -1, -1)
+        # the hot path's fused value: linear_cat with to_out folded into its second half (block.fold_output)
+        o = memory_attention_heads(layer, x, kx, vx, HEADS, patch.attention)
+        fused = fuse_folded(fold_output(layer, x.device, x.dtype), a, o)
+        want_full = _block_tail(x + fused, text, bsd)
+        # the fold is the unfolded linear_cat(concat([a, to_out(o)])) up to fp32 rounding
+        unfolded = fuse(layer, a, memory_attention(layer, x, kx, vx, HEADS, patch.attention))
     assert torch.equal(full, want_full)
+    assert (fused - unfolded).abs().max().item() < 1e-5
     ref_full = oracle.dreamcache_block(x, text, e.cache.tokens[REF], bsd, adapter_sd(e), HEADS)
     assert (full - ref_full).abs().max().item() < 2e-5
     half = host_block(DreamCachePatch([make_entry(strength=0.5)]), x, text, bsd, {})

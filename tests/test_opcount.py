@@ -15,10 +15,18 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from opcount import count_ops, format_ops  # noqa: E402
 
-#: The most aten ops one patched layer may add (one adapter, strength 1, no mask), and how many of them may be
-#: ones that run a kernel (not a view). Before issue 16: 15 ops, 7 of them not views (cat + linear_cat + to_out).
-MAX_PER_LAYER = 16
+#: How many of the aten ops one patched layer adds (one adapter, strength 1, no mask) may run a kernel (not a view).
+#: Before issue 16: 7 (cat + linear_cat + to_out among them).
 MAX_NON_VIEW_PER_LAYER = 6
+#: The most ops in all, views included, per ComfyUI release: the views are the head split and merge inside ComfyUI's
+#: own attention function, which differs between releases (before issue 16: 15 on 0.3.64).
+MAX_PER_LAYER_BY_RELEASE = {"0.3.64": 16, "0.33.0": 20}
+
+
+def max_per_layer() -> int | None:
+    import comfyui_version
+
+    return MAX_PER_LAYER_BY_RELEASE.get(comfyui_version.__version__)
 
 
 def _setup(sd1, batch, **apply):
@@ -40,8 +48,9 @@ def test_ops_added_per_patched_layer_stay_at_the_reached_count(sd1, batch):
     r = count_ops(dm, patch, x, t, ctx, to)
     print(format_ops(r))
     assert r["layers"] == len(sd1.adapter.layers) and r["plan_calls"] == 1
-    assert r["per_layer"] <= MAX_PER_LAYER, format_ops(r)
     assert r["per_layer"] - r["update_views_per_layer"] <= MAX_NON_VIEW_PER_LAYER, format_ops(r)
+    if max_per_layer() is not None:  # a release not measured yet is held to the kernel count alone
+        assert r["per_layer"] <= max_per_layer(), format_ops(r)
     # a repeated call re-plans nothing: no tensor op (and so no host sync reading sigma) outside the layers
     assert r["plan"] == 0 and not r["other_added"], format_ops(r)
 
@@ -51,4 +60,6 @@ def test_sigma_is_read_once_per_call_only_when_a_sigma_range_is_set(sd1):
     dm, patch, x, t, ctx, to = _setup(sd1, 2, start_percent=0.0, end_percent=0.9)
     r = count_ops(dm, patch, x, t, ctx, to)
     assert r["plan_calls"] == 1 and r["plan"] == 2 and r["layers"] == len(sd1.adapter.layers), format_ops(r)
-    assert r["per_layer"] <= MAX_PER_LAYER, format_ops(r)
+    assert r["per_layer"] - r["update_views_per_layer"] <= MAX_NON_VIEW_PER_LAYER, format_ops(r)
+    if max_per_layer() is not None:
+        assert r["per_layer"] <= max_per_layer(), format_ops(r)
