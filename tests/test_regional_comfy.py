@@ -116,22 +116,7 @@ def test_two_chained_subjects_with_masks(sd1, pack):
     # the image condition switches both subjects off together: the base model exactly
     assert torch.equal(_den(m12, sd1.positive, switch=(False,)), base)
     # combined guidance runs with both
-    latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    (out,) = run_node(
-        "DreamCacheDualGuidanceSampler",
-        model=m12,
-        positive=sd1.positive,
-        negative=sd1.negative,
-        latent_image=latent,
-        seed=1,
-        steps=2,
-        sampler_name="euler",
-        scheduler="normal",
-        denoise=1.0,
-        text_scale=5.0,
-        image_scale=3.0,
-        mode="combined",
-    )
+    out = _sample(m12, sd1, steps=2, seed=1)
     assert torch.isfinite(out["samples"]).all()
 
 
