@@ -46,8 +46,11 @@ SWITCH_KEY = "dreamcache_image"
 DISABLE_KEY = "dreamcache_disable"
 #: transformer_options key under which the wrapper leaves its per-call plan.
 PLAN_KEY = "dreamcache_plan"
-#: transformer_options key under which the APPLY_MODEL pre-planner leaves ((batch, device, dtype), plan).
-PREPLAN_KEY = "dreamcache_preplan"
+#: Keyword argument of the diffusion model through which the APPLY_MODEL pre-planner hands over
+#: ((batch, device, dtype), plan). An argument, not a transformer_options entry: torch.compile guards on it even where
+#: ComfyUI tells the compiler to ignore transformer_options (0.33's TorchCompileModel), so a compiled graph is never
+#: reused for a call with another plan (another sigma range state, branch layout, subject set or strength).
+PLAN_ARG = "dreamcache_plan"
 _STASH = "dreamcache_attn1_out"
 
 
@@ -104,12 +107,13 @@ class PatchEntry:
 class _Work:
     """What one adapter layer does in one model call."""
 
-    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask_rows", "folded")
+    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask", "mask_rows", "folded")
 
-    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask_rows=None, folded=None):
+    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask=None, mask_rows=None, folded=None):
         self.layer, self.k, self.v, self.strength = layer, k, v, strength
         self.folded = folded  # (W_a, W_oᵀ, b) of block.fold_output; None when trainable (the unfolded math)
         self.entry, self.ref = entry, ref  # entry index and layer (masked subjects and the recorder need them)
+        self.mask = mask  # the entry's mask ((B, H, W), None: unmasked)
         self.mask_rows = mask_rows  # None: one mask for every row; else the mask index of each computed row
 
 
@@ -179,14 +183,15 @@ class ModelWrapper(_Shared):
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         to = transformer_options
-        if to.get(DISABLE_KEY):
-            return executor(x, timesteps, context, y, control, to, **kwargs)
-        to = dict(to)
-        pre = to.get(PREPLAN_KEY)
+        pre = kwargs.pop(PLAN_ARG, None)
         if pre is not None and pre[0] == (x.shape[0], x.device, x.dtype):
-            to[PLAN_KEY] = pre[1]  # planned outside a compiled diffusion model (see PrePlanWrapper)
+            plan = pre[1]  # planned outside a compiled diffusion model (see PrePlanWrapper)
+        elif to.get(DISABLE_KEY):
+            return executor(x, timesteps, context, y, control, to, **kwargs)
         else:
-            to[PLAN_KEY] = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
+            plan = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
+        to = dict(to)
+        to[PLAN_KEY] = plan
         patches = to.get("patches")
         if patches:
             to["patches"] = self.patch.ordered_patches(patches)
@@ -197,7 +202,10 @@ class PrePlanWrapper(_Shared):
     """APPLY_MODEL wrapper: plans the call before the diffusion model runs, with the batch, device and dtype that
     ``BaseModel._apply_model`` will give it. When the diffusion model is compiled (``torch.compile``, ComfyUI's
     TorchCompileModel) this keeps the plan, its memo look-ups and the one host read of sigma out of the compiled
-    graph: the graph sees the same plan object every step (no recompilation, no graph break)."""
+    graph: the graph sees the same plan object every step (no recompilation, no graph break). The plan travels as
+    the diffusion model's keyword argument ``PLAN_ARG`` (popped again by :class:`ModelWrapper`), so the compiler's
+    guards cover it: a new plan shape (sigma range on/off, another branch layout, other subjects) compiles anew
+    instead of reusing a graph built for another plan."""
 
     dreamcache_hook = "preplan"
 
@@ -209,8 +217,7 @@ class PrePlanWrapper(_Shared):
             return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
-        to = dict(to)
-        to[PREPLAN_KEY] = ((x.shape[0], x.device, dtype), plan)
+        kwargs[PLAN_ARG] = ((x.shape[0], x.device, dtype), plan)
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
 
 
@@ -380,7 +387,7 @@ class DreamCachePatch:
                 elif n_rows > 1:
                     k, v = k.expand(n_rows, -1, -1), v.expand(n_rows, -1, -1)
                 folded = None if self.trainable else self.folded(i, ref, device, dtype)
-                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, mask_rows.get(i), folded))
+                works.append(_Work(e.adapter.layer(ref), k, v, e.scale(ref), i, ref, e.mask, mask_rows.get(i), folded))
             if works:
                 layers[key] = works
         if self.trainable and self.recorder is not None:
@@ -390,15 +397,18 @@ class DreamCachePatch:
 
     def token_weights(self, w: _Work, n_tokens: int, extra: dict, device, dtype):
         """w·λ·s per token of this layer for a masked subject, (B_mask, N, 1), memoised per grid, device and
-        dtype (so it is computed once per sampling run, not per call)."""
+        dtype (so it is computed once per sampling run, not per call). Inside a compiled graph they are computed in
+        the graph (a few fused pooling ops), so the memo never changes what the compiler guarded."""
         shape = extra.get("original_shape")
         latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else None
+        if torch.compiler.is_compiling():
+            grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
+            return token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
         key = (w.entry, w.ref, n_tokens, latent, torch.device(device), dtype)
         hit = self._weights.get(key)
         if hit is None:
             grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
-            e = self.entries[w.entry]
-            hit = self._weights[key] = token_weights(e.mask, grid, latent or grid, w.strength, device, dtype)
+            hit = self._weights[key] = token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
         return hit
 
     def update(self, x: torch.Tensor, a: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -418,14 +428,14 @@ class DreamCachePatch:
         else:
             xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
         heads = extra["n_heads"]
-        if self.trainable:
+        if works[0].folded is None:  # trainable: the unfolded math, gradients reach to_out
             fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         else:
             fused = [fuse_folded(w.folded, as_,
                                  memory_attention_heads(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         weights = [None] * len(works)
         for j, w in enumerate(works):
-            if self.entries[w.entry].mask is not None:
+            if w.mask is not None:
                 ws = self.token_weights(w, x.shape[1], extra, x.device, x.dtype)
                 weights[j] = ws if w.mask_rows is None else ws.index_select(0, w.mask_rows)
         upd = mix_weighted(as_, fused, [w.strength for w in works], weights)
