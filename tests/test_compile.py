@@ -184,3 +184,21 @@ def test_compiled_plain_model_graph_is_not_reused_for_dreamcache(sd1, pytorch_at
     assert (want - plain).abs().max().item() > 1e-3  # DreamCache changes the image: the check can fail
     assert (plain_again - cfg(sd1.model)).abs().max().item() <= 1e-5
 
+
+def test_build_feature_cache_on_a_compiled_model_runs_eager_and_gives_the_same_cache(sd1, pytorch_attention):
+    """BuildFeatureCache wired after TorchCompileModel: the one partial pass runs without ComfyUI's compile wrapper
+    (nothing is compiled for it) and the cache equals the eager one; the compiled model stays compiled."""
+    from helpers import run_node
+
+    def build(model):
+        return run_node("DreamCacheBuildFeatureCache", model=model, vae=sd1.vae, image=sd1.image, clip=sd1.clip,
+                        adapter=sd1.adapter, seed=0, resolution=64, fit="pad", batch_mode="concat")[0]
+
+    compiled = _compile_node(sd1.model)
+    cache = build(compiled)
+    assert GRAPHS == [], f"the cache pass compiled {len(GRAPHS)} graphs"
+    want = build(sd1.model)
+    for ref in sd1.adapter.layers:
+        assert torch.equal(cache.tokens[ref], want.tokens[ref]), ref
+    _sample(sd1, sd1.core.comfy.apply_patch.apply_dreamcache(compiled, sd1.adapter, cache), SIGMAS[:1] + [0.0])
+    assert len(GRAPHS) == 1  # the wrapper is still on the model the user compiled

@@ -2,7 +2,9 @@
 adapters off, the inputs of the adapter's SpatialTransformers captured, the rest of the U-Net skipped.
 
 The pass goes through ComfyUI's own sampling machinery (a guider and a one-step sampler), so model loading,
-LoRA and hook patches, SDXL's ``y`` vector, v-prediction and wrappers behave exactly as when sampling.
+LoRA and hook patches, SDXL's ``y`` vector, v-prediction and wrappers behave exactly as when sampling; only
+ComfyUI's torch.compile wrapper (TorchCompileModel) is left out: compiling for one partial pass costs more than the
+pass, and the capture hooks and the early stop would break the graph.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from .model import check_adapter_fits, model_family
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.
 _STRIP = ("control", "gligen", "area", "mask", "mask_strength", "set_area_to_bounds", "start_percent", "end_percent",
           "timestep_start", "timestep_end", "hooks", "strength", "control_apply_to_uncond")
+#: The APPLY_MODEL wrapper key of ComfyUI's torch.compile helper (comfy_api.torch_helpers.torch_compile.COMPILE_KEY).
+COMPILE_KEY = "torch.compile"
 
 
 def pass_sigma(model) -> float:
@@ -59,11 +63,13 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
     by the sampler). Returns ``{LayerRef: (B, C, H, W)}`` on the intermediate device."""
     import comfy.model_management
     import comfy.samplers
+    from comfy.patcher_extension import WrappersMP
 
     from .guidance import PositiveOnlyGuider
 
     m = model.clone()
     m.model_options["transformer_options"][DISABLE_KEY] = True
+    m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, COMPILE_KEY)  # eager: see the module docstring
     modules = {}
     for ref in {r.module: r for r in layers}.values():
         try:
