@@ -345,9 +345,13 @@ def main(argv=None):
     # Interleaved rounds (A B C D E, A B C D E, ...): slow drift of the machine (other load, allocator state,
     # clock) spreads over every measure instead of biasing whichever ran first. Warm-up in the first round only.
     runs = {k: ([], 0) for k in guiders}
+    warmup_s = {}  # wall time of each measure's warm-up calls (with --compile: where the compilation happens)
     for rnd in range(args.repeats):
         for k, g in guiders.items():
+            t0 = time.perf_counter()
             ts, peak = measure(g, latent, sigma, args.warmup if rnd == 0 else 0, 1, device)
+            if rnd == 0:
+                warmup_s[k] = time.perf_counter() - t0 - sum(ts)
             runs[k] = (runs[k][0] + ts, max(runs[k][1], peak))
     kv_bytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k,
                    v in apply_patch.find_patch(patched)._kv.values())
@@ -367,6 +371,7 @@ def main(argv=None):
     cfg_med = statistics.median(runs["step_cfg"][0])
     results["timings_s"] = {k: stats(v[0]) for k, v in runs.items()} | {"cache_pass": stats(pass_times)}
     results["working_memory_bytes"] = {k: v[1] for k, v in runs.items()}
+    results["warmup_s"] = warmup_s
     results["ratios"] = {
         "eval_dreamcache / eval_base": statistics.median(runs["eval_dreamcache"][0]) / base_med,
         "step_joint / step_cfg": statistics.median(runs["step_joint"][0]) / cfg_med,
@@ -443,6 +448,9 @@ def markdown(r) -> str:
               f"{m['working_eval_base'] / 1e6:.0f} MB / {m['working_eval_dreamcache'] / 1e6:.0f} MB "
               f"({m['working_added_by_dreamcache'] / 1e6:+.0f} MB) |",
               f"| wall time of this run | {r['wall_s']:.0f} s |"]
+    if c.get("compile") and "warmup_s" in r:
+        lines.append("| warm-up calls incl. compilation, " + ", ".join(f"{k} {v:.0f} s" for k, v in
+                                                                     r["warmup_s"].items()) + " |")
     if "flops" in r:
         f = r["flops"]
         lines.append(f"| FLOPs of one U-Net forward, base / DreamCache | {f['base'] / 1e9:.1f} / "

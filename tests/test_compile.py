@@ -187,7 +187,8 @@ def test_compiled_plain_model_graph_is_not_reused_for_dreamcache(sd1, pytorch_at
 
 def test_build_feature_cache_on_a_compiled_model_runs_eager_and_gives_the_same_cache(sd1, pytorch_attention):
     """BuildFeatureCache wired after TorchCompileModel: the one partial pass runs without ComfyUI's compile wrapper
-    (nothing is compiled for it) and the cache equals the eager one; the compiled model stays compiled."""
+    (nothing is compiled for it) and the cache equals the eager one; the compiled model stays compiled, and Apply
+    DreamCache after TorchCompileModel samples the eager result."""
     from helpers import run_node
 
     def build(model):
@@ -200,5 +201,7 @@ def test_build_feature_cache_on_a_compiled_model_runs_eager_and_gives_the_same_c
     want = build(sd1.model)
     for ref in sd1.adapter.layers:
         assert torch.equal(cache.tokens[ref], want.tokens[ref]), ref
-    _sample(sd1, sd1.core.comfy.apply_patch.apply_dreamcache(compiled, sd1.adapter, cache), SIGMAS[:1] + [0.0])
+    ap = sd1.core.comfy.apply_patch.apply_dreamcache
+    got = _sample(sd1, ap(compiled, sd1.adapter, cache), SIGMAS)  # TorchCompileModel before Apply DreamCache
     assert len(GRAPHS) == 1  # the wrapper is still on the model the user compiled
+    assert (got - _sample(sd1, ap(sd1.model, sd1.adapter, want), SIGMAS)).abs().max().item() <= 1e-5
