@@ -21,3 +21,18 @@ run sd21_fp16_b1 --family sd21 --res 512 --dtype fp16
 run sd15_bf16_b1 --family sd15 --res 512 --dtype bf16
 run sd15_fp16_b1_compile --family sd15 --res 512 --dtype fp16 --compile --warmup 3 --repeats 10
 echo "targets (issue 16): SD1.5 eval <= 1.06 at batch 1 and 4, joint <= 1.06 x CFG, combined <= 1.10 x CFG, SDXL eval <= 1.06"
+"$PY" - "$OUT" <<'PYEOF'
+import json, os, sys
+out = sys.argv[1]
+runs = {n[:-5]: json.load(open(os.path.join(out, n))) for n in sorted(os.listdir(out)) if n.endswith(".json")}
+print("| run | eval DC / base | joint / CFG | combined / CFG | cache pass / eval |")
+print("|---|---|---|---|---|")
+for n, r in runs.items():
+    q = r["ratios"]
+    print(f"| {n} | " + " | ".join(f"{q[k]:.3f}" for k in ("eval_dreamcache / eval_base", "step_joint / step_cfg",
+                                                              "step_combined / step_cfg", "cache_pass / eval_base")) + " |")
+e, c = runs.get("sd15_fp16_b1"), runs.get("sd15_fp16_b1_compile")
+if e and c:  # what torch.compile gains: compiled time / eager time of the same measure
+    for k in ("eval_base", "eval_dreamcache", "step_cfg", "step_joint", "step_combined"):
+        print(f"compiled / eager, {k}: {c['timings_s'][k]['median'] / e['timings_s'][k]['median']:.3f}")
+PYEOF
