@@ -1,11 +1,12 @@
 """One summary line for one suite run of .ci/run, from pytest's JUnit XML report; exits non-zero when the run fails.
 
     python .ci/summary.py LABEL REPORT.xml PYTEST_EXIT_CODE SECONDS [--require-comfyui] [--require-fixtures]
-                          [--require-browser]
+                          [--require-browser] [--require-inductor]
 
 A run fails on a non-zero pytest exit code (5, no test collected, included), a missing report, any failure or
 error, and on a skip for want of something the run was given: ComfyUI (--require-comfyui), the golden fixture
-(--require-fixtures) or Chromium (--require-browser). Every skip is listed with its reason.
+(--require-fixtures), Chromium (--require-browser) or the Inductor test's opt-in (--require-inductor). Every skip
+is listed with its reason.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ REQUIRED = {
     "--require-comfyui": ("ComfyUI not importable", "COMFYUI_PATH"),
     "--require-fixtures": ("golden fixture",),
     "--require-browser": ("Chromium",),
+    "--require-inductor": ("DREAMCACHE_INDUCTOR_TEST",),
 }
 
 

@@ -99,7 +99,7 @@ def test_torch_compile_model_node_compiles_once_across_steps_and_branches(sd1, p
 
 
 @pytest.mark.skipif(not os.environ.get("DREAMCACHE_INDUCTOR_TEST"),
-                    reason="Inductor compiles C++ (~145 s on 2 CPU cores); set DREAMCACHE_INDUCTOR_TEST=1 to run it")
+                    reason="Inductor compiles C++ (~145 s on one CPU thread); set DREAMCACHE_INDUCTOR_TEST=1 to run it")
 def test_inductor_compiled_patched_model_matches_eager(sd1, pytorch_attention):
     """Inductor on the CPU (compiles C++; the slowest test here): the compiled patched U-Net equals eager to 1e-5."""
     _, patch, x, t, ctx, to = _inputs(sd1)
