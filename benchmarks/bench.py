@@ -254,6 +254,9 @@ def main(argv=None):
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda, but this torch sees no CUDA GPU (torch.cuda.is_available() is False): run it on a "
+                 "GPU machine with a CUDA build of torch, or pass --device cpu.")
     dtype_name = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     dtype = DTYPES[dtype_name]
     torch.set_num_threads(args.threads)

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Issue 16's GPU measurements, as one script a CUDA machine runs as is (about 10 minutes on one H200):
 #   COMFYUI_PATH=/path/to/ComfyUI bash benchmarks/gpu_check.sh [OUT_DIR]
-# Writes one JSON per run into OUT_DIR (default bench_out/gpu) and prints the markdown tables. No weights needed.
+# Writes one JSON per run into OUT_DIR (default bench_out/gpu; a relative path is from the repo root) and prints the
+# markdown tables and a summary. No weights needed. Without a CUDA GPU it says so and exits 2.
 set -u
-OUT=${1:-bench_out/gpu}
-PY=${PYTHON:-python}
-mkdir -p "$OUT"
+PY=${PYTHON:-$(command -v python || command -v python3)}
 cd "$(dirname "$0")/.."
+OUT=$(mkdir -p "${1:-bench_out/gpu}" && cd "${1:-bench_out/gpu}" && pwd)  # a relative OUT_DIR: from the repo root
 run() {  # name, then bench.py arguments
   local name=$1; shift
   echo "=== $name: $*"
   timeout 900 "$PY" benchmarks/bench.py --device cuda --warmup 5 --repeats 20 --attention pytorch "$@" \
     --out "$OUT/$name.json" || echo "!!! $name failed (exit $?)"
 }
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+  echo "gpu_check.sh: $PY has no CUDA GPU to use (torch.cuda.is_available() is False); run it on a GPU machine." >&2
+  exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
 run sd15_fp16_b1 --family sd15 --res 512 --dtype fp16 --ops
 run sd15_fp16_b4 --family sd15 --res 512 --dtype fp16 --batch 4

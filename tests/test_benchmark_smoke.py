@@ -46,3 +46,20 @@ def test_bench_runs_and_reports_the_stated_sizes(tmp_path):
     shapes = [(1, 1280), (4, 1280), (16, 640), (16, 640), (64, 320)]  # (tokens, channels) per layer at 64 px
     assert r["flops"]["added"] == sum(6 * n * c * c + 4 * n * n * c for n, c in shapes) == 173_757_440
     assert "| eval_dreamcache / eval_base |" in proc.stdout and "GFLOP" in proc.stdout
+
+
+def test_gpu_benchmarks_without_a_gpu_say_so_in_one_sentence(tmp_path):
+    """A GPU run started where torch sees no CUDA GPU (bench.py --device cuda, gpu_check.sh): one clear line and a
+    non-zero exit, not ComfyUI's traceback six times over. Needs no ComfyUI (the check comes first)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: the no-GPU message cannot be shown here")
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"} | {"PYTHON": sys.executable}
+    bench = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--device", "cuda"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 2 and "sees no CUDA GPU" in bench.stderr and "Traceback" not in bench.stderr
+    script = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert script.returncode == 2 and "no CUDA GPU" in script.stderr, script.stdout + script.stderr
+    assert "===" not in script.stdout  # no benchmark was started
