@@ -81,19 +81,13 @@ def test_torch_compile_model_node_compiles_once_across_steps_and_branches(sd1, p
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
     patched, *_ = _inputs(sd1)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     compiled = patched.clone()
-    set_torch_compile_wrapper(compiled, backend=counting_backend)  # what TorchCompileModel does, our backend
+    set_torch_compile_wrapper(compiled, backend="dreamcache_counting")  # what TorchCompileModel does, our backend
     _sample(sd1, compiled, SIGMAS[:1] + [0.0])  # one step of combined guidance: compiles
-    after_first = len(graphs)
+    after_first = len(GRAPHS)
     assert after_first >= 1
     got = _sample(sd1, compiled, SIGMAS)  # three more steps, other sigmas, all three branches: no recompilation
-    assert len(graphs) == after_first, f"recompiled {len(graphs) - after_first} times between sampling steps"
+    assert len(GRAPHS) == after_first, f"recompiled {len(GRAPHS) - after_first} times between sampling steps"
     want = _sample(sd1, patched, SIGMAS)
     assert (got - want).abs().max().item() <= 1e-5
 

@@ -21,8 +21,6 @@ from .model import check_adapter_fits, model_family
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.
 _STRIP = ("control", "gligen", "area", "mask", "mask_strength", "set_area_to_bounds", "start_percent", "end_percent",
           "timestep_start", "timestep_end", "hooks", "strength", "control_apply_to_uncond")
-#: The APPLY_MODEL wrapper key of ComfyUI's torch.compile helper (comfy_api.torch_helpers.torch_compile.COMPILE_KEY).
-COMPILE_KEY = "torch.compile"
 
 
 def pass_sigma(model) -> float:
@@ -64,6 +62,7 @@ def run_capture_pass(model, latent: torch.Tensor, noise: torch.Tensor, sigma: fl
     import comfy.model_management
     import comfy.samplers
     from comfy.patcher_extension import WrappersMP
+    from comfy_api.torch_helpers.torch_compile import COMPILE_KEY
 
     from .guidance import PositiveOnlyGuider
 

@@ -401,14 +401,14 @@ class DreamCachePatch:
         the graph (a few fused pooling ops), so the memo never changes what the compiler guarded."""
         shape = extra.get("original_shape")
         latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else None
-        if torch.compiler.is_compiling():
-            grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
-            return token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
+        memo = not torch.compiler.is_compiling()
         key = (w.entry, w.ref, n_tokens, latent, torch.device(device), dtype)
-        hit = self._weights.get(key)
+        hit = self._weights.get(key) if memo else None
         if hit is None:
             grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
-            hit = self._weights[key] = token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
+            hit = token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
+            if memo:
+                self._weights[key] = hit
         return hit
 
     def update(self, x: torch.Tensor, a: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -428,6 +428,8 @@ class DreamCachePatch:
         else:
             xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
         heads = extra["n_heads"]
+        # Below, everything is read from the plan's works (not from self.entries / self.trainable): under 0.33's
+        # TorchCompileModel only the plan, a guarded argument, tells one compiled graph from another.
         if works[0].folded is None:  # trainable: the unfolded math, gradients reach to_out
             fused = [fuse(w.layer, as_, memory_attention(w.layer, xs, w.k, w.v, heads, self.attention)) for w in works]
         else:
