@@ -68,18 +68,23 @@ def model_config(family: str, unet: dict | None = None, dtype=torch.float32):
 
 
 def make_model(family: str = "sd1", seed: int = 0, dtype=torch.float32, unet: dict | None = None,
-               v_prediction: bool = False):
-    """A ModelPatcher around a tiny BaseModel / SDXL of the family (weights seeded)."""
+               v_prediction: bool = False, inpaint: bool = False):
+    """A ModelPatcher around a tiny BaseModel / SDXL of the family (weights seeded). ``inpaint``: the 9-channel
+    inpainting variant, set up as ComfyUI's loader does (``set_inpaint``: concat keys "mask", "masked_image")."""
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
 
+    if inpaint:
+        unet = {**(unet or unet_config(family)), "in_channels": 9}
     cfg = model_config(family, unet, dtype)
     mtype = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
     if family == "sdxl":
         model = comfy.model_base.SDXL(cfg, model_type=mtype, device=torch.device("cpu"))
     else:
         model = comfy.model_base.BaseModel(cfg, model_type=mtype, device=torch.device("cpu"))
+    if inpaint:
+        model.set_inpaint()
     seeded_init_(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
     model.requires_grad_(False)

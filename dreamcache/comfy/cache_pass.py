@@ -20,7 +20,8 @@ from .model import check_adapter_fits, model_family
 
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.
 _STRIP = ("control", "gligen", "area", "mask", "mask_strength", "set_area_to_bounds", "start_percent", "end_percent",
-          "timestep_start", "timestep_end", "hooks", "strength", "control_apply_to_uncond")
+          "timestep_start", "timestep_end", "hooks", "strength", "control_apply_to_uncond",
+          "concat_latent_image", "concat_mask", "concat_image", "noise_concat")
 
 
 def pass_sigma(model) -> float:
@@ -37,6 +38,31 @@ def plain_conditioning(conditioning) -> list:
     for k in _STRIP:
         extras.pop(k, None)
     return [[tensor, extras]]
+
+
+#: The extra input channels of ComfyUI's inpainting models (SD 1.x / 2.x / XL inpainting checkpoints, 9 channels).
+INPAINT_CONCAT_KEYS = ("mask", "masked_image")
+
+
+def extra_channels_conditioning(model, vae, conditioning: list, pixels: torch.Tensor) -> list:
+    """The cache pass's conditioning for a model with extra input channels (docs/how-it-works.md, "Inpainting
+    checkpoints"): an inpainting model gets a mask over everything and the fully masked (grey) image, which is what
+    InpaintModelConditioning gives for a full mask and the state its painted area is in while sampling. A regular
+    model's conditioning is returned as it is; any other kind of extra channels is one clear error."""
+    base = model.model
+    keys = tuple(getattr(base, "concat_keys", ()) or ())
+    extra = int(base.model_config.unet_config.get("in_channels", 4)) - int(base.latent_format.latent_channels)
+    if not keys and extra <= 0:
+        return conditioning
+    if keys != INPAINT_CONCAT_KEYS:
+        raise DreamCacheError(
+            f"This model takes extra input channels ({', '.join(keys) or f'{extra} channels'}) that the cache pass "
+            "cannot feed; DreamCache works with regular and inpainting checkpoints (SD 1.x, 2.x, SDXL).")
+    grey = torch.full((1, pixels.shape[1], pixels.shape[2], 3), 0.5, dtype=pixels.dtype, device=pixels.device)
+    masked_image = vae.encode(grey)
+    full_mask = torch.ones((1, pixels.shape[1], pixels.shape[2]), dtype=torch.float32)
+    return [[t, {**extras, "concat_latent_image": masked_image, "concat_mask": full_mask}]
+            for t, extras in conditioning]
 
 
 def encode_empty_prompt(clip) -> list:
@@ -105,7 +131,7 @@ def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, 
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     cond = plain_conditioning(conditioning) if conditioning is not None else encode_empty_prompt(clip)
-    cond = plain_conditioning(cond)
+    cond = extra_channels_conditioning(model, vae, plain_conditioning(cond), pixels)
     sigma = pass_sigma(model)
     captured = run_capture_pass(model, latent, noise, sigma, cond, adapter.layers, seed=seed)
     cache = from_captures(
