@@ -30,6 +30,10 @@ TINY_CHANNELS = {"middle_block.1": 128, "output_blocks.4.1": 128, "output_blocks
                  "output_blocks.10.1": 32}
 
 
+#: Example images the e2e base directory holds at 64x64 (the photo the inpaint/img2img/outpaint workflows load).
+TINY_INPUTS = ("dreamcache_example_kitchen.png", "dreamcache_example_kitchen_mask.png")
+
+
 def write_tiny_adapter(path: Path, family: str | None, seed: int = 0):
     """An adapter whose channels fit the tiny SD1/SD2 models of tests/tiny_models.py."""
     from dreamcache.core.adapter import DreamCacheAdapter
@@ -55,6 +59,10 @@ def make_base_dir(base: Path):
     (base / "input").mkdir()
     for img in (ROOT / "workflows").glob("*.png"):
         shutil.copy(img, base / "input" / img.name)
+    for name in TINY_INPUTS:  # the photo workflows at 64², so their tiny U-Net runs in seconds
+        from PIL import Image
+
+        Image.open(base / "input" / name).resize((64, 64)).save(base / "input" / name)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +197,10 @@ FAST = {  # small and quick on a CPU
     "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
     "DreamCacheBuildFeatureCache": {"resolution": 64},
     "DreamCacheSubjectMask": {"size": 64},
+    "ImagePadForOutpaint": {"right": 32, "feathering": 8},
 }
+#: The workflows that work on a photo: (what is checked) the image is not flat, and outside the mask the photo is kept.
+PHOTO_WORKFLOWS = {"dreamcache_inpaint", "dreamcache_inpaint_model", "dreamcache_img2img", "dreamcache_outpaint"}
 
 
 def tiny_prompt(workflow: dict, object_info: dict) -> dict:
@@ -198,7 +209,10 @@ def tiny_prompt(workflow: dict, object_info: dict) -> dict:
     prompt = ui_to_api(workflow, object_info)
     for node in prompt.values():
         if node["class_type"] in SWAPS:
+            inpainting = "inpainting" in str(node["inputs"].get("ckpt_name", ""))
             node["class_type"], node["inputs"] = SWAPS[node["class_type"]][0], dict(SWAPS[node["class_type"]][1])
+            if inpainting:  # an inpainting checkpoint: the tiny 9-channel U-Net
+                node["inputs"]["family"] = "sd2_inpaint"
         node["inputs"].update(FAST.get(node["class_type"], {}))
     return prompt
 
@@ -234,7 +248,10 @@ def test_shipped_workflow_runs(server, live_info, path):
     """Each shipped workflow, converted through the live /object_info, runs to its outputs."""
     workflow = json.loads(path.read_text())
     prompt = tiny_prompt(workflow, live_info)
+    probes = add_photo_probes(prompt) if path.stem in PHOTO_WORKFLOWS else None
     entry = server.client.wait(server.client.queue(prompt), timeout=900)
+    if path.stem in PHOTO_WORKFLOWS:
+        check_photo_kept(server, prompt, entry, probes)
     saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     if path.stem == "dreamcache_cache_library":
         # group A saves the subject; then group B (muted in the file) reuses it without the reference image
@@ -250,6 +267,78 @@ def test_shipped_workflow_runs(server, live_info, path):
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
                          for img in saved if img["type"] == "output")
+
+
+def add_photo_probes(prompt: dict) -> dict:
+    """Extra outputs for the photo checks: the photo as the workflow feeds it, its VAE round trip (encode + decode
+    with the workflow's VAE) and the mask that keeps it (None for img2img). Returns {what: node id}."""
+    keeper = next((k for k, v in prompt.items() if v["class_type"] in ("SetLatentNoiseMask", "InpaintModelConditioning")),
+                  None)
+    if keeper is None:
+        encoder = next(v for v in prompt.values() if v["class_type"] == "VAEEncode")
+        mask = None
+    elif prompt[keeper]["class_type"] == "SetLatentNoiseMask":
+        encoder, mask = prompt[prompt[keeper]["inputs"]["samples"][0]], prompt[keeper]["inputs"]["mask"]
+    else:
+        encoder, mask = prompt[keeper], prompt[keeper]["inputs"]["mask"]
+    pixels, vae = encoder["inputs"]["pixels"], encoder["inputs"]["vae"]
+    prompt.update({
+        "p1": {"class_type": "SaveImage", "inputs": {"images": pixels, "filename_prefix": "probe_photo"}},
+        "p2": {"class_type": "VAEEncode", "inputs": {"pixels": pixels, "vae": vae}},
+        "p3": {"class_type": "VAEDecode", "inputs": {"samples": ["p2", 0], "vae": vae}},
+        "p4": {"class_type": "SaveImage", "inputs": {"images": ["p3", 0], "filename_prefix": "probe_roundtrip"}},
+    })
+    probes = {"photo": "p1", "roundtrip": "p4"}
+    if mask is not None:
+        sampler = next(k for k, v in prompt.items() if v["class_type"] == "DreamCacheDualGuidanceSampler")
+        prompt.update({
+            "p5": {"class_type": "MaskToImage", "inputs": {"mask": mask}},
+            "p6": {"class_type": "SaveImage", "inputs": {"images": ["p5", 0], "filename_prefix": "probe_mask"}},
+            "p7": {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 0], "filename_prefix": "probe_out"}},
+            "p8": {"class_type": "SaveLatent", "inputs": {"samples": ["p2", 0], "filename_prefix": "probe_photo"}},
+        })
+        probes.update(mask="p6", latent="p7", photo_latent="p8")
+    return probes
+
+
+def _saved(server, entry, node_id):
+    import numpy as np
+    from PIL import Image
+
+    outputs = entry["outputs"][node_id]
+    if "latents" in outputs:
+        from safetensors.torch import load_file
+
+        f = outputs["latents"][0]
+        return load_file(str(server.base / "output" / f["subfolder"] / f["filename"]))["latent_tensor"]
+    img = outputs["images"][0]
+    return np.asarray(Image.open(server.base / "output" / img["subfolder"] / img["filename"]).convert("RGB"),
+                      dtype=np.float32) / 255.0
+
+
+def check_photo_kept(server, prompt, entry, probes):
+    """The workflow's image is not flat; outside the mask (latent cells the mask does not touch) the sampled latent
+    is the photo's latent (what keeps the photo: noise mask / InpaintModelConditioning), and the pixels there (at
+    least one latent cell, 8 px, away from the mask) are the photo within the VAE's round-trip error: their mean
+    distance to the photo is at most the round trip's plus 2/255. (The tiny VAE has random weights, so its round
+    trip is far from the photo and the pixel bound alone is loose; the latent check is the strict one.)"""
+    import numpy as np
+
+    out_id = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage" and not k.startswith("p"))
+    out, photo, rt = (_saved(server, entry, k) for k in (out_id, probes["photo"], probes["roundtrip"]))
+    assert out.shape == photo.shape and np.isfinite(out).all() and out.std() > 0.02, out.std()
+    if "mask" not in probes:
+        return
+    mask = torch.from_numpy(_saved(server, entry, probes["mask"])[..., 0])
+    latent, photo_latent = _saved(server, entry, probes["latent"]), _saved(server, entry, probes["photo_latent"])
+    cells = torch.nn.functional.max_pool2d(mask[None, None], 8)[0, 0] == 0
+    assert cells.any() and (~cells).any()
+    assert torch.allclose(latent[0][:, cells], photo_latent[0][:, cells], atol=1e-4)
+    assert (latent[0][:, ~cells] - photo_latent[0][:, ~cells]).abs().max() > 1e-2  # the masked part was repainted
+    outside = (torch.nn.functional.max_pool2d(mask[None, None], 17, stride=1, padding=8)[0, 0] == 0).numpy()
+    assert 0.1 < outside.mean() < 0.9, outside.mean()
+    err, err_rt = np.abs(out - photo)[outside].mean(), np.abs(rt - photo)[outside].mean()
+    assert err <= err_rt + 2 / 255, (err, err_rt)
 
 
 # ---- python -m dreamcache run: exit codes, checked overrides, --list, only this prompt's files ---------------------
@@ -301,6 +390,21 @@ def test_list_shows_ids_titles_types_and_values(server, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "\n9  DreamCacheDualGuidanceSampler\n" in r.stdout and "    steps = 5\n" in r.stdout
     assert "    sampler_name = \"euler\"" in r.stdout and "    model = " not in r.stdout  # links are not settable
+    assert "queued" not in r.stdout
+
+
+@pytest.mark.parametrize("stem", sorted(PHOTO_WORKFLOWS))
+def test_list_offers_the_photo_and_the_mask_by_title(server, tmp_path, stem):
+    """`run --list` shows the photo workflows' inputs by title, and `--set Photo.image=` / `Mask.image=` set them."""
+    workflow = json.loads((ROOT / "workflows" / f"{stem}.json").read_text())
+    sets = ["--set", "Photo.image=my_photo.png"]
+    if any(n.get("title") == "Mask" for n in workflow["nodes"]):
+        sets += ["--set", "Mask.image=my_mask.png"]
+    r = run_cli(server, workflow, tmp_path, "--list", *sets, name=f"{stem}.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '  Photo  (LoadImage)\n    image = "my_photo.png"' in r.stdout, r.stdout
+    if len(sets) > 2:
+        assert '  Mask  (LoadImageMask)\n    image = "my_mask.png"' in r.stdout, r.stdout
     assert "queued" not in r.stdout
 
 

@@ -25,11 +25,14 @@ CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLat
               "LoraLoader", "ControlNetLoader", "ControlNetApplyAdvanced", "SamplerCustomAdvanced", "RandomNoise",
               "KSamplerSelect",
               "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
-              "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note"}
+              "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note",
+              "LoadImageMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
+              "ImagePadForOutpaint"}
 EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet",
             "dreamcache_cache_library",
             "dreamcache_custom_sampling", "dreamcache_regional", "dreamcache_two_subjects",
-            "dreamcache_attention_maps"}
+            "dreamcache_attention_maps", "dreamcache_inpaint", "dreamcache_inpaint_model", "dreamcache_img2img",
+            "dreamcache_outpaint"}
 PLACEHOLDERS = {"your_sd21_lora.safetensors"}
 LOADER_INPUTS = {"CheckpointLoaderSimple": "ckpt_name", "DreamCacheLoader": "adapter_name",
                  "DreamCacheSAMLoader": "sam_name",
@@ -87,7 +90,7 @@ def test_thumbnail_and_loaded_images_ship(path):
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", \
         f"{thumb.name} missing (tools/screenshot_workflows.py)"
     for n in load(path)["nodes"]:
-        if n["type"] == "LoadImage":
+        if n["type"] in ("LoadImage", "LoadImageMask"):
             assert (ROOT / "workflows" / n["widgets_values"][0]).is_file()
 
 

@@ -36,7 +36,13 @@ LORA_PLACEHOLDER = "your_sd21_lora.safetensors"
 CONTROLNET = {"name": "control_v11p_sd21_depth.safetensors",
               "url": "https://huggingface.co/thibaud/controlnet-sd21/resolve/main/control_v11p_sd21_depth.safetensors",
               "directory": "controlnet"}
+CKPT_INPAINT = {"name": "512-inpainting-ema.safetensors",
+                "url": "https://huggingface.co/stabilityai/stable-diffusion-2-inpainting/resolve/main/"
+                       "512-inpainting-ema.safetensors",
+                "directory": "checkpoints"}
 SUBJECT = "dreamcache_example_subject.png"
+PHOTO = "dreamcache_example_kitchen.png"
+PHOTO_MASK = "dreamcache_example_kitchen_mask.png"
 SUBJECT2 = "dreamcache_example_subject2.png"
 DEPTH = "dreamcache_example_depth.png"
 OFFICIAL_NEGATIVE = "Open mouth, tongue out, teeth visible, bad photo, low quality, blurred, deformed"
@@ -566,6 +572,155 @@ def attention_maps():
     return wf, [CKPT, ADAPTER, SAM]
 
 
+# ---- the subject into your own photo: inpainting, img2img, outpainting (issue 24) --------------------------------
+
+PHOTO_PROMPT = "a photo of a mug on a wooden kitchen table, a window and a potted plant behind, soft daylight"
+
+
+def photo_and_mask(wf, x, y, with_mask=True):
+    """The photo to work on ("Photo") and, optionally, where the subject goes ("Mask": white = the subject's place);
+    both titled, so ``python -m dreamcache run --set Photo.image=... --set Mask.image=...`` can replace them."""
+    photo = wf.add("LoadImage", (x, y), {"image": PHOTO}, title="Photo", size=(320, 380))
+    if not with_mask:
+        return photo, None
+    mask = wf.add("LoadImageMask", (x + 360, y), {"image": PHOTO_MASK, "channel": "red"}, title="Mask",
+                  size=(320, 380))
+    return photo, mask
+
+
+def sample_latent_and_save(wf, model_src, pos, neg, ckpt, latent_src, x, y, prefix, denoise=1.0, steps=30):
+    """Dual Guidance Sampler on a given latent (an encoded photo) -> VAE Decode -> Save Image."""
+    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x, y), {"seed": 42, "steps": steps, "sampler_name": "ddim",
+                                                                    "scheduler": "ddim_uniform", "denoise": denoise,
+                                                                    "text_scale": 7.5, "image_scale": 5.0,
+                                                                    "mode": "combined"})
+    wf.link(model_src, sampler_node, "model")
+    wf.link(pos, sampler_node, "positive")
+    wf.link(neg, sampler_node, "negative")
+    wf.link(latent_src, sampler_node, "latent_image")
+    decode = wf.add("VAEDecode", (x + 360, y))
+    wf.link(sampler_node, decode, "samples")
+    wf.link(ckpt.out("VAE"), decode, "vae")
+    save = wf.add("SaveImage", (x + 600, y), {"filename_prefix": prefix}, size=(420, 460))
+    wf.link(decode, save, "images")
+    return sampler_node, save
+
+
+def masked_latent(wf, ckpt, image_src, mask_src, pos):
+    """VAE Encode of the photo with the mask as its noise mask: outside the mask the photo's latent is kept."""
+    enc = wf.add("VAEEncode", pos)
+    wf.link(image_src, enc, "pixels")
+    wf.link(ckpt.out("VAE"), enc, "vae")
+    snm = wf.add("SetLatentNoiseMask", (pos[0], pos[1] + 130))
+    wf.link(enc, snm, "samples")
+    wf.link(mask_src, snm, "mask")
+    return snm
+
+
+SUBJECT_NOTE = ("### 1 · Subject\nThe subject's photo: **Subject Mask** cuts it out, **Build Feature Cache** caches "
+                "it once (as in the basic workflow).")
+
+
+def inpaint():
+    wf = Workflow("dreamcache_inpaint")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    photo, mask = photo_and_mask(wf, 1260, -560)
+    dd = wf.add("DifferentialDiffusion", (1260, -100))
+    wf.link(ckpt.out("MODEL"), dd, "model")
+    apply_ = apply_subject(wf, dd.out(0), adapter, build)
+    wf.link(mask.out(0), apply_, "mask")
+    latent = masked_latent(wf, ckpt, photo.out("IMAGE"), mask.out(0), (1980, -560))
+    pos, neg = prompts(wf, ckpt, 1260, 520, PHOTO_PROMPT)
+    sample_latent_and_save(wf, apply_.out(0), pos, neg, ckpt, latent, 1980, 200, "dreamcache_inpaint")
+    wf.note(SUBJECT_NOTE, (0, -230))
+    wf.note("### 2 · Your photo and where the subject goes\n**Photo** is the picture to keep; **Mask** is white where "
+            "the subject should appear (a black-and-white image of any size with the photo's aspect). Or paint it: "
+            "right-click **Photo** → *Open in MaskEditor*, paint, and connect Photo's MASK output where Mask's goes. "
+            "From the command line: `--set Photo.image=mine.png --set Mask.image=mine_mask.png`.",
+            (1260, -900), size=(700, 200))
+    wf.note("### 3 · One mask, two jobs\nThe same MASK limits **Apply DreamCache** (the subject only there) and is the "
+            "latent's noise mask (**Set Latent Noise Mask**: only there is repainted; outside, the photo is kept up "
+            "to the VAE's round trip). **Differential Diffusion** makes a soft (grey) mask edge blend gradually. A "
+            "regular checkpoint works; for large areas an inpainting checkpoint blends better "
+            "(`dreamcache_inpaint_model`).", (2400, -560), size=(460, 250))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def inpaint_model():
+    wf = Workflow("dreamcache_inpaint_model")
+    ckpt = wf.add("CheckpointLoaderSimple", (0, 0), {"ckpt_name": CKPT_INPAINT["name"]}, models=[CKPT_INPAINT],
+                  title="Inpainting checkpoint (SD 2.x inpainting)")
+    adapter, build = subject_chain(wf, ckpt)
+    photo, mask = photo_and_mask(wf, 1260, -560)
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
+    wf.link(mask.out(0), apply_, "mask")
+    pos, neg = prompts(wf, ckpt, 1260, 520, PHOTO_PROMPT)
+    imc = wf.add("InpaintModelConditioning", (1980, -560), {"noise_mask": True})
+    wf.link(pos, imc, "positive")
+    wf.link(neg, imc, "negative")
+    wf.link(ckpt.out("VAE"), imc, "vae")
+    wf.link(photo.out("IMAGE"), imc, "pixels")
+    wf.link(mask.out(0), imc, "mask")
+    sample_latent_and_save(wf, apply_.out(0), imc.out(0), imc.out(1), ckpt, imc.out(2), 1980, 200,
+                           "dreamcache_inpaint_model")
+    wf.note(SUBJECT_NOTE + " The cache is built on the inpainting checkpoint itself: its extra channels get a mask "
+            "over everything, as for a painted area.", (0, -230), size=(400, 190))
+    wf.note("### 2 · Your photo and where the subject goes\nWhite in **Mask** = where the subject goes (or paint on "
+            "**Photo** in the MaskEditor and connect its MASK). `--set Photo.image=... --set Mask.image=...` from the "
+            "command line.", (1260, -820), size=(700, 160))
+    wf.note("### 3 · Inpainting checkpoint\n**InpaintModelConditioning** gives the model the photo and the mask as "
+            "its extra input channels and keeps the photo outside the mask; the same MASK limits **Apply "
+            "DreamCache**. Use an inpainting checkpoint of the adapter's family: SD 2.x inpainting for the released "
+            "adapter. It blends large areas and hard mask edges better than a regular checkpoint.", (2400, -560),
+            size=(460, 240))
+    return wf, [CKPT_INPAINT, ADAPTER, SAM]
+
+
+def img2img():
+    wf = Workflow("dreamcache_img2img")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    photo, _ = photo_and_mask(wf, 1260, -560, with_mask=False)
+    apply_ = apply_subject(wf, ckpt.out("MODEL"), adapter, build)
+    enc = wf.add("VAEEncode", (1660, -560))
+    wf.link(photo.out("IMAGE"), enc, "pixels")
+    wf.link(ckpt.out("VAE"), enc, "vae")
+    pos, neg = prompts(wf, ckpt, 1260, 520, "an oil painting of a mug on a kitchen table by a window, warm light")
+    sample_latent_and_save(wf, apply_.out(0), pos, neg, ckpt, enc, 1980, 200, "dreamcache_img2img", denoise=0.65)
+    wf.note(SUBJECT_NOTE, (0, -230))
+    wf.note("### 2 · Restyle your photo around the subject\n**Photo** is encoded and re-drawn at **denoise** 0.65: "
+            "lower keeps more of its layout and colours, higher (0.8-0.9) lets the subject and the prompt change more. "
+            "DreamCache acts on the whole picture; give Apply DreamCache a mask to keep the subject to one place. "
+            "`--set Photo.image=mine.png` from the command line.", (1980, -330), size=(460, 220))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
+def outpaint():
+    wf = Workflow("dreamcache_outpaint")
+    ckpt = checkpoint(wf, (0, 0))
+    adapter, build = subject_chain(wf, ckpt)
+    photo, _ = photo_and_mask(wf, 1260, -560, with_mask=False)
+    pad = wf.add("ImagePadForOutpaint", (1620, -560), {"left": 0, "top": 0, "right": 256, "bottom": 0,
+                                                       "feathering": 40}, title="Extend")
+    wf.link(photo.out("IMAGE"), pad, "image")
+    dd = wf.add("DifferentialDiffusion", (1260, -100))
+    wf.link(ckpt.out("MODEL"), dd, "model")
+    apply_ = apply_subject(wf, dd.out(0), adapter, build)
+    wf.link(pad.out(1), apply_, "mask")
+    latent = masked_latent(wf, ckpt, pad.out(0), pad.out(1), (1980, -560))
+    pos, neg = prompts(wf, ckpt, 1260, 520, "a photo of a kitchen table by a window, a mug on the right end of the "
+                                            "table, a potted plant, soft daylight")
+    sample_latent_and_save(wf, apply_.out(0), pos, neg, ckpt, latent, 1980, 200, "dreamcache_outpaint")
+    wf.note(SUBJECT_NOTE, (0, -230))
+    wf.note("### 2 · Extend the canvas\n**Extend** (Pad Image for Outpainting) adds grey canvas around **Photo** "
+            "(here 256 px on the right; multiples of 8) and a MASK of the new part, feathered into the photo. The "
+            "new part is drawn from noise with the subject in it; the photo is kept. To extend a photo *of* the "
+            "subject around it, load that photo in Photo and disconnect Apply DreamCache's mask.",
+            (2400, -560), size=(460, 250))
+    return wf, [CKPT, ADAPTER, SAM]
+
+
 WORKFLOWS = [
     basic,
     official_sd21,
@@ -576,6 +731,10 @@ WORKFLOWS = [
     regional,
     two_subjects,
     attention_maps,
+    inpaint,
+    inpaint_model,
+    img2img,
+    outpaint,
 ]
 
 

@@ -3,7 +3,10 @@
 * workflows/dreamcache_example_subject.png: a red mug with a star, on white (the basic workflow opens with it);
 * workflows/dreamcache_example_subject2.png: a blue teapot, on white (the second subject of the two-subject workflow);
 * workflows/dreamcache_example_depth.png: a depth map (near = bright) of a mug on a table, the ControlNet example's
-  hint.
+  hint;
+* workflows/dreamcache_example_kitchen.png: a kitchen table by a window, the photo the inpainting, img2img and
+  outpainting workflows put the subject into, and workflows/dreamcache_example_kitchen_mask.png: where on it the
+  subject goes (white), as an artist would paint it.
 
     python tools/make_example_subject.py
 """
@@ -86,9 +89,66 @@ def depth(size=S):
     return Image.fromarray(img.clip(0, 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(2)).convert("RGB")
 
 
+def kitchen(size=S):
+    """A kitchen table by a window: a beige wall with a window (sky, a tree), a wooden table top in perspective with
+    grain, a potted plant on the right; the left half of the table is left free for the subject."""
+    rng = np.random.default_rng(24)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    horizon = 0.58 * size
+    wall = np.stack([236 - 30 * yy / size, 222 - 34 * yy / size, 196 - 40 * yy / size], -1)
+    rgb = wall + rng.normal(0, 2.0, wall.shape)
+    # window: sky gradient, a tree crown, a white frame with a cross bar
+    wx0, wx1, wy0, wy1 = 0.52 * size, 0.9 * size, 0.08 * size, 0.46 * size
+    win = (xx >= wx0) & (xx < wx1) & (yy >= wy0) & (yy < wy1)
+    sky = np.stack([150 + 60 * (yy - wy0) / (wy1 - wy0), 190 + 40 * (yy - wy0) / (wy1 - wy0), 235 + 0 * yy], -1)
+    rgb[win] = sky[win]
+    crown = (np.hypot(xx - 0.8 * size, (yy - 0.36 * size) * 1.3) < 0.12 * size) & win
+    rgb[crown] = np.array([70, 120, 60]) + rng.normal(0, 10, (int(crown.sum()), 3))
+    # table: planks converging towards the horizon, grain, darker towards the front edge
+    table = yy >= horizon
+    depth = np.clip((yy - horizon) / (size - horizon), 0, 1)
+    u = (xx - size / 2) / (0.6 + 0.8 * depth)
+    grain = np.sin(u * 0.09 + 3 * np.sin(u * 0.013)) * 8 + np.sin(u * 0.5) * 3
+    plank = (np.mod(u + size, 96) < 3).astype(np.float32) * 35
+    wood = np.stack([150 + grain - plank - 25 * depth, 100 + grain * 0.8 - plank - 20 * depth,
+                     60 + grain * 0.5 - plank - 12 * depth], -1)
+    rgb[table] = wood[table]
+    img = Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(img)
+    d.rectangle([wx0 - 8, wy0 - 8, wx1 + 8, wy1 + 8], outline=(248, 246, 240), width=10)
+    d.line([(wx0 + wx1) / 2, wy0, (wx0 + wx1) / 2, wy1], fill=(248, 246, 240), width=8)
+    d.line([wx0, (wy0 + wy1) / 2, wx1, (wy0 + wy1) / 2], fill=(248, 246, 240), width=8)
+    d.rectangle([0, horizon - 6, size, horizon + 2], fill=(110, 70, 40))  # the table's back edge
+    # a terracotta pot with a plant on the right
+    px, py = 0.78 * size, 0.8 * size
+    d.polygon([(px - 48, py - 70), (px + 48, py - 70), (px + 34, py + 20), (px - 34, py + 20)], fill=(180, 90, 55))
+    d.rectangle([px - 54, py - 82, px + 54, py - 66], fill=(165, 80, 48))
+    for i in range(26):  # leaves on stems fanning out of the pot
+        a = -math.pi / 2 + rng.uniform(-1.1, 1.1)
+        r = rng.uniform(40, 120)
+        lx, ly = px + r * math.cos(a), py - 78 + r * math.sin(a)
+        d.line([px, py - 76, lx, ly], fill=(60, 105, 45), width=3)
+        d.ellipse([lx - 20, ly - 11, lx + 20, ly + 11], fill=(int(rng.uniform(45, 80)), int(rng.uniform(115, 160)), 55))
+    # the pot's shadow on the table
+    sh = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(sh).ellipse([px - 70, py + 8, px + 60, py + 34], fill=90)
+    sh = sh.filter(ImageFilter.GaussianBlur(6))
+    img = Image.composite(Image.new("RGB", (size, size), (60, 40, 25)), img, sh)
+    return img.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def kitchen_mask(size=S):
+    """White where the subject goes: a soft-edged blob on the free left half of the kitchen table, standing on it."""
+    m = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(m).rounded_rectangle([0.16 * size, 0.36 * size, 0.5 * size, 0.86 * size], radius=0.08 * size,
+                                        fill=255)
+    return m
+
+
 if __name__ == "__main__":
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "workflows"
     for name, img in (("dreamcache_example_subject.png", mug()), ("dreamcache_example_subject2.png", teapot()),
-                      ("dreamcache_example_depth.png", depth())):
+                      ("dreamcache_example_depth.png", depth()), ("dreamcache_example_kitchen.png", kitchen()),
+                      ("dreamcache_example_kitchen_mask.png", kitchen_mask())):
         img.save(f"{out_dir}/{name}", optimize=True)
         print("wrote", f"{out_dir}/{name}")

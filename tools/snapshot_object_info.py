@@ -29,6 +29,8 @@ CORE_NODES = sorted([
                      "KSamplerSelect",
     "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
     "ConditioningSetMask", "ConditioningCombine",
+    "LoadImageMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
+    "ImagePadForOutpaint",
 ])
 VOLATILE = {"tooltip"}
 

@@ -24,7 +24,8 @@ def _cached(key, build):
 class DreamCacheTestTinyCheckpoint:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (["sd1", "sd2", "sdxl"], {"tooltip": "tiny model family"}),
+        return {"required": {"family": (["sd1", "sd2", "sdxl", "sd2_inpaint"],
+                                        {"tooltip": "tiny model family (sd2_inpaint: 9-channel inpainting U-Net)"}),
                              "seed": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "weight seed"})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
@@ -33,7 +34,10 @@ class DreamCacheTestTinyCheckpoint:
     DESCRIPTION = "Tiny random-weight checkpoint for tests."
 
     def load(self, family, seed):
-        return _cached(("ckpt", family, seed), lambda: (tiny_models.make_model(family, seed=seed),
+        inpaint = family.endswith("_inpaint")
+        family = family.removesuffix("_inpaint")
+        return _cached(("ckpt", family, inpaint, seed), lambda: (tiny_models.make_model(family, seed=seed,
+                                                                                         inpaint=inpaint),
                                                         tiny_models.make_clip(family, seed=seed + 1),
                                                         tiny_models.make_vae(seed=seed + 2)))
 
