@@ -272,8 +272,8 @@ def test_shipped_workflow_runs(server, live_info, path):
 def add_photo_probes(prompt: dict) -> dict:
     """Extra outputs for the photo checks: the photo as the workflow feeds it, its VAE round trip (encode + decode
     with the workflow's VAE) and the mask that keeps it (None for img2img). Returns {what: node id}."""
-    keeper = next((k for k, v in prompt.items() if v["class_type"] in ("SetLatentNoiseMask", "InpaintModelConditioning")),
-                  None)
+    keepers = ("SetLatentNoiseMask", "InpaintModelConditioning")
+    keeper = next((k for k, v in prompt.items() if v["class_type"] in keepers), None)
     if keeper is None:
         encoder = next(v for v in prompt.values() if v["class_type"] == "VAEEncode")
         mask = None
