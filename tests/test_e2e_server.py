@@ -404,7 +404,7 @@ def test_list_offers_the_photo_and_the_mask_by_title(server, tmp_path, stem):
     assert r.returncode == 0, r.stdout + r.stderr
     assert '  Photo  (LoadImage)\n    image = "my_photo.png"' in r.stdout, r.stdout
     if len(sets) > 2:
-        assert '  Mask  (LoadImageMask)\n    image = "my_mask.png"' in r.stdout, r.stdout
+        assert '  Mask  (LoadImage)\n    image = "my_mask.png"' in r.stdout, r.stdout
     assert "queued" not in r.stdout
 
 

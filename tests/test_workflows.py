@@ -26,7 +26,7 @@ CORE_NODES = {"CheckpointLoaderSimple", "LoadImage", "CLIPTextEncode", "EmptyLat
               "KSamplerSelect",
               "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
               "ConditioningSetMask", "ConditioningCombine", "MarkdownNote", "Note",
-              "LoadImageMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
+              "ImageToMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
               "ImagePadForOutpaint"}
 EXPECTED = {"dreamcache_basic", "dreamcache_official_sd21", "dreamcache_lora", "dreamcache_controlnet",
             "dreamcache_cache_library",
@@ -90,7 +90,7 @@ def test_thumbnail_and_loaded_images_ship(path):
     assert thumb.is_file() and thumb.read_bytes()[:3] == b"\xff\xd8\xff", \
         f"{thumb.name} missing (tools/screenshot_workflows.py)"
     for n in load(path)["nodes"]:
-        if n["type"] in ("LoadImage", "LoadImageMask"):
+        if n["type"] == "LoadImage":
             assert (ROOT / "workflows" / n["widgets_values"][0]).is_file()
 
 

@@ -583,8 +583,9 @@ def photo_and_mask(wf, x, y, with_mask=True):
     photo = wf.add("LoadImage", (x, y), {"image": PHOTO}, title="Photo", size=(320, 380))
     if not with_mask:
         return photo, None
-    mask = wf.add("LoadImageMask", (x + 360, y), {"image": PHOTO_MASK, "channel": "red"}, title="Mask",
-                  size=(320, 380))
+    mask_image = wf.add("LoadImage", (x + 360, y), {"image": PHOTO_MASK}, title="Mask", size=(320, 380))
+    mask = wf.add("ImageToMask", (x + 360, y + 420), {"channel": "red"}, title="Mask (white = subject)")
+    wf.link(mask_image.out("IMAGE"), mask, "image")
     return photo, mask
 
 
@@ -636,7 +637,7 @@ def inpaint():
     wf.note(SUBJECT_NOTE, (0, -230))
     wf.note("### 2 · Your photo and where the subject goes\n**Photo** is the picture to keep; **Mask** is white where "
             "the subject should appear (a black-and-white image of any size with the photo's aspect). Or paint it: "
-            "right-click **Photo** → *Open in MaskEditor*, paint, and connect Photo's MASK output where Mask's goes. "
+            "right-click **Photo** → *Open in MaskEditor*, paint, and connect Photo's MASK output in place of the Mask (white = subject) node's. "
             "From the command line: `--set Photo.image=mine.png --set Mask.image=mine_mask.png`.",
             (1260, -900), size=(700, 200))
     wf.note("### 3 · One mask, two jobs\nThe same MASK limits **Apply DreamCache** (the subject only there) and is the "

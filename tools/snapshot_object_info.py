@@ -29,7 +29,7 @@ CORE_NODES = sorted([
                      "KSamplerSelect",
     "BasicScheduler", "KSampler", "SolidMask", "MaskComposite", "FeatherMask", "InvertMask", "MaskToImage",
     "ConditioningSetMask", "ConditioningCombine",
-    "LoadImageMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
+    "ImageToMask", "VAEEncode", "SetLatentNoiseMask", "DifferentialDiffusion", "InpaintModelConditioning",
     "ImagePadForOutpaint",
 ])
 VOLATILE = {"tooltip"}
