@@ -637,7 +637,8 @@ def inpaint():
     wf.note(SUBJECT_NOTE, (0, -230))
     wf.note("### 2 · Your photo and where the subject goes\n**Photo** is the picture to keep; **Mask** is white where "
             "the subject should appear (a black-and-white image of any size with the photo's aspect). Or paint it: "
-            "right-click **Photo** → *Open in MaskEditor*, paint, and connect Photo's MASK output in place of the Mask (white = subject) node's. "
+            "right-click **Photo** → *Open in MaskEditor*, paint, and connect Photo's MASK output in place of "
+            "the Mask (white = subject) node's. "
             "From the command line: `--set Photo.image=mine.png --set Mask.image=mine_mask.png`.",
             (1260, -900), size=(700, 200))
     wf.note("### 3 · One mask, two jobs\nThe same MASK limits **Apply DreamCache** (the subject only there) and is the "
