@@ -28,6 +28,7 @@ ABOUT = {
                                  "folder: download this file from it",
     "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB",
     "control_v11p_sd21_depth.safetensors": "an SD 2.1 depth ControlNet",
+    "512-inpainting-ema.safetensors": "Stable Diffusion 2 inpainting, for dreamcache_inpaint_model only, 5.2 GB",
 }
 #: Loader node type -> (models folder, index of its file name in widgets_values, input name for --set).
 LOADERS = {

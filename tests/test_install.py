@@ -27,7 +27,7 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
     assert r.returncode == 0, r.stderr
     for name in ("dreamcache", "dreamcache_caches", "sams"):
         assert (root / "models" / name).is_dir()
-    assert r.stdout.count("MISSING") == 4  # checkpoint, adapter, SAM, ControlNet; each once, not per workflow
+    assert r.stdout.count("MISSING") == 5  # checkpoint, adapter, SAM, ControlNet, inpainting checkpoint; each once
     assert "MISSING checkpoints/v2-1_512-ema-pruned.safetensors" in r.stdout and "5.2 GB" in r.stdout
     assert "MISSING sams/sam_vit_b_01ec64.pth" in r.stdout  # the shipped workflows' Subject Mask needs SAM
     assert "drive.google.com" in r.stdout and "dl.fbaipublicfiles.com" in r.stdout
@@ -39,7 +39,7 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
     assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == b"the user's own file"
     (root / "models" / "dreamcache" / "cross_attention-199999.pt").write_bytes(b"x")
     r = run("--comfyui", root, "--no-install")
-    assert "ok      dreamcache/cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 3
+    assert "ok      dreamcache/cross_attention-199999.pt" in r.stdout and r.stdout.count("MISSING") == 4
 
 
 def test_reports_per_workflow_the_files_it_names_and_how_to_use_another(tmp_path):
