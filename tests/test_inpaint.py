@@ -35,28 +35,32 @@ def inp(pack):
 
 def build(ns, model=None, **kw):
     return run_node("DreamCacheBuildFeatureCache", model=model or ns.model, vae=ns.vae, image=ns.subject,
-                    adapter=ns.adapter, **{"clip": ns.clip, "seed": 0, "resolution": 64, **kw})
+                    **{"adapter": ns.adapter, "clip": ns.clip, "seed": 0, "resolution": 64, **kw})
 
 
-def test_cache_pass_feeds_a_full_mask_and_the_grey_masked_image(inp):
-    assert inp.model.model.concat_keys == ("mask", "masked_image")
+@pytest.mark.parametrize("family", ["sd2", "sd1"])
+def test_cache_pass_feeds_a_full_mask_and_the_grey_masked_image(inp, family):
+    from tiny_models import make_clip, make_model
+
+    model = inp.model if family == "sd2" else make_model("sd1", inpaint=True)
+    clip = inp.clip if family == "sd2" else make_clip("sd1")
+    plain_model = inp.plain if family == "sd2" else make_model("sd1")
+    assert model.model.concat_keys == ("mask", "masked_image")
     seen = []
-    conv_in = inp.model.model.diffusion_model.input_blocks[0][0]
+    conv_in = model.model.diffusion_model.input_blocks[0][0]
     handle = conv_in.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
     try:
-        cache, _ = build(inp)
+        cache, _ = build(inp, model=model, adapter=random_adapter(inp.core, model, seed=0), clip=clip)
     finally:
         handle.remove()
     assert len(seen) == 1 and seen[0].shape == (1, 9, 8, 8)
     with torch.inference_mode():
-        grey = inp.model.model.process_latent_in(inp.vae.encode(torch.full((1, 64, 64, 3), 0.5)))
+        grey = model.model.process_latent_in(inp.vae.encode(torch.full((1, 64, 64, 3), 0.5)))
     assert torch.equal(seen[0][:, 4:5], torch.ones(1, 1, 8, 8))
     assert torch.allclose(seen[0][:, 5:], grey, atol=1e-6)
     # the same layers and token shapes as the regular model's cache
-    plain_adapter = random_adapter(inp.core, inp.plain, seed=0)
-    plain, _ = run_node("DreamCacheBuildFeatureCache", model=inp.plain, vae=inp.vae, image=inp.subject, clip=inp.clip,
-                        adapter=plain_adapter, seed=0, resolution=64)
-    assert cache.layers == plain.layers and cache.spatial == plain.spatial and cache.model_family == "sd2"
+    plain, _ = build(inp, model=plain_model, adapter=random_adapter(inp.core, plain_model, seed=0), clip=clip)
+    assert cache.layers == plain.layers and cache.spatial == plain.spatial and cache.model_family == family
     assert all(cache.tokens[r].shape == plain.tokens[r].shape and torch.isfinite(cache.tokens[r]).all()
                for r in cache.layers)
 
