@@ -26,7 +26,7 @@ def node(node_id: str):
 
 
 def load_core_extras(names=("nodes_custom_sampler.py", "nodes_hypertile.py", "nodes_model_advanced.py",
-                            "nodes_mask.py")):
+                            "nodes_mask.py", "nodes_differential_diffusion.py")):
     """Register a few of ComfyUI's comfy_extras node modules (the ones the tests combine with ours)."""
     import asyncio
     import os

@@ -114,11 +114,9 @@ def test_regular_model_with_set_latent_noise_mask_keeps_the_photo_outside(pack, 
     """The dreamcache_inpaint recipe: one MASK into Apply DreamCache and SetLatentNoiseMask, Differential Diffusion.
     (Differential Diffusion repaints everything in a step at sigma_min, where the "normal" and "karras" schedules
     end; a real model changes next to nothing there. "simple", like the workflows' ddim_uniform, ends above it.)"""
-    from helpers import load_core_extras, node
+    from helpers import node
 
-    if "DifferentialDiffusion" not in __import__("nodes").NODE_CLASS_MAPPINGS:
-        load_core_extras(("nodes_differential_diffusion.py",))
-    node("DifferentialDiffusion")
+    node("DifferentialDiffusion")  # loads ComfyUI's comfy_extras node modules the tests use
     photo = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
     mask = torch.zeros(1, 64, 64)
     mask[:, 8:40, 16:48] = 1.0
