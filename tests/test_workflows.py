@@ -105,9 +105,9 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
             view[name] = (section, typ, widget_slots(spec))
         return view, list(info["output"])
 
-    version = {}
-    exec((Path(comfy) / "comfyui_version.py").read_text(), version)
-    same_release = version["__version__"] == SNAPSHOT["comfyui_version"]
+    from dreamcache.comfy.env import comfyui_version
+
+    same_release = comfyui_version(comfy) == SNAPSHOT["comfyui_version"]
     problems = []
     for node_id, snap in INFO.items():
         cls = nodes.NODE_CLASS_MAPPINGS.get(node_id)
