@@ -32,7 +32,8 @@ ABOUT = {
     "v2-1_512-ema-pruned.safetensors": "Stable Diffusion 2.1-base, the released adapter's base model, 5.2 GB",
     "cross_attention-199999.pt": "the authors' DreamCache adapter for SD 2.1-base, 101 MB; the link is a Google Drive "
                                  "folder: download this file from it",
-    "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB",
+    "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB; also at "
+                            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
     "control_v11p_sd21_depth.safetensors": "an SD 2.1 depth ControlNet",
 }
 #: Loader node type -> (models folder, index of its file name in widgets_values, input name for --set).

@@ -63,6 +63,7 @@ def test_creates_folders_and_lists_missing_models(tmp_path):
     assert "MISSING checkpoints/v2-1_512-ema-pruned.safetensors" in r.stdout and "5.2 GB" in r.stdout
     assert "MISSING sams/sam_vit_b_01ec64.pth" in r.stdout  # the shipped workflows' Subject Mask needs SAM
     assert "drive.google.com" in r.stdout and "dl.fbaipublicfiles.com" in r.stdout
+    assert "huggingface.co/ybelkada/segment-anything/resolve/main/checkpoints/sam_vit_b_01ec64.pth" in r.stdout
     shipped = (ROOT / "workflows" / "dreamcache_example_subject.png").read_bytes()
     assert (root / "input" / "dreamcache_example_subject.png").read_bytes() == shipped
     (root / "input" / "dreamcache_example_subject.png").write_bytes(b"the user's own file")

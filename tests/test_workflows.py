@@ -81,6 +81,35 @@ def test_workflow_names_its_model_files(path):
             assert n["properties"]["models"][0]["name"] == value
 
 
+#: The frontend's rule for its Download button on a missing model, per frontend release (read from each one's
+#: bundle: an allow-list of URL prefixes, and of file-name endings; a few exact URLs are also allowed).
+DOWNLOAD_RULES = {
+    "1.27": (("https://civitai.com/", "https://huggingface.co/"), (".safetensors", ".sft")),
+    "1.49": (("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/"),
+             (".safetensors", ".sft", ".ckpt", ".pth", ".pt")),
+    "1.58": (("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/"),
+             (".safetensors", ".sft", ".ckpt", ".pth", ".pt")),
+}
+#: Entries no frontend offers to download, and why (the frontend shows their link).
+LINK_ONLY = {"cross_attention-199999.pt": "the authors publish the adapter only in a Google Drive folder"}
+
+
+def downloadable(entry: dict, frontend: str) -> bool:
+    prefixes, endings = DOWNLOAD_RULES[frontend]
+    return entry["url"].startswith(prefixes) and entry["name"].endswith(endings)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_models_entry_gets_the_download_button_where_the_frontend_allows_it(path):
+    for m in load(path)["models"]:
+        if m["name"] in LINK_ONLY:
+            assert not any(downloadable(m, f) for f in DOWNLOAD_RULES)  # if it ever can be, use that URL
+            continue
+        for frontend in DOWNLOAD_RULES:
+            expected = frontend != "1.27" or m["name"].endswith((".safetensors", ".sft"))
+            assert downloadable(m, frontend) == expected, (path.stem, m["name"], frontend)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_thumbnail_and_loaded_images_ship(path):
     thumb = path.with_suffix(".jpg")
