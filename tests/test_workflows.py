@@ -136,7 +136,8 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
 
     from dreamcache.comfy.env import comfyui_version
 
-    same_release = comfyui_version(comfy) == SNAPSHOT["comfyui_version"]
+    version = comfyui_version(comfy)
+    same_release = version == SNAPSHOT["comfyui_version"]
     problems = []
     for node_id, snap in INFO.items():
         cls = nodes.NODE_CLASS_MAPPINGS.get(node_id)
@@ -156,5 +157,5 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
             ok = live_in == snap_in and live_out[:len(snap_out)] == snap_out
         if not ok:
             problems.append(f"{node_id}: live {(live_in, live_out)} vs snapshot {(snap_in, snap_out)}")
-    assert not problems, (f"ComfyUI {version['__version__']} (snapshot of {SNAPSHOT['comfyui_version']}); refresh "
+    assert not problems, (f"ComfyUI {version} (snapshot of {SNAPSHOT['comfyui_version']}); refresh "
                           "tests/data with tools/snapshot_object_info.py or fix the workflows:\n" + "\n".join(problems))
