@@ -5,7 +5,8 @@ ComfyUI tree pins (1.27.10 for 0.3.64, 1.49.6 for 0.33.0), or the newest one CI 
 0.33.0, named by DREAMCACHE_EXPECT_FRONTEND): with the frontend's schema validation on, every workflow (whatever
 workflows/ holds) opens with 0 missing nodes, 0 dialogs, 0 error or warning toasts, 0 error overlays and 0 console
 errors, every node drawn. Negative controls prove the checks can fail: an unknown node type is reported missing, a
-`models` entry without a url raises the validation alert, and the console check sees a page error.
+`models` entry without a url raises the validation alert, and the console check sees a page error. On 1.58, a
+workflow whose models are missing gets the Download button for every entry the frontend's allow-list admits.
 
 Behaviour that changed between frontends, and what each test expects where:
 * missing nodes: 1.27 opens the "Some Nodes Are Missing" dialog; 1.49 and 1.58 show an error overlay card.
@@ -160,3 +161,44 @@ def test_the_console_check_sees_a_page_error(page):
     browser.evaluate("(() => { console.error('dreamcache negative control'); return true; })()")
     browser.pump(0.3)
     assert any("dreamcache negative control" in e for e in console_errors(browser, wf))
+
+
+#: The buttons frontend 1.58's Issues panel shows for each missing model of a workflow (read from its row).
+MISSING_MODEL_BUTTONS_JS = """
+((names) => names.map(name => {
+  const leaf = [...document.querySelectorAll('body *')].find(e => e.children.length === 0 && e.offsetParent !== null
+    && (e.innerText || '').trim() === name);
+  let row = leaf;
+  const label = b => (b.innerText || b.getAttribute('aria-label') || '').trim();
+  // the row: the smallest ancestor holding the row's last button (locate the node)
+  while (row && ![...row.querySelectorAll('button')].some(b => /^Locate node/.test(label(b)))) row = row.parentElement;
+  return [name, row ? [...row.querySelectorAll('button')].map(label) : null];
+}))(%s)
+"""
+
+
+def test_the_download_button_is_offered_where_the_frontend_allows_it(page):
+    """Frontend 1.58: with the basic workflow's models missing, its Issues panel offers Download for every entry on
+    huggingface.co (checkpoint, and SAM through its Hugging Face copy) and only Copy URL for the adapter, whose only
+    source is a Google Drive folder (the allow-lists per frontend: tests/test_workflows.py, DOWNLOAD_RULES)."""
+    browser, _ = page
+    if tuple(int(x) for x in browser.evaluate("window.__COMFYUI_FRONTEND_VERSION__").split(".")[:2]) < (1, 58):
+        pytest.skip("the Issues panel with a Download button per model is frontend 1.58's; older frontends' rules "
+                    "are checked in tests/test_workflows.py")
+    text = (ROOT / "workflows" / "dreamcache_basic.json").read_text()
+    names = [m["name"] for m in json.loads(text)["models"]]
+    for name in names:  # names no file has, so the frontend reports them missing (with the same url host, suffix)
+        text = text.replace(name, "missing_" + name)
+    report = _load(browser, json.loads(text))
+    assert report["missing"] == [] and any("issue" in card.lower() for card in report["overlays"]), report
+    browser.evaluate("(() => { const b = [...document.querySelectorAll('button')].find(e => "
+                     "/View details/i.test(e.innerText || '')); b && b.click(); return !!b; })()")
+    time.sleep(2)
+    rows = dict(browser.evaluate(MISSING_MODEL_BUTTONS_JS % json.dumps(["missing_" + n for n in names])))
+    from cdp import dismiss_dialogs
+
+    dismiss_dialogs(browser)
+    for name in names:
+        buttons = rows["missing_" + name]
+        assert buttons is not None and buttons.count("Copy URL") == 1, (name, rows)  # one row, with its link
+        assert ("Download" in buttons) == (name != "cross_attention-199999.pt"), (name, buttons)

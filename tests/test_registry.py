@@ -26,7 +26,7 @@ README = (ROOT / "README.md").read_text()
 COMFY_CLI_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
 
 
-def tested_releases() -> list[str]:
+def releases_ci_tests() -> list[str]:
     """The ComfyUI releases CI tests: the range the README states, and every tree .ci/run finds in shared/."""
     m = re.search(r"\*\*ComfyUI (\d+\.\d+\.\d+) to (\d+\.\d+\.\d+)\*\*", README)
     assert m, "the README's Prerequisites must state the tested range as **ComfyUI X to Y**"
@@ -93,7 +93,7 @@ def test_requires_comfyui_is_read_the_same_by_comfy_cli_and_the_frontend():
 
     spec = COMFY["requires-comfyui"]
     assert all(COMFY_CLI_PART.match(p.strip()) for p in spec.split(",")), f"comfy-cli would drop {spec!r}"
-    releases = tested_releases()
+    releases = releases_ci_tests()
     assert len(releases) >= 2
     for v in releases:
         assert satisfies(v, spec), f"the frontend would flag ComfyUI {v}, which CI tests, as incompatible ({spec})"
@@ -111,12 +111,3 @@ def test_a_comma_range_is_the_trap_this_guards_against():
     from nodesemver import satisfies
 
     assert not any(satisfies(v, ">=0.3.64,<=0.33.0") for v in ("0.3.64", "0.33.0"))
-
-
-def test_comfy_cli_reads_every_url_when_installed():
-    """With comfy-cli installed (a dev tool, not a requirement) its own parser must see every URL."""
-    parser = pytest.importorskip("comfy_cli.registry.config_parser", reason="comfy-cli is not installed (dev tool)")
-    cfg = parser.extract_node_configuration(str(ROOT / "pyproject.toml"))
-    for key, url in PROJECT["urls"].items():
-        assert getattr(cfg.project.urls, key.lower()) == url
-    assert cfg.project.supported_comfyui_version == COMFY["requires-comfyui"]
