@@ -6,11 +6,11 @@
    defers it to its start-up resolver) it installs nothing and only reports what is still missing.
    Model files are never downloaded.
 2. Creates the model folders: models/dreamcache (adapters), models/dreamcache_caches (saved subject caches),
-   models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/
-   (every dreamcache_example_*.png) into the input folder (never overwriting), so the example workflows open with
-   their images loaded. Both live under ComfyUI's base directory: --base-directory, else COMFYUI_FOLDERS_BASE_PATH
-   (ComfyUI Desktop and --base-directory installs keep models/ and input/ apart from the ComfyUI code), else the
-   ComfyUI folder.
+   models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ (every image
+   a shipped workflow loads, and every dreamcache_example_*.png) into the input folder (never overwriting), so the
+   example workflows open with their images loaded. Both live under ComfyUI's base directory: --base-directory, else
+   COMFYUI_FOLDERS_BASE_PATH (ComfyUI Desktop and --base-directory installs keep models/ and input/ apart from the
+   ComfyUI code), else the ComfyUI folder.
 3. Prints, per shipped workflow, which of its model files are still missing, where to get them, and how to run
    it with a file you have instead.
 
@@ -171,8 +171,20 @@ def model_report(models_dir: str, workflows_dir: str | None = None) -> list[str]
 
 
 def example_inputs(workflows_dir: str) -> list[str]:
-    """The images the shipped workflows load: every workflows/dreamcache_example_*.png (a new one needs no edit)."""
-    return sorted(n for n in os.listdir(workflows_dir) if n.startswith("dreamcache_example_") and n.endswith(".png"))
+    """The images the shipped workflows load, found in the workflows themselves (every LoadImage node's file that
+    workflows/ ships) and by name (every workflows/dreamcache_example_*.png): a new one needs no edit here."""
+    import json
+
+    names = {n for n in os.listdir(workflows_dir) if n.startswith("dreamcache_example_") and n.endswith(".png")}
+    for wf in (f for f in os.listdir(workflows_dir) if f.endswith(".json")):
+        with open(os.path.join(workflows_dir, wf), encoding="utf-8") as f:
+            nodes = json.load(f).get("nodes") or []
+        for node in nodes:
+            values = node.get("widgets_values")
+            if node.get("type") == "LoadImage" and isinstance(values, list) and values and isinstance(values[0], str):
+                if os.path.basename(values[0]) == values[0] and os.path.isfile(os.path.join(workflows_dir, values[0])):
+                    names.add(values[0])
+    return sorted(names)
 
 
 def copy_examples(input_dir: str) -> list[str]:

@@ -4,6 +4,7 @@ ComfyUI's base directory (COMFYUI_FOLDERS_BASE_PATH, apart from the ComfyUI tree
 missing model files with where to get them, no downloads."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -137,9 +138,25 @@ def test_under_manager_everything_goes_to_the_base_path_and_nothing_is_pip_insta
     for name in ("dreamcache", "dreamcache_caches", "sams"):
         assert (base / "models" / name).is_dir()
     assert not (comfy / "models").exists() and not (comfy / "input").exists()
-    shipped = sorted(p.name for p in (ROOT / "workflows").glob("dreamcache_example_*.png"))
+    loaded = {n["widgets_values"][0] for wf in (ROOT / "workflows").glob("*.json")
+              for n in json.loads(wf.read_text())["nodes"] if n["type"] == "LoadImage"}
+    shipped = sorted({p.name for p in (ROOT / "workflows").glob("dreamcache_example_*.png")} | loaded)
     assert len(shipped) >= 3 and sorted(p.name for p in (base / "input").iterdir()) == shipped
     assert f"put it in {base / 'models' / 'checkpoints'}" in r.stdout
+
+
+def test_every_image_a_workflow_loads_is_copied_whatever_its_name(tmp_path):
+    """A new workflow's image (e.g. a background photo) is copied without an edit to install.py."""
+    comfy, pack = pack_copy(tmp_path)
+    (pack / "workflows" / "beach_background.png").write_bytes(b"png")
+    wf = json.loads((pack / "workflows" / "dreamcache_basic.json").read_text())
+    wf["nodes"].append({"id": 999, "type": "LoadImage", "widgets_values": ["beach_background.png", "image"]})
+    (pack / "workflows" / "dreamcache_new.json").write_text(json.dumps(wf))
+    (pack / "workflows" / "dreamcache_example_extra.png").write_bytes(b"png")
+    r = as_manager(comfy, pack, tmp_path / "base")
+    assert r.returncode == 0, r.stdout + r.stderr
+    inputs = {p.name for p in (tmp_path / "base" / "input").iterdir()}
+    assert {"beach_background.png", "dreamcache_example_extra.png", "dreamcache_example_subject.png"} <= inputs
 
 
 def test_under_manager_a_missing_requirement_is_reported_not_installed(tmp_path):
