@@ -9,8 +9,8 @@
    models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ (every image
    a shipped workflow loads, and every dreamcache_example_*.png) into the input folder (never overwriting), so the
    example workflows open with their images loaded. Both live under ComfyUI's base directory: --base-directory, else
-   COMFYUI_FOLDERS_BASE_PATH (ComfyUI Desktop and --base-directory installs keep models/ and input/ apart from the
-   ComfyUI code), else the ComfyUI folder.
+   an explicit --comfyui, else COMFYUI_FOLDERS_BASE_PATH (ComfyUI Desktop and --base-directory installs keep models/
+   and input/ apart from the ComfyUI code), else the ComfyUI folder found.
 3. Prints, per shipped workflow, which of its model files are still missing, where to get them, and how to run
    it with a file you have instead.
 
