@@ -6,7 +6,8 @@ ComfyUI tree pins (1.27.10 for 0.3.64, 1.49.6 for 0.33.0), or the newest one CI 
 workflows/ holds) opens with 0 missing nodes, 0 dialogs, 0 error or warning toasts, 0 error overlays and 0 console
 errors, every node drawn. Negative controls prove the checks can fail: an unknown node type is reported missing, a
 `models` entry without a url raises the validation alert, and the console check sees a page error. On 1.58, a
-workflow whose models are missing gets the Download button for every entry the frontend's allow-list admits.
+workflow whose models are missing gets the Download button for every entry the frontend's allow-list admits. With
+ComfyUI 0.33's search aliases, the node search box finds the nodes by the words artists use.
 
 Behaviour that changed between frontends, and what each test expects where:
 * missing nodes: 1.27 opens the "Some Nodes Are Missing" dialog; 1.49 and 1.58 show an error overlay card.
@@ -202,3 +203,39 @@ def test_the_download_button_is_offered_where_the_frontend_allows_it(page):
         buttons = rows["missing_" + name]
         assert buttons is not None and buttons.count("Copy URL") == 1, (name, rows)  # one row, with its link
         assert ("Download" in buttons) == (name != "cross_attention-199999.pt"), (name, buttons)
+
+
+def press(browser, key: str, code: int, modifiers: int = 0):
+    for kind in ("keyDown", "keyUp"):
+        browser.call("Input.dispatchKeyEvent", type=kind, key=key, code=key if len(key) > 1 else f"Key{key.upper()}",
+                     windowsVirtualKeyCode=code, modifiers=modifiers)
+
+
+def search_nodes(browser, words: str) -> list[str]:
+    """What the frontend's node search box lists for ``words`` (typed as a user would: the box opened, any earlier
+    query selected and replaced, then closed with Escape)."""
+    browser.evaluate("(async () => { await app.extensionManager.command.execute('Workspace.SearchBox.Toggle'); "
+                     "return true; })()")
+    time.sleep(1)
+    press(browser, "a", 65, modifiers=2)  # Ctrl+A
+    browser.call("Input.insertText", text=words)
+    time.sleep(1.5)
+    found = browser.evaluate("(() => [...document.querySelectorAll('[role=option], li')].filter(e => "
+                             "e.offsetParent !== null).map(e => e.innerText.replace(/\\s+/g, ' ').trim()))()")
+    press(browser, "Escape", 27)
+    time.sleep(0.5)
+    return found
+
+
+def test_artists_find_the_nodes_by_their_words(page):
+    """With ComfyUI 0.33's search_aliases (frontends 1.49 and 1.58 search them with the node names), searching
+    "personalize", "subject", "reference" or "IP adapter alternative" lists Apply DreamCache. On 0.3.64 (no aliases
+    in /object_info) "IP adapter alternative" finds none of the pack's nodes: the aliases are what finds them."""
+    browser, _ = page
+    info = browser.evaluate("fetch('/object_info/DreamCacheApply').then(r => r.json())")["DreamCacheApply"]
+    if not info.get("search_aliases"):
+        assert not any(t.startswith("Apply DreamCache") for t in search_nodes(browser, "IP adapter alternative"))
+        return
+    for words in ("personalize", "subject", "reference", "IP adapter alternative"):
+        found = search_nodes(browser, words)
+        assert any(t.startswith("Apply DreamCache") for t in found), (words, found)
