@@ -1,14 +1,20 @@
 """Post-install step (ComfyUI-Manager runs this after cloning the pack; you can run it by hand too).
 
-1. Installs the packages of requirements.txt into *this* Python if they are missing (never torch: ComfyUI
-   provides it). Nothing else is downloaded: model files are never fetched automatically.
+1. Requirements: run by hand, it installs the packages of requirements.txt that are missing into *this* Python
+   (never torch: ComfyUI provides it). Under ComfyUI-Manager (which sets COMFYUI_FOLDERS_BASE_PATH for install
+   scripts, and has installed requirements.txt itself, with its pip overrides, blacklist and no-deps setting, or
+   defers it to its start-up resolver) it installs nothing and only reports what is still missing.
+   Model files are never downloaded.
 2. Creates the model folders: models/dreamcache (adapters), models/dreamcache_caches (saved subject caches),
-   models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ into
-   ComfyUI's input folder (never overwriting), so the example workflows open with their images loaded.
+   models/sams (SAM checkpoints, shared with other packs), and copies the example images of workflows/ (every image
+   a shipped workflow loads, and every dreamcache_example_*.png) into the input folder (never overwriting), so the
+   example workflows open with their images loaded. Both live under ComfyUI's base directory: --base-directory, else
+   an explicit --comfyui, else COMFYUI_FOLDERS_BASE_PATH (ComfyUI Desktop and --base-directory installs keep models/
+   and input/ apart from the ComfyUI code), else the ComfyUI folder found.
 3. Prints, per shipped workflow, which of its model files are still missing, where to get them, and how to run
    it with a file you have instead.
 
-    python install.py [--comfyui PATH] [--no-install]
+    python install.py [--comfyui PATH] [--base-directory PATH] [--no-install | --install]
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ ABOUT = {
     "v2-1_512-ema-pruned.safetensors": "Stable Diffusion 2.1-base, the released adapter's base model, 5.2 GB",
     "cross_attention-199999.pt": "the authors' DreamCache adapter for SD 2.1-base, 101 MB; the link is a Google Drive "
                                  "folder: download this file from it",
-    "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB",
+    "sam_vit_b_01ec64.pth": "Segment Anything ViT-B for Subject Mask's auto mode, 375 MB; also at "
+                            "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
     "control_v11p_sd21_depth.safetensors": "an SD 2.1 depth ControlNet",
     "512-inpainting-ema.safetensors": "Stable Diffusion 2 inpainting, for dreamcache_inpaint_model only, 5.2 GB",
 }
@@ -164,52 +171,105 @@ def model_report(models_dir: str, workflows_dir: str | None = None) -> list[str]
     return lines
 
 
+def example_inputs(workflows_dir: str) -> list[str]:
+    """The images the shipped workflows load, found in the workflows themselves (every LoadImage node's file that
+    workflows/ ships) and by name (every workflows/dreamcache_example_*.png): a new one needs no edit here."""
+    import json
+
+    names = {n for n in os.listdir(workflows_dir) if n.startswith("dreamcache_example_") and n.endswith(".png")}
+    for wf in (f for f in os.listdir(workflows_dir) if f.endswith(".json")):
+        with open(os.path.join(workflows_dir, wf), encoding="utf-8") as f:
+            nodes = json.load(f).get("nodes") or []
+        for node in nodes:
+            values = node.get("widgets_values")
+            if node.get("type") == "LoadImage" and isinstance(values, list) and values and isinstance(values[0], str):
+                if os.path.basename(values[0]) == values[0] and os.path.isfile(os.path.join(workflows_dir, values[0])):
+                    names.add(values[0])
+    return sorted(names)
+
+
 def copy_examples(input_dir: str) -> list[str]:
     import shutil
 
     os.makedirs(input_dir, exist_ok=True)
     copied = []
     examples = os.path.join(HERE, "workflows")
-    for name in sorted(os.listdir(examples)):
-        example = name.startswith("dreamcache_example_") and name.endswith(".png")
-        if example and not os.path.exists(os.path.join(input_dir, name)):
+    for name in example_inputs(examples):
+        if not os.path.exists(os.path.join(input_dir, name)):
             shutil.copyfile(os.path.join(examples, name), os.path.join(input_dir, name))
             copied.append(name)
     return copied
+
+
+def under_manager(env=None) -> bool:
+    """ComfyUI-Manager (3.x and 4.x, and cm-cli) runs install scripts with COMFYUI_FOLDERS_BASE_PATH set, after it
+    has handled requirements.txt itself; a user running install.py by hand does not set it."""
+    return bool((env if env is not None else os.environ).get("COMFYUI_FOLDERS_BASE_PATH"))
+
+
+def base_directory(args, root: str | None) -> str | None:
+    """Where models/ and input/ live: --base-directory, an explicit --comfyui, COMFYUI_FOLDERS_BASE_PATH, then the
+    ComfyUI folder found."""
+    if args.base_directory:
+        return os.path.abspath(args.base_directory)
+    if args.comfyui:
+        return root
+    env = os.environ.get("COMFYUI_FOLDERS_BASE_PATH")
+    return os.path.abspath(env) if env else root
+
+
+def check_requirements(install: bool) -> int:
+    req = os.path.join(HERE, "requirements.txt")
+    missing = missing_requirements(req)
+    if not missing:
+        print("[DreamCache] requirements: all present")
+        return 0
+    if install:
+        print(f"[DreamCache] installing into {sys.executable}: {', '.join(missing)}")
+        rc = subprocess.call([sys.executable, "-m", "pip", "install", *missing])
+        if rc != 0:
+            print(f"[DreamCache] pip failed ({rc}); install them yourself: {sys.executable} -m pip install -r {req}")
+        return rc
+    if under_manager():
+        print(f"[DreamCache] still missing after ComfyUI-Manager's install: {', '.join(missing)}. Manager installs "
+              "requirements.txt itself (or at the next start, with its unified resolver); if they are still missing "
+              "after a restart, Manager skipped them (its pip blacklist, overrides or no-deps setting): install them "
+              f"with {sys.executable} -m pip install -r {req}")
+    else:
+        print(f"[DreamCache] missing requirements (not installed, --no-install): {', '.join(missing)}")
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ComfyUI-DreamCache post-install: requirements, model folders, model "
                                              "checklist")
     ap.add_argument("--comfyui", help="ComfyUI directory (default: COMFYUI_PATH or the folder two levels up)")
-    ap.add_argument("--no-install", action="store_true", help="only report missing requirements, do not pip install")
+    ap.add_argument("--base-directory", help="ComfyUI's base directory for models/ and input/ (as ComfyUI's "
+                                             "--base-directory; default: COMFYUI_FOLDERS_BASE_PATH, else the "
+                                             "ComfyUI directory)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--no-install", action="store_true", help="only report missing requirements, do not pip install")
+    mode.add_argument("--install", action="store_true", help="pip install missing requirements even under "
+                                                             "ComfyUI-Manager")
     args = ap.parse_args(argv)
 
-    req = os.path.join(HERE, "requirements.txt")
-    missing = missing_requirements(req)
-    if missing and not args.no_install:
-        print(f"[DreamCache] installing into {sys.executable}: {', '.join(missing)}")
-        rc = subprocess.call([sys.executable, "-m", "pip", "install", *missing])
-        if rc != 0:
-            print(f"[DreamCache] pip failed ({rc}); install them yourself: {sys.executable} -m pip install -r {req}")
-            return rc
-    elif missing:
-        print(f"[DreamCache] missing requirements (not installed, --no-install): {', '.join(missing)}")
-    else:
-        print("[DreamCache] requirements: all present")
+    rc = check_requirements(install=args.install or not (args.no_install or under_manager()))
+    if rc != 0:
+        return rc
 
     root = find_comfyui(args.comfyui)
-    if root is None:
+    base = base_directory(args, root)
+    if base is None:
         print("[DreamCache] ComfyUI not found (put the pack in ComfyUI/custom_nodes/ or pass --comfyui); model folders "
               "not created.")
         return 0
-    models = os.path.join(root, "models")
+    models = os.path.join(base, "models")
     for name in FOLDERS:
         os.makedirs(os.path.join(models, name), exist_ok=True)
     print(f"[DreamCache] model folders ready under {models}: {', '.join(FOLDERS)}")
-    copied = copy_examples(os.path.join(root, "input"))
+    copied = copy_examples(os.path.join(base, "input"))
     if copied:
-        print(f"[DreamCache] example images copied to {os.path.join(root, 'input')}: {', '.join(copied)}")
+        print(f"[DreamCache] example images copied to {os.path.join(base, 'input')}: {', '.join(copied)}")
     print("[DreamCache] model files of the shipped workflows (nothing is downloaded automatically):")
     print("\n".join(model_report(models)))
     return 0

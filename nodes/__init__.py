@@ -10,6 +10,7 @@ from .cache_files import DreamCacheCombine, DreamCacheLoad, DreamCacheSave
 from .loader import DreamCacheLoader
 from .paths import register_folders
 from .sampling import DreamCacheDualGuidanceSampler, DreamCacheGuider
+from .search_aliases import with_search_aliases
 from .subject_mask import DreamCacheSAMLoader, DreamCacheSubjectMask
 
 register_folders()
@@ -29,6 +30,9 @@ NODES: list[type[io.ComfyNode]] = [
     DreamCacheAttentionRecorder,
     DreamCacheShowAttention,
 ]
+
+
+NODES = [with_search_aliases(node) for node in NODES]  # where the running ComfyUI supports them (0.33: yes)
 
 
 class DreamCacheExtension(ComfyExtension):

@@ -20,11 +20,16 @@ def _register(name: str, extensions: set[str]):
     if name not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
         return
-    # Already known (an extra_model_paths.yaml entry, or another load of this pack): keep its paths, add ours.
+    # Already known (an extra_model_paths.yaml entry, another pack, or another load of this pack): keep its paths,
+    # add ours, and add our extensions to its filter. An empty filter means "every file" to folder_paths (that is
+    # what an extra_model_paths.yaml entry for a folder ComfyUI does not know gets): the loader would list notes.txt
+    # and readme.md, so it becomes ours.
     folder_paths.add_model_folder_path(name, default)
-    exts = folder_paths.folder_names_and_paths[name][1]
-    if isinstance(exts, set) and exts:
+    paths, exts = folder_paths.folder_names_and_paths[name]
+    if isinstance(exts, set):
         exts.update(extensions)
+    else:
+        folder_paths.folder_names_and_paths[name] = (paths, set(exts) | set(extensions))
 
 
 def missing_file_message(folder: str, name: str, what: str, hint: str) -> str:

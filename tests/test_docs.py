@@ -1,8 +1,11 @@
-"""Node help pages (web/docs/<NodeId>.md, shown in the node's help panel) and the README (no ComfyUI needed).
+"""Node help pages (web/docs/<NodeId>/en.md, shown in the node's help panel) and the README (no ComfyUI needed).
 
-Protects: every node of the pack has a help page that names each of its inputs (checked against the /object_info
-snapshot, so a new input without documentation fails), and the README keeps its promises: the test command CI runs,
-every node id, the model files of the shipped workflows, a dated changelog.
+Protects: every node of the pack has one help page, at the URL the frontend asks for first
+(/extensions/<pack>/docs/<NodeId>/<locale>.md, locale "en", in frontends 1.27 to 1.58; the flat <NodeId>.md is only
+its fallback, so a page there would cost a 404 per opening), that names each of its inputs (checked against the
+/object_info snapshot, so a new input without documentation fails) and stays readable in the frontend's narrow side
+panel (no table wider than two columns); and the README keeps its promises: the test command CI runs, every node
+id, the model files of the shipped workflows, a dated changelog.
 """
 from __future__ import annotations
 
@@ -18,15 +21,34 @@ OUR_NODES = sorted(k for k in INFO if k.startswith("DreamCache"))
 README = (ROOT / "README.md").read_text()
 
 
+HELP = ROOT / "web" / "docs"
+
+
+def help_page(node_id: str) -> Path:
+    """The one help page of a node: where the frontend looks first for an English-speaking user."""
+    return HELP / node_id / "en.md"
+
+
 @pytest.mark.parametrize("node_id", OUR_NODES)
 def test_help_page_documents_every_input(node_id):
-    page = ROOT / "web" / "docs" / f"{node_id}.md"
+    page = help_page(node_id)
     assert page.is_file(), f"{page} is missing"
     text = page.read_text()
     assert text.startswith("# ") and len(text) > 300
     for section in ("required", "optional"):
         for name in INFO[node_id]["input"].get(section, {}):
             assert f"`{name}`" in text, f"{node_id}'s help page does not explain input '{name}'"
+
+
+def test_help_pages_are_one_per_node_and_fit_the_side_panel():
+    pages = sorted(HELP.rglob("*.md"))
+    assert pages == sorted(help_page(n) for n in OUR_NODES), "one page per node, at web/docs/<NodeId>/en.md"
+    for page in pages:
+        for n, line in enumerate(page.read_text().splitlines(), 1):
+            if line.lstrip().startswith("|"):
+                cells = line.strip().strip("|").split("|")
+                assert len(cells) <= 2, f"{page.relative_to(ROOT)}:{n}: a {len(cells)}-column table is cramped in " \
+                                        "the side panel; use a list"
 
 
 def test_readme_lists_every_node_and_the_test_command():

@@ -120,10 +120,11 @@ def test_object_info_lists_every_node_with_tooltips(server):
 
 
 def test_help_pages_are_served(server):
-    """The frontend's help panel fetches /extensions/<pack folder>/docs/<NodeId>.md."""
+    """The frontend's help panel first fetches /extensions/<pack folder>/docs/<NodeId>/<locale>.md (frontend 1.27 to
+    1.58; "en" by default), and only on a 404 the flat <NodeId>.md."""
     for node_id in PERMANENT_IDS:
-        served = server.client.get_bytes(f"/extensions/ComfyUI-DreamCache/docs/{node_id}.md")
-        assert served == (ROOT / "web" / "docs" / f"{node_id}.md").read_bytes()
+        served = server.client.get_bytes(f"/extensions/ComfyUI-DreamCache/docs/{node_id}/en.md")
+        assert served == (ROOT / "web" / "docs" / node_id / "en.md").read_bytes()
 
 
 def test_graph_runs_to_a_saved_image(server):

@@ -84,6 +84,35 @@ def test_workflow_names_its_model_files(path):
             assert n["properties"]["models"][0]["name"] == value
 
 
+#: The frontend's rule for its Download button on a missing model, per frontend release (read from each one's
+#: bundle: an allow-list of URL prefixes, and of file-name endings; a few exact URLs are also allowed).
+DOWNLOAD_RULES = {
+    "1.27": (("https://civitai.com/", "https://huggingface.co/"), (".safetensors", ".sft")),
+    "1.49": (("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/"),
+             (".safetensors", ".sft", ".ckpt", ".pth", ".pt")),
+    "1.58": (("https://civitai.com/", "https://civitai.red/", "https://huggingface.co/"),
+             (".safetensors", ".sft", ".ckpt", ".pth", ".pt")),
+}
+#: Entries no frontend offers to download, and why (the frontend shows their link).
+LINK_ONLY = {"cross_attention-199999.pt": "the authors publish the adapter only in a Google Drive folder"}
+
+
+def downloadable(entry: dict, frontend: str) -> bool:
+    prefixes, endings = DOWNLOAD_RULES[frontend]
+    return entry["url"].startswith(prefixes) and entry["name"].endswith(endings)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_models_entry_gets_the_download_button_where_the_frontend_allows_it(path):
+    for m in load(path)["models"]:
+        if m["name"] in LINK_ONLY:
+            assert not any(downloadable(m, f) for f in DOWNLOAD_RULES)  # if it ever can be, use that URL
+            continue
+        for frontend in DOWNLOAD_RULES:
+            expected = frontend != "1.27" or m["name"].endswith((".safetensors", ".sft"))
+            assert downloadable(m, frontend) == expected, (path.stem, m["name"], frontend)
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_thumbnail_and_loaded_images_ship(path):
     thumb = path.with_suffix(".jpg")
@@ -108,9 +137,10 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
             view[name] = (section, typ, widget_slots(spec))
         return view, list(info["output"])
 
-    version = {}
-    exec((Path(comfy) / "comfyui_version.py").read_text(), version)
-    same_release = version["__version__"] == SNAPSHOT["comfyui_version"]
+    from dreamcache.comfy.env import comfyui_version
+
+    version = comfyui_version(comfy)
+    same_release = version == SNAPSHOT["comfyui_version"]
     problems = []
     for node_id, snap in INFO.items():
         cls = nodes.NODE_CLASS_MAPPINGS.get(node_id)
@@ -130,5 +160,5 @@ def test_snapshot_matches_the_live_object_info(comfy, pack):
             ok = live_in == snap_in and live_out[:len(snap_out)] == snap_out
         if not ok:
             problems.append(f"{node_id}: live {(live_in, live_out)} vs snapshot {(snap_in, snap_out)}")
-    assert not problems, (f"ComfyUI {version['__version__']} (snapshot of {SNAPSHOT['comfyui_version']}); refresh "
+    assert not problems, (f"ComfyUI {version} (snapshot of {SNAPSHOT['comfyui_version']}); refresh "
                           "tests/data with tools/snapshot_object_info.py or fix the workflows:\n" + "\n".join(problems))

@@ -28,7 +28,12 @@ CKPT = {"name": "v2-1_512-ema-pruned.safetensors",
         "directory": "checkpoints"}
 ADAPTER = {"name": "cross_attention-199999.pt",
            "url": "https://drive.google.com/drive/folders/11qgm_oXMgHg4jiD7Q2S0rWeIfHhTPg0K", "directory": "dreamcache"}
-SAM = {"name": "sam_vit_b_01ec64.pth", "url": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+#: The frontend offers its Download button only for huggingface.co / civitai.com URLs (and, from frontend 1.49 on,
+#: .pt/.pth/.ckpt files; 1.27 takes .safetensors/.sft only): SAM ViT-B from its Hugging Face copy (the same file as
+#: dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth, which the README also names). The authors publish
+#: the adapter only in a Google Drive folder, which no frontend downloads from: its entry is a link.
+SAM = {"name": "sam_vit_b_01ec64.pth",
+       "url": "https://huggingface.co/ybelkada/segment-anything/resolve/main/checkpoints/sam_vit_b_01ec64.pth",
        "directory": "sams"}
 #: Any SD 2.x LoRA works, and there is no one public file to point at, so it is a placeholder name (not in the
 #: workflow's models list, whose entries the frontend requires to carry a download url).

@@ -63,8 +63,12 @@ class Browser:
         path = pages[0]["webSocketDebuggerUrl"].split(str(self.port), 1)[1]
         self.ws = WebSocket(f"http://127.0.0.1:{self.port}", path, timeout=30)
         self._id = 0
+        #: what the page's console shows as errors (console.error, uncaught exceptions, failed requests such as a
+        #: 404), in order, since the last clear_console()
+        self.console_errors: list[str] = []
         self.call("Page.enable")
         self.call("Runtime.enable")
+        self.call("Log.enable")
         self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, timeout: float = 60, **params):
@@ -78,7 +82,33 @@ class Browser:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
+            if msg and "method" in msg:
+                self._event(msg)
         raise TimeoutError(f"{method} got no answer in {timeout} s")
+
+    def _event(self, msg: dict):
+        method, params = msg["method"], msg.get("params", {})
+        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
+            args = params.get("args", [])
+            self.console_errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in args))
+        elif method == "Runtime.exceptionThrown":
+            d = params.get("exceptionDetails", {})
+            self.console_errors.append(f"{d.get('text', '')} {d.get('exception', {}).get('description', '')}".strip())
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            e = params["entry"]
+            self.console_errors.append(f"{e.get('text', '')} {e.get('url', '')}".strip())
+
+    def pump(self, seconds: float = 0.5):
+        """Read the page's events for ``seconds`` (console errors are collected while commands run, too)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            msg = self.ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+            if msg and "method" in msg:
+                self._event(msg)
+
+    def clear_console(self):
+        self.pump(0.2)
+        self.console_errors = []
 
     def evaluate(self, expression: str, timeout: float = 60):
         r = self.call("Runtime.evaluate", timeout=timeout, expression=expression, awaitPromise=True, returnByValue=True)
@@ -136,7 +166,9 @@ INSPECT_JS = """
   const visible = sel => [...document.querySelectorAll(sel)].filter(d => d.offsetParent !== null)
     .map(d => d.innerText.slice(0, 300));
   const dialogs = visible('[role=dialog], .p-dialog, .comfy-modal');
-  const toasts = visible('.p-toast-message-error, .p-toast-message-warn');
+  // PrimeVue toasts up to frontend 1.49; 1.58: <li data-testid=toast data-toast-kind=warning|error>
+  const toasts = visible('.p-toast-message-error, .p-toast-message-warn, ' +
+    '[data-testid=toast][data-toast-kind=error], [data-testid=toast][data-toast-kind=warning]');
   // frontend 1.3x+: missing nodes and models are reported in an error overlay card instead of a dialog
   const overlays = visible('[data-testid=error-overlay]');
   return {missing, dialogs, toasts, overlays, version: window.__COMFYUI_FRONTEND_VERSION__ || null,

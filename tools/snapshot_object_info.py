@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dreamcache.apps.comfy_client import ComfyServer  # noqa: E402
-from dreamcache.comfy.env import find_comfyui  # noqa: E402
+from dreamcache.comfy.env import comfyui_version, find_comfyui  # noqa: E402
 
 SNAPSHOT = ROOT / "tests" / "data" / "object_info_snapshot.json"
 #: Core nodes the shipped workflows may use, checked against ComfyUI 0.3.64 (see tests/test_workflows.py).
@@ -57,12 +57,11 @@ def main():
         raise SystemExit("set COMFYUI_PATH or pass the ComfyUI folder")
     snap = select(fetch(str(root)))
     sys.path.insert(0, str(root))
-    version = {}
-    exec((root / "comfyui_version.py").read_text(), version)
+    version = comfyui_version(root)
     SNAPSHOT.parent.mkdir(parents=True, exist_ok=True)
-    SNAPSHOT.write_text(json.dumps({"comfyui_version": version["__version__"], "object_info": snap}, indent=1,
+    SNAPSHOT.write_text(json.dumps({"comfyui_version": version, "object_info": snap}, indent=1,
                                    sort_keys=True) + "\n")
-    print(f"wrote {SNAPSHOT} ({len(snap)} node types, ComfyUI {version['__version__']})")
+    print(f"wrote {SNAPSHOT} ({len(snap)} node types, ComfyUI {version})")
 
 
 if __name__ == "__main__":

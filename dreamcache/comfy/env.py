@@ -62,3 +62,18 @@ def import_comfyui(explicit: str | os.PathLike | None = None, cpu: bool | None =
     import comfy.model_management  # noqa: F401  (reads args on import)
 
     return root
+
+
+def comfyui_version(root: str | os.PathLike) -> str | None:
+    """The release a ComfyUI tree says it is (``__version__`` in its comfyui_version.py), read with ``ast``: the file
+    is parsed, never executed. None when the file or the assignment is missing."""
+    import ast
+
+    path = Path(root) / "comfyui_version.py"
+    if not path.is_file():
+        return None
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            if any(isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets):
+                return node.value.value
+    return None
