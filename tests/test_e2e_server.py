@@ -59,7 +59,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.apps.comfy_client import ComfyServer
+    from dreamcache.apps.run.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -106,7 +106,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
         for section in ("required", "optional"):
             for name, s in spec["input"].get(section, {}).items():
                 assert len(s) > 1 and s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    from dreamcache.apps.workflow import combo_options
+    from dreamcache.apps.run.workflow import combo_options
 
     assert "tiny_sd1.safetensors" in combo_options(info["DreamCacheLoader"]["input"]["required"]["adapter_name"])
 
@@ -126,7 +126,7 @@ def test_graph_runs_to_a_saved_image(server):
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.apps.comfy_client import ServerError
+    from dreamcache.apps.run.comfy_client import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -147,7 +147,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.apps.comfy_client import ServerError
+    from dreamcache.apps.run.comfy_client import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)
@@ -193,7 +193,7 @@ FAST = {  # small and quick on a CPU
 
 
 def tiny_prompt(workflow: dict, object_info: dict) -> dict:
-    from dreamcache.apps.workflow import ui_to_api
+    from dreamcache.apps.run.workflow import ui_to_api
 
     prompt = ui_to_api(workflow, object_info)
     for node in prompt.values():

@@ -353,9 +353,9 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
 def test_trainer_eval_every_scores_into_its_log_and_leaves_training_unchanged(comfy, env, tmp_path):
     from synthetic_data import make_dataset
 
-    from dreamcache.apps.eval.training import eval_dir, eval_log_path
-    from dreamcache.apps.train import TrainConfig, build_parser, config_from_args
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.config import TrainConfig, build_parser, config_from_args
+    from dreamcache.apps.train.evaluation import eval_dir, eval_log_path
+    from dreamcache.apps.train.loop import Trainer
 
     data = make_dataset(tmp_path / "data", objects=2, images=2, size=RES)
     base = dict(

@@ -41,7 +41,7 @@ def sd1(comfy):
 
 
 def _config(dataset, out, **kw):
-    from dreamcache.apps.train import TrainConfig
+    from dreamcache.apps.train.config import TrainConfig
 
     base = dict(data=str(dataset), out=str(out), steps=2, batch_size=2, resolution=RES, num_workers=0, progress=False,
                 lr=1e-3,
@@ -51,7 +51,7 @@ def _config(dataset, out, **kw):
 
 
 def _trainer(models, dataset, out, **kw):
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.loop import Trainer
 
     model, clip, vae = models
     return Trainer(model, clip, vae, _config(dataset, out, **kw), checkpoint_name="tiny.safetensors",
@@ -187,8 +187,8 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
 
 def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     """4 steps straight == 2 steps, then a new process-like trainer resumed from the checkpoint for 2 more."""
-    from dreamcache.apps.train import load_state, log_path
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.config import load_state, log_path
+    from dreamcache.apps.train.loop import Trainer
     from dreamcache.core.adapter_io import read_adapter
 
     straight = _trainer(sd1, dataset, tmp_path / "s" / "a.safetensors", steps=4, init="reference", accumulate=2)
@@ -347,7 +347,7 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
 def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
     import json
 
-    from dreamcache.apps import train_cli
+    from dreamcache.apps.train import cli as train_cli
     from dreamcache.comfy import loading
     from dreamcache.core.adapter_io import read_adapter
 
@@ -378,7 +378,7 @@ def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsy
     from dreamcache.apps import data
     from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
     from dreamcache.apps.data import cli as data_cli
-    from dreamcache.apps.synth import REJECTED, synthesize
+    from dreamcache.apps.data.synth import REJECTED, synthesize
     from dreamcache.comfy import loading
 
     model, clip, vae = sd1

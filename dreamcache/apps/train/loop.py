@@ -30,17 +30,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..comfy.loading import check_supported
-from ..comfy.model import FAMILY_NAMES, model_channels_at
-from ..core.adapter import DreamCacheAdapter
-from ..core.adapter_io import adapter_file_of, read_adapter, save_adapter
-from ..core.cache import from_captures
-from ..core.capture import run_and_capture
-from ..core.errors import DreamCacheError
-from ..core.layers import default_layers, sort_layers
-from ..core.layout import INFERENCE_WIDTH
-from ..core.patch import DreamCachePatch, PatchEntry
-from .data import (
+from ...comfy.loading import check_supported
+from ...comfy.model import FAMILY_NAMES, model_channels_at
+from ...core.adapter import DreamCacheAdapter
+from ...core.adapter_io import adapter_file_of, read_adapter, save_adapter
+from ...core.cache import from_captures
+from ...core.capture import run_and_capture
+from ...core.errors import DreamCacheError
+from ...core.layers import default_layers, sort_layers
+from ...core.layout import INFERENCE_WIDTH
+from ...core.patch import DreamCachePatch, PatchEntry
+from ..data import (
     AugmentConfig,
     TargetGeometry,
     TrainingData,
@@ -52,8 +52,8 @@ from .data import (
     torch_generator,
     validate_dataset,
 )
-from .distributed import DistContext
-from .train import (
+from .batch import global_batch
+from .config import (
     DEFAULT_RESOLUTION,
     TrainConfig,
     TrainState,
@@ -64,6 +64,7 @@ from .train import (
     save_state,
     state_path_for,
 )
+from .parallel import DistContext
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEPS = 1000
@@ -152,7 +153,7 @@ class Trainer:
 
     ``data``: a :class:`TrainingData` (default: built from ``config.data``). ``state``: a :class:`TrainState` to
     resume from (its adapter file is loaded, optimizer, scaler and RNG restored). ``dist``: this rank's
-    :class:`~dreamcache.apps.distributed.DistContext` in a data-parallel run (default: a single process)."""
+    :class:`~dreamcache.apps.train.parallel.DistContext` in a data-parallel run (default: a single process)."""
 
     def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None,
                  checkpoint_name: str | None = None,
@@ -208,7 +209,7 @@ class Trainer:
         self.dist.start(self)
         self._eval = None
         if config.eval_every and self.dist.is_main:  # --eval-every: DreamBench and metric models checked up front
-            from .eval.training import TrainingEval
+            from .evaluation import TrainingEval
 
             self._eval = TrainingEval(config)
 
@@ -223,7 +224,7 @@ class Trainer:
                 raise DreamCacheError(
                     f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' "
                     f"({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
-            from ..comfy.model import check_adapter_fits
+            from ...comfy.model import check_adapter_fits
 
             check_adapter_fits(self.model, af)
             refs = list(af.layers)
@@ -368,10 +369,9 @@ class Trainer:
 
     def next_batch(self) -> dict:
         if self._stream is None:
-            start = self.step * self.cfg.batch_size * self.cfg.accumulate
+            start = self.step * global_batch(self.cfg, self.dist.world_size)
             workers = self.cfg.num_workers
             if self.dist.enabled:  # this rank's share of every global batch
-                start = self.step * self.dist.global_batch(self.cfg)
                 self._stream = self.dist.batches(self.data, self.cfg.batch_size, start, num_workers=workers)
             else:
                 self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=workers)
@@ -445,10 +445,10 @@ class Trainer:
                            optimizer=self.optimizer.state_dict(),
                            scaler=self.scaler.state_dict() if self.scaler is not None else None,
                            rng=self.rng_state(),
-                           extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
+                           extra={"positions_consumed": self.step * global_batch(self.cfg, self.dist.world_size)})
         if self.dist.enabled:  # what a resume with another number of ranks needs
-            g = self.dist.global_batch(self.cfg)
-            state.extra.update(positions_consumed=self.step * g, global_batch=g, world_size=self.dist.world_size)
+            state.extra.update(global_batch=global_batch(self.cfg, self.dist.world_size),
+                               world_size=self.dist.world_size)
         spath = state_path_for(path)
         save_state(spath, state)
         return path, spath
@@ -501,9 +501,9 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
-        from ..comfy.apply_patch import apply_dreamcache
-        from ..comfy.cache_pass import build_feature_cache
-        from ..comfy.guidance import make_guider
+        from ...comfy.apply_patch import apply_dreamcache
+        from ...comfy.cache_pass import build_feature_cache
+        from ...comfy.guidance import make_guider
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()
@@ -530,7 +530,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """--eval-every: DINO / CLIP-I / CLIP-T of the current adapter on a few DreamBench images (apps.eval)."""
-        from .eval.training import evaluate_during_training
+        from .evaluation import evaluate_during_training
 
         return evaluate_during_training(self)
 
@@ -556,7 +556,7 @@ class Trainer:
                 writer.writerow({"step": self.step, "loss": f"{loss:.6g}",
                                  "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
-                                 "images_per_second": f"{self.dist.global_batch(cfg) / dt:.3f}",
+                                 "images_per_second": f"{global_batch(cfg, self.dist.world_size) / dt:.3f}",
                                  **self.dist.step_record(dt)})
                 f.flush()
                 if bar is not None:
@@ -575,5 +575,5 @@ class Trainer:
             self._stream = None
         self.save(cfg.out)
         if self.dist.is_main and losses:
-            self.log(self.dist.summary(self.dist.global_batch(cfg)))
+            self.log(self.dist.summary(global_batch(cfg, self.dist.world_size)))
         return losses
