@@ -4,7 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..dreamcache.comfy.guidance import MODES, make_guider, sample_dual_guidance
+from ..dreamcache.comfy.guidance import MODES, make_guider
+from ..dreamcache.comfy.pipeline import sample_dual_guidance
 from .validation import combo_check
 
 _TEXT_TIP = "s_T: how strongly the prompt steers the image (like CFG). The reference runs use 7.5."

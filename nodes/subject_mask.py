@@ -151,6 +151,7 @@ class DreamCacheSubjectMask(io.ComfyNode):
                                                       box_width, box_height,
                                                       positive_points, negative_points)
             segment = partial(sam_glue.segment, sam, mode=prompt_mode, box=box, points=points, labels=labels)
-        probs = subject.subject_probabilities(images, prompt_mode, mask=mask, invert_mask=invert_mask, segment=segment)
-        masks = subject.refine_masks(probs, threshold, grow, feather)
-        return io.NodeOutput(subject.make_reference(images, masks, layout, size, background), masks)
+        return io.NodeOutput(*subject.subject_reference(images, prompt_mode, mask=mask, invert_mask=invert_mask,
+                                                        segment=segment, threshold=threshold, grow=grow,
+                                                        feather=feather, layout=layout, size=size,
+                                                        background=background))

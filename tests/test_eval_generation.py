@@ -306,10 +306,10 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
     from helpers import run_node
 
     from dreamcache.apps.data import load_mask, load_rgb
-    from dreamcache.apps.eval.generate import to_image, to_uint8
+    from dreamcache.core.image import from_uint8, to_uint8
 
     it = next(i for i in P.load_protocol(DREAMBENCH, ["dog"], 1, 2).items(["tinyadapter"]) if i.image_index == 1)
-    photo = to_image(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
+    photo = from_uint8(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
     mask = torch.from_numpy(load_mask(env.masks / "dog" / "00_mask.png")).float()[None]
     reference, _ = run_node(
         "DreamCacheSubjectMask", image=photo, prompt_mode="mask", mask=mask, layout="train", size=RES

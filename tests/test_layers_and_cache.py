@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from dreamcache.core.cache import FeatureCache, concat_caches, from_captures, load_cache, save_cache
 from dreamcache.core.capture import StopPass, capture_inputs, run_and_capture
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.core.image import prepare_reference, to_rgb_on_white
+from dreamcache.core.image import fit_reference, to_rgb_on_white
 from dreamcache.core.layers import SD_LAYERS, LayerRef, every_second_decoder_layer, sort_layers
 
 
@@ -123,20 +123,20 @@ def test_rgb_on_white_handles_alpha_gray_and_channels():
         to_rgb_on_white(torch.zeros(1, 4, 4, 5))
 
 
-def test_prepare_reference_fits():
+def test_fit_reference_fits_the_cache_pass_resolution():
     img = torch.zeros(1, 100, 50, 3)  # black, tall
-    pad = prepare_reference(img, 64, "pad")
+    pad = fit_reference(img, 64, "pad")
     assert pad.shape == (1, 64, 64, 3)
     assert torch.allclose(pad[0, :, :8], torch.ones(64, 8, 3), atol=1e-4)  # white bars left and right
     assert pad[0, 32, 32].max() < 0.01  # subject kept in the centre
-    assert prepare_reference(img, 64, "stretch").max() < 0.01
-    assert prepare_reference(img, 64, "crop").shape == (1, 64, 64, 3)
-    keep = prepare_reference(torch.rand(1, 101, 77, 3), 0)
+    assert fit_reference(img, 64, "stretch").max() < 0.01
+    assert fit_reference(img, 64, "crop").shape == (1, 64, 64, 3)
+    keep = fit_reference(torch.rand(1, 101, 77, 3), 0)
     assert keep.shape == (1, 96, 72, 3)
     with pytest.raises(DreamCacheError, match="at least 64x64"):
-        prepare_reference(torch.rand(1, 60, 60, 3), 0)
+        fit_reference(torch.rand(1, 60, 60, 3), 0)
     with pytest.raises(DreamCacheError, match="multiple of 8"):
-        prepare_reference(img, 100)
+        fit_reference(img, 100)
 
 
 class _Toy(torch.nn.Module):

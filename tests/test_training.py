@@ -11,6 +11,7 @@ import csv
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from helpers import denoise_once, run_node
@@ -370,8 +371,33 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
     with Image.open(tmp_path / "run" / "tiny-preview-step000003.png") as im:
         assert im.size == (RES, RES)
+        assert np.asarray(im).std() > 1.0  # a picture, not a flat (black NaN) square
     assert train_cli.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
     assert "--lr 0.5" in capsys.readouterr().err
+
+
+def test_the_preview_reference_is_what_subject_mask_makes(pack, dataset):
+    """The trainer's preview prepares its reference on the node's path (SubjectMask in mask mode, train layout at
+    the training resolution), so a preview shows what a user of the nodes would get: the same pixels."""
+    from types import SimpleNamespace
+
+    from helpers import run_node
+
+    from dreamcache.apps.data import load_mask, load_rgb
+    from dreamcache.apps.train.loop import Trainer
+    from dreamcache.core.image import from_uint8
+
+    image = sorted(dataset.rglob("*_generation.png"))[0]
+    mask = image.with_name(image.name.replace("_generation", "_mask"))
+    size = 2 * RES  # not the photo's size: the layout scales
+    cfg = SimpleNamespace(preview_reference=str(image), preview_mask=str(mask), preview_prompt="a thing",
+                          resolution=size)
+    fake = SimpleNamespace(cfg=cfg, data=SimpleNamespace(index=SimpleNamespace(objects=[("o", [None])])))
+    got, prompt = Trainer.preview_inputs(fake)
+    want, _ = run_node("DreamCacheSubjectMask", image=from_uint8(load_rgb(image)), prompt_mode="mask",
+                       mask=torch.from_numpy(load_mask(mask)).float()[None], layout="train", size=size)
+    assert prompt == "a thing" and got.shape == (1, size, size, 3)
+    assert torch.equal(got, want)
 
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):

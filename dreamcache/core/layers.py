@@ -77,6 +77,8 @@ SDXL_LAYERS = tuple(LayerRef(m) for m in ("middle_block.1", "output_blocks.1.1",
                                           "output_blocks.5.1"))
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+#: The side, in pixels, each family was trained at: the default size of training, evaluation and previews.
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 def default_layers(family: str) -> tuple[LayerRef, ...]:

@@ -366,6 +366,19 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
     return torch.stack([layout_train(rgb[i], masks[i], color, int(size), width) for i in range(rgb.shape[0])])
 
 
+def subject_reference(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None,
+                      invert_mask: bool = False, segment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      threshold: float = 0.5, grow: int = 0, feather: int = 0, layout: str = "train",
+                      size: int = 512, background="#ffffff") -> tuple[torch.Tensor, torch.Tensor]:
+    """A photo (batch) in, DreamCache's reference out: the subject found (:func:`subject_probabilities`), its mask
+    thresholded, grown and feathered (:func:`refine_masks`), laid out on the background (:func:`make_reference`).
+    Returns ``(reference IMAGE, final masks)``. SubjectMask, the evaluation and the trainer's previews all prepare
+    their reference here."""
+    probs = subject_probabilities(images, prompt_mode, mask=mask, invert_mask=invert_mask, segment=segment)
+    masks = refine_masks(probs, threshold, grow, feather)
+    return make_reference(images, masks, layout, size, background), masks
+
+
 def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0,
                 box_height: int = 0,
                 positive_points: str = "", negative_points: str = ""):

@@ -31,7 +31,6 @@ STATE_FORMAT = "dreamcache.train_state"
 STATE_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("identity", "reference")
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 @dataclass

@@ -37,24 +37,22 @@ from ...core.adapter_io import adapter_file_of, read_adapter, save_adapter
 from ...core.cache import from_captures
 from ...core.capture import run_and_capture
 from ...core.errors import DreamCacheError
-from ...core.layers import default_layers, sort_layers
-from ...core.layout import INFERENCE_WIDTH
+from ...core.image import from_uint8
+from ...core.layers import NATIVE_RESOLUTION, default_layers, sort_layers
 from ...core.patch import DreamCachePatch, PatchEntry
+from ...core.subject import subject_reference
 from ..data import (
     AugmentConfig,
     TargetGeometry,
     TrainingData,
     batches,
-    crop_subject,
     load_mask,
     load_rgb,
-    place_on_canvas,
     torch_generator,
     validate_dataset,
 )
 from .batch import global_batch
 from .config import (
-    DEFAULT_RESOLUTION,
     TrainConfig,
     TrainState,
     checkpoint_path,
@@ -171,7 +169,7 @@ class Trainer:
         self.device = torch.device(model.load_device)
         config.precision = resolve_precision(config.precision, self.device.type)
         if not config.resolution:
-            config.resolution = DEFAULT_RESOLUTION[self.family]
+            config.resolution = NATIVE_RESOLUTION[self.family]
         if config.checkpoint == "" and checkpoint_name:
             config.checkpoint = checkpoint_name
         self.cfg = config
@@ -474,7 +472,8 @@ class Trainer:
 
     # ---- preview ----------------------------------------------------------------------------------------------------
     def preview_inputs(self) -> tuple[torch.Tensor, str]:
-        """The fixed preview subject (on white, the training layout at inference: centred, core.layout) and prompt."""
+        """The fixed preview subject and prompt. With a mask the reference is made as SubjectMask makes it (mask
+        mode, the ``train`` layout at the training resolution); without one the photo is used as it is."""
         cfg = self.cfg
         first = self.data.index.objects[0][1][0]
         if cfg.preview_reference:
@@ -482,50 +481,35 @@ class Trainer:
             mask = load_mask(cfg.preview_mask) if cfg.preview_mask else None
         else:
             rgb, mask = load_rgb(first.image), load_mask(first.mask)
+        image = from_uint8(rgb)
         if mask is not None:
             if mask.shape != rgb.shape[:2] or not mask.any():
                 raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a "
                                       "matching --preview-mask.")
-            rgb = place_on_canvas(crop_subject(rgb, mask), cfg.resolution, INFERENCE_WIDTH)
-        image = torch.from_numpy(rgb.copy()).float().div(255.0)[None]
+            image, _ = subject_reference(image, "mask", mask=torch.from_numpy(mask).float()[None], layout="train",
+                                         size=cfg.resolution)
         prompt = cfg.preview_prompt
         if prompt is None:
             prompt = first.caption.read_text(encoding="utf-8").strip()
         return image, prompt
 
     def preview(self, path: str | None = None, seed: int = 0) -> str:
-        """Render the fixed reference and prompt with the current adapter through the pack's inference path
-        (BuildFeatureCache -> ApplyDreamCache -> combined guidance, Euler); writes a PNG."""
-        import comfy.sample
-        import comfy.samplers
-        import numpy as np
+        """Render the fixed reference and prompt with the current adapter through the pack's inference pipeline
+        (:func:`dreamcache.comfy.pipeline.personalised_images`: combined guidance, Euler); writes a PNG."""
         from PIL import Image
 
-        from ...comfy.apply_patch import apply_dreamcache
-        from ...comfy.cache_pass import build_feature_cache
-        from ...comfy.guidance import make_guider
+        from ...comfy.pipeline import personalised_images
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()
         af = adapter_file_of(self.adapter, self.family, name=f"step {self.step}")
-        res = self.cfg.resolution
-        with torch.inference_mode():
-            cache, _ = build_feature_cache(self.model, self.vae, image, af, clip=self.clip, seed=seed, resolution=res,
-                                           fit="pad")
-            patched = apply_dreamcache(self.model, af, cache)
-            pos = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
-            neg = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
-            guider = make_guider(patched, pos, neg, self.cfg.preview_text_scale, self.cfg.preview_image_scale)
-            latent = torch.zeros(1, 4, res // 8, res // 8)
-            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-            noise = comfy.sample.prepare_noise(latent, seed)
-            sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal",
-                                                     self.cfg.preview_steps)
-            out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True,
-                                seed=seed)
-            pixels = self.vae.decode(out.to(torch.float32))[0, ..., :3]
+        cfg = self.cfg
+        pixels = personalised_images(self.model, self.clip, self.vae, image, af, prompt, cfg.resolution, seeds=[seed],
+                                     steps=cfg.preview_steps, sampler_name="euler", scheduler="normal",
+                                     text_scale=cfg.preview_text_scale, image_scale=cfg.preview_image_scale,
+                                     cache_seed=seed)[0, ..., :3]
         self._ensure_loaded()
-        Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().astype(np.uint8)).save(path)
+        Image.fromarray((pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()).save(path)
         return path
 
     def evaluate(self) -> dict:
