@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from functools import partial
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..dreamcache.comfy import sam as sam_glue
 from ..dreamcache.core import subject
 from . import paths
+from .model_files import ModelFile
 from .types import Sam
 from .validation import combo_check
 
-SAM_HINT = "put it there (see the README's SAM table) and refresh."
+SAM_FILE = ModelFile("sam_name", paths.SAMS, "SAM checkpoint", "put it there (see the README's SAM table) and refresh.")
 
 
 class DreamCacheSAMLoader(io.ComfyNode):
@@ -28,8 +28,7 @@ class DreamCacheSAMLoader(io.ComfyNode):
                         "from the weights; the file is read safely (safetensors, or tensors-only .pth) and loaded "
                         "strictly.",
             inputs=[
-                io.Combo.Input("sam_name", options=folder_paths.get_filename_list(paths.SAMS),
-                               tooltip="SAM checkpoint in ComfyUI/models/sams, e.g. sam_vit_b_01ec64.pth (375 MB, "
+                SAM_FILE.combo(tooltip="SAM checkpoint in ComfyUI/models/sams, e.g. sam_vit_b_01ec64.pth (375 MB, "
                                        "fast) "
                                        "or sam_vit_h_4b8939.pth (2.56 GB, best edges)."),
             ],
@@ -43,16 +42,15 @@ class DreamCacheSAMLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        return paths.missing_file_message(paths.SAMS, value, "SAM checkpoint", SAM_HINT)
+        return SAM_FILE.combo_error(name, value)
 
     @classmethod
     def fingerprint_inputs(cls, sam_name):
-        return paths.file_fingerprint(paths.SAMS, sam_name)
+        return SAM_FILE.fingerprint(sam_name)
 
     @classmethod
     def execute(cls, sam_name) -> io.NodeOutput:
-        return io.NodeOutput(sam_glue.load_sam_model(paths.resolve_file(paths.SAMS, sam_name, "SAM checkpoint",
-                                                                        SAM_HINT), sam_name))
+        return io.NodeOutput(sam_glue.load_sam_model(SAM_FILE.path(sam_name), sam_name))
 
 
 class DreamCacheSubjectMask(io.ComfyNode):
