@@ -38,6 +38,7 @@ MOVED = {
     "comfy.trainer": ("apps.train.loop", OLD_LAYOUT_REMOVED_IN),
     "comfy.synth": ("apps.data.synth", OLD_LAYOUT_REMOVED_IN),
     "comfy.patching": ("comfy.apply_patch", OLD_LAYOUT_REMOVED_IN),
+    "core.layout": ("core.placement", APPS_ROOM_REMOVED_IN),
     **{f"apps.{m}": (f"apps.run.{m}", APPS_ROOM_REMOVED_IN) for m in ("cli", "runner", "comfy_client", "workflow")},
     "apps.trainer": ("apps.train.loop", APPS_ROOM_REMOVED_IN),
     "apps.train_cli": ("apps.train.cli", APPS_ROOM_REMOVED_IN),

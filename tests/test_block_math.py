@@ -26,8 +26,9 @@ from dreamcache.core.block import (
 )
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.hooks import PLAN_OPTION, SWITCH_KEY
 from dreamcache.core.layers import LayerRef
-from dreamcache.core.patch import PLAN_KEY, SWITCH_KEY, DreamCachePatch, PatchEntry
+from dreamcache.core.patch import DreamCachePatch, PatchEntry
 
 C, HEADS, CTX = 32, 4, 24
 REF = LayerRef("output_blocks.4.1")
@@ -313,7 +314,7 @@ def test_hooks_without_the_wrapper_still_compute_correctly():
     with_wrapper = {}
 
     def ex(x, *args, **kw):
-        with_wrapper["plan"] = args[4][PLAN_KEY]
+        with_wrapper["plan"] = args[4][PLAN_OPTION]
         return x
 
     patch.wrapper(ex, x, None, text, None, None, {})

@@ -316,8 +316,8 @@ def test_real_photos_through_the_reference_preprocessing(tmp_path):
             and ref.mask.shape == (h, w)
             and ref.mask.mean() == pytest.approx(1 / 2 * 1 / 3, abs=0.01)
         )
-        # the training layout (dreamcache.core.layout): the subject's box scaled and centred on a white canvas
-        from dreamcache.core.layout import subject_offset, subject_size
+        # the training layout (dreamcache.core.placement): the subject's box scaled and centred on a white canvas
+        from dreamcache.core.placement import subject_offset, subject_size
 
         bw, bh = w // 3 * 2 - w // 3, h // 4 * 3 - h // 4
         sw, sh = subject_size(bw, bh, 512)

@@ -20,9 +20,10 @@ from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.attention_maps import AttentionRecorder, head_mean_probs, point_map, reference_subject, subject_map
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.core.layers import LayerRef
-from dreamcache.core.patch import SWITCH_KEY, DreamCachePatch, PatchEntry
-from dreamcache.core.regional import layer_name, parse_layer_weights, token_grid
+from dreamcache.core.hooks import SWITCH_KEY
+from dreamcache.core.layers import LayerRef, layer_name
+from dreamcache.core.patch import DreamCachePatch, PatchEntry
+from dreamcache.core.regional import parse_layer_weights, token_grid
 
 H, W = 4, 5  # token grid of the test layer: 20 tokens, as data() makes
 SHAPES = {"original_shape": [2, 4, 8, 10], "activations_shape": [2, C, H, W]}

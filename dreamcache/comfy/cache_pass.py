@@ -14,8 +14,8 @@ from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache, from_captures
 from ..core.capture import StopPass, run_and_capture
 from ..core.errors import DreamCacheError
+from ..core.hooks import DISABLE_KEY
 from ..core.image import fit_reference
-from ..core.patch import DISABLE_KEY
 from .model import check_adapter_fits, model_family
 
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.

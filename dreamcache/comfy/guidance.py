@@ -17,7 +17,7 @@ import comfy.samplers
 
 from ..core.errors import DreamCacheError
 from ..core.guidance import MODES, check_scales, combined_guidance
-from ..core.patch import SWITCH_KEY
+from ..core.hooks import SWITCH_KEY
 from .apply_patch import cpu_chunked_attention, is_patched
 
 __all__ = ["MODES", "check_scales", "DreamCacheGuider", "PositiveOnlyGuider", "make_guider", "with_switch",

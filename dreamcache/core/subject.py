@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .errors import DreamCacheError
 from .image import to_rgb_on_white
-from .layout import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
+from .placement import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
 
 PROMPT_MODES = ("auto", "box", "points", "mask")
 SAM_MODES = ("auto", "box", "points")
@@ -319,7 +319,7 @@ def _resize_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512,
                  width: float = INFERENCE_WIDTH) -> torch.Tensor:
-    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.layout`: crop to
+    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.placement`: crop to
     the mask's bounding box, scale (aspect kept) so its width is ``width * size`` (height capped at ``size``),
     centre it on a ``size x size`` canvas of ``color``.
 
@@ -346,7 +346,7 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
                    width: float = INFERENCE_WIDTH) -> torch.Tensor:
     """The reference batch from images and their final masks ``[B, H, W]``.
 
-    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.layout`) and centred on a
+    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.placement`) and centred on a
     ``size`` square of the background colour (what the adapters were trained on); ``keep``: the same canvas with the
     background painted over.
     Alpha is composited on white first; gray becomes RGB.
