@@ -1,4 +1,4 @@
-"""ApplyDreamCache: patch a ModelPatcher clone through list patches and two keyed wrappers (:mod:`dreamcache.core.hooks`).
+"""ApplyDreamCache: patch a ModelPatcher clone through list patches and two keyed wrappers (core/hooks.py).
 
 * ``attn1_output_patch`` + ``middle_patch`` (lists: every other pack's patches still run),
 * a keyed ``DIFFUSION_MODEL`` wrapper that plans the call and orders the hooks, and a keyed ``APPLY_MODEL``
