@@ -119,10 +119,16 @@ def test_help_pages_are_served(server):
 
 
 def test_graph_runs_to_a_saved_image(server):
+    """The whole node graph (Loader -> Build -> Apply -> Dual Guidance Sampler -> VAE Decode -> Save) runs in a real
+    server and saves a picture: not a flat (NaN or black) image."""
+    from helpers import is_picture
+
     pid = server.client.queue(basic_prompt())
     entry = server.client.wait(pid, timeout=600)
     images = entry["outputs"]["11"]["images"]
-    assert images and (server.base / "output" / images[0]["filename"]).is_file()
+    path = server.base / "output" / images[0]["filename"]
+    assert images and path.is_file()
+    assert is_picture(path), f"{path} is flat (a NaN or black image)"
 
 
 def _expect_rejection(server, prompt, *needles):
@@ -231,7 +237,10 @@ def live_info(server):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflow_runs(server, live_info, path):
-    """Each shipped workflow, converted through the live /object_info, runs to its outputs."""
+    """Each shipped workflow, converted through the live /object_info, runs to its outputs, and its generated
+    image is a picture (at least one saved image that is not flat: a NaN latent saves as a black square)."""
+    from helpers import is_picture
+
     workflow = json.loads(path.read_text())
     prompt = tiny_prompt(workflow, live_info)
     entry = server.client.wait(server.client.queue(prompt), timeout=900)
@@ -248,8 +257,9 @@ def test_shipped_workflow_runs(server, live_info, path):
         prompt = tiny_prompt(workflow, info)
         entry = server.client.wait(server.client.queue(prompt), timeout=900)
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
-                         for img in saved if img["type"] == "output")
+    files = [server.base / "output" / img["subfolder"] / img["filename"] for img in saved if img["type"] == "output"]
+    assert saved and all(f.is_file() for f in files)
+    assert any(is_picture(f) for f in files), f"{path.stem}: every saved image is flat ({[f.name for f in files]})"
 
 
 # ---- python -m dreamcache run: exit codes, checked overrides, --list, only this prompt's files ---------------------
