@@ -35,7 +35,11 @@ TOL = 1e-6
 
 
 def test_rank_positions_split_every_global_batch_of_the_single_process_order():
-    from dreamcache.apps.train.parallel import rank_positions
+    from dreamcache.apps.train.parallel import RankPositionSampler
+
+    def rank_positions(start, rank, world_size, batch_size, micro_batches):
+        it = iter(RankPositionSampler(start, rank, world_size, batch_size))
+        return [[next(it) for _ in range(batch_size)] for _ in range(micro_batches)]
 
     world, batch, accumulate, steps = 2, 2, 3, 4
     g = world * batch * accumulate

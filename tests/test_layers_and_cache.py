@@ -16,14 +16,16 @@ from dreamcache.core.cache import FeatureCache, concat_caches, from_captures, lo
 from dreamcache.core.capture import StopPass, capture_inputs, run_and_capture
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.image import fit_reference, to_rgb_on_white
-from dreamcache.core.layers import SD_LAYERS, LayerRef, every_second_decoder_layer, sort_layers
+from dreamcache.core.layers import SD_LAYERS, LayerRef, sort_layers
 
 
 def test_paper_layers_and_comfy_block_ids():
     assert [r.hook_key for r in SD_LAYERS] == [(("middle", 0), 0), (("output", 4), 0), (("output", 6), 0), (("output",
                                                                                                              8), 0),
                                                (("output", 10), 0)]
-    assert every_second_decoder_layer([f"output_blocks.{i}.1" for i in range(3, 12)]) == SD_LAYERS
+    # the paper's rule: the middle transformer and every second decoder transformer (SD's are output_blocks.3-11)
+    decoder = [f"output_blocks.{i}.1" for i in range(3, 12)]
+    assert SD_LAYERS == (LayerRef("middle_block.1"), *(LayerRef(m) for i, m in enumerate(decoder) if i % 2 == 1))
     assert LayerRef("input_blocks.7.1", 1).hook_key == (("input", 7), 1)
     assert sort_layers([LayerRef("output_blocks.10.1"), LayerRef("middle_block.1"),
                         LayerRef("input_blocks.1.1")])[0].module == "input_blocks.1.1"

@@ -90,13 +90,6 @@ def default_layers(family: str) -> tuple[LayerRef, ...]:
     raise DreamCacheError(f"No default DreamCache layer set for model family '{family}'; pass the layers explicitly.")
 
 
-def every_second_decoder_layer(decoder_modules: list[str], middle: str | None = "middle_block.1") -> tuple[LayerRef,
-                                                                                                           ...]:
-    """The paper's rule applied to any U-Net: middle transformer + decoder transformers 2, 4, 6, ... (1-based)."""
-    picked = [LayerRef(m) for i, m in enumerate(decoder_modules) if i % 2 == 1]
-    return tuple(([LayerRef(middle)] if middle else []) + picked)
-
-
 # ---- the short names artists type (Apply DreamCache's layer weights, attention maps) ------------------------------
 
 def layer_name(ref: LayerRef) -> str:

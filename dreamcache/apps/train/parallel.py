@@ -379,12 +379,6 @@ class RankPositionSampler(torch.utils.data.Sampler):
             k += 1
 
 
-def rank_positions(start: int, rank: int, world_size: int, batch_size: int, micro_batches: int) -> list[list[int]]:
-    """The positions of a rank's first ``micro_batches`` micro-batches (what :class:`RankPositionSampler` yields)."""
-    it = iter(RankPositionSampler(start, rank, world_size, batch_size))
-    return [[next(it) for _ in range(batch_size)] for _ in range(micro_batches)]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Setting up a rank
 
