@@ -24,10 +24,9 @@ class DreamCacheSave(io.ComfyNode):
             node_id="DreamCacheSave",
             display_name="Save DreamCache Cache",
             category="DreamCache/cache",
-            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata (model "
-                        "family, layers, "
-                        "seed, resolution), so the subject is cached once and reused or shared without the reference "
-                        "image.",
+            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata "
+                        "(model family, layers, seed, resolution), "
+                        "so the subject is cached once and reused or shared without the reference image.",
             inputs=[
                 Cache.Input("cache", tooltip="The cache to save."),
                 io.String.Input("filename_prefix", default="subject",
@@ -92,9 +91,8 @@ class DreamCacheCombine(io.ComfyNode):
             node_id="DreamCacheCombine",
             display_name="Combine DreamCache Caches",
             category="DreamCache/cache",
-            description="Concatenates the references of two caches of the same subject (built with the same model and "
-                        "adapter), "
-                        "so every generated image attends to both.",
+            description="Concatenates the references of two caches of the same subject "
+                        "(built with the same model and adapter), so every generated image attends to both.",
             inputs=[
                 Cache.Input("cache_a", tooltip="First cache."),
                 Cache.Input("cache_b", tooltip="Second cache (same model family, layers and resolution)."),

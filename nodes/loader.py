@@ -25,8 +25,8 @@ class DreamCacheLoader(io.ComfyNode):
             node_id="DreamCacheLoader",
             display_name="DreamCache Loader",
             category="DreamCache/loaders",
-            description="Loads a DreamCache adapter (the pack's .safetensors or the reference .pt) from "
-                        "models/dreamcache. "
+            description="Loads a DreamCache adapter "
+                        "(the pack's .safetensors or the reference .pt) from models/dreamcache. "
                         "Every key is checked; the layers it patches come from the file.",
             inputs=[
                 ADAPTER_FILE.combo(tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference "

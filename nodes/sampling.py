@@ -31,9 +31,9 @@ class DreamCacheGuider(io.ComfyNode):
             node_id="DreamCacheGuider",
             display_name="DreamCache Guider",
             category="DreamCache/sampling",
-            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; the "
-                        "image condition "
-                        "is switched on and off per branch. Needs the MODEL from ApplyDreamCache.",
+            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; "
+                        "the image condition is switched on and off per branch. "
+                        "Needs the MODEL from ApplyDreamCache.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of ApplyDreamCache."),
                 io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every "

@@ -23,10 +23,9 @@ class DreamCacheSAMLoader(io.ComfyNode):
             node_id="DreamCacheSAMLoader",
             display_name="DreamCache SAM Loader",
             category="DreamCache/loaders",
-            description="Loads a Segment Anything checkpoint from models/sams for SubjectMask. ViT-B, ViT-L or ViT-H "
-                        "is recognised "
-                        "from the weights; the file is read safely (safetensors, or tensors-only .pth) and loaded "
-                        "strictly.",
+            description="Loads a Segment Anything checkpoint from models/sams for SubjectMask. "
+                        "ViT-B, ViT-L or ViT-H is recognised from the weights; the file is read safely "
+                        "(safetensors, or tensors-only .pth) and loaded strictly.",
             inputs=[
                 SAM_FILE.combo(tooltip="SAM checkpoint in ComfyUI/models/sams, e.g. sam_vit_b_01ec64.pth (375 MB, "
                                        "fast) "
@@ -60,10 +59,9 @@ class DreamCacheSubjectMask(io.ComfyNode):
             node_id="DreamCacheSubjectMask",
             display_name="Subject Mask (DreamCache)",
             category="DreamCache/image",
-            description="Cuts the subject out of an ordinary photo and lays it out as DreamCache's reference: alone on "
-                        "white, cropped, "
-                        "centred, about 85% of a square. Finds the subject with SAM (auto, box or points) or takes any "
-                        "MASK; also outputs the mask.",
+            description="Cuts the subject out of an ordinary photo and lays it out as DreamCache's reference: "
+                        "alone on white, cropped, centred, about 85% of a square. "
+                        "Finds the subject with SAM (auto, box or points) or takes any MASK; also outputs the mask.",
             inputs=[
                 io.Image.Input("image", tooltip="The photo(s) of the subject. A batch is processed image by image; an "
                                                 "RGBA image's "
