@@ -26,11 +26,17 @@ from ... import __version__
 from ...core.errors import DreamCacheError
 from ...core.files import read_safetensors
 from ...core.layers import LayerRef
+from .batch import resolve_batch
 
 STATE_FORMAT = "dreamcache.train_state"
 STATE_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("identity", "reference")
+#: Default of ``--dist-timeout``: how long a rank waits in a collective (and at the rendezvous) for the others.
+#: Longer than any legitimate imbalance (rank 0 writing a checkpoint or rendering a preview, the first batches of
+#: a cold file cache), a small fraction of a multi-day run.
+DEFAULT_TIMEOUT_S = 600
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -373,18 +379,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
-    from .parallel import add_arguments
-
-    add_arguments(p)
+    _add_distributed_arguments(p)
     return p
+
+
+def _add_distributed_arguments(parser):
+    g = parser.add_argument_group("several GPUs / machines (start with torchrun; see docs/training-distributed.md)")
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
+        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds a rank waits for the others (rendezvous, each step) (default {DEFAULT_TIMEOUT_S})",
+    )
+    g.add_argument(
+        "--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu"
+    )
+    return parser
 
 
 def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None, world_size: int = 1,
                      saved_world_size: int = 1) -> TrainConfig:
     """``world_size``: ranks of this run; ``saved_world_size``: ranks of the resumed run (its global batch
     ``batch x accumulate x ranks`` is kept, see :func:`dreamcache.apps.train.batch.resolve_batch`)."""
-    from .batch import resolve_batch
-
     resolve_batch(args, saved, world_size, saved_world_size)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if saved is None:

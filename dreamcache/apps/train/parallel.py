@@ -46,14 +46,10 @@ import torch
 
 from ...core.errors import DreamCacheError
 from ..launcher import launch_from_env
+from .config import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-#: Default of ``--dist-timeout``: how long a rank waits in a collective (and at the rendezvous) for the others.
-#: Longer than any legitimate imbalance (rank 0 writing a checkpoint or rendering a preview, the first batches of
-#: a cold file cache), a small fraction of a multi-day run.
-DEFAULT_TIMEOUT_S = 600
-BACKENDS = ("auto", "nccl", "gloo")
 
 #: status codes a rank puts in the step's all-reduce
 OK, FAILED_OOM, FAILED_ERROR = 0, 1, 2
@@ -381,27 +377,6 @@ class RankPositionSampler(torch.utils.data.Sampler):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setting up a rank
-
-
-def add_arguments(parser):
-    g = parser.add_argument_group("several GPUs / machines (start with torchrun; see docs/training-distributed.md)")
-    g.add_argument(
-        "--global-batch",
-        type=int,
-        default=None,
-        help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
-        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.",
-    )
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"seconds a rank waits for the others (rendezvous, each step) (default {DEFAULT_TIMEOUT_S})",
-    )
-    g.add_argument(
-        "--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu"
-    )
-    return parser
 
 
 def setup(device: str = "auto", backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
