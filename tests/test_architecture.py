@@ -236,3 +236,19 @@ def test_command_lines_still_answer_help(module, prog):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: {prog}"), r.stdout[:200]
+
+
+def test_every_module_is_in_the_architecture_page():
+    """docs/architecture.md lists every module of the pack (as `core/patch.py` or `nodes/apply.py`) and every
+    application folder of the room rule, so a new module cannot go undocumented."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for f in sorted((ROOT / "dreamcache").rglob("*.py")) + sorted((ROOT / "nodes").rglob("*.py")):
+        if f.name == "__init__.py":
+            continue
+        rel = f.relative_to(ROOT).as_posix()
+        if f"`{rel}`" not in text and f"`{rel.removeprefix('dreamcache/')}`" not in text:
+            missing.append(rel)
+    assert missing == [], f"docs/architecture.md does not mention {missing}"
+    for room in import_graph.APPS_ROOMS:
+        assert f"`apps/{room}/" in text, room

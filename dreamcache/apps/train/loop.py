@@ -6,7 +6,8 @@ seeded by ``(seed, p)``, so batch 4 equals 2 x accumulate 2 and a resumed run co
 1. target and reference pictures -> VAE -> ``process_latent_in`` (no grad);
 2. the cache, under no_grad: the reference latent noised at DDPM t=1 (sigma_1 = ``model_sampling.sigma(1)``),
    context = the encoded empty prompt, adapters off; the inputs of the adapter layers' SpatialTransformers are
-   captured (:func:`dreamcache.capture.run_and_capture`) and the pass stops there; per-image (reference i for target i);
+   captured (:func:`dreamcache.core.capture.run_and_capture`) and the pass stops there; per-image (reference i
+   for target i);
 3. t uniform in {0..999}, sigma_t = ``model_sampling.sigma(t)``, x = z + sigma_t * eps, and the U-Net is called
    directly on ``calculate_input(sigma_t, x)`` at ``timestep(sigma_t)`` with the caption's context (dropped to ""
    with p 0.07) and, for SDXL, the ``y`` vector; the DreamCache patch runs in trainable mode (autograd through

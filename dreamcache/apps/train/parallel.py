@@ -1,4 +1,4 @@
-"""Data-parallel training and sharded synthesis over several processes, GPUs and machines.
+"""Data-parallel training over several processes, GPUs and machines (torchrun): setup, collectives, DataLoader.
 
 Training (``torchrun --nproc_per_node N -m dreamcache.train ...``): torchrun starts one process per rank and tells
 it ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``/``MASTER_PORT``). Each rank owns one
