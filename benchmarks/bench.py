@@ -48,11 +48,12 @@ FAMILIES = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def unet_config(family: str) -> dict:
+def unet_config(family: str, model_channels: int = 320) -> dict:
     f = FAMILIES[family]
     cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
            "legacy": False,
-           "in_channels": 4, "model_channels": 320, "use_temporal_attention": False, "use_temporal_resblock": False,
+           "in_channels": 4, "model_channels": model_channels, "use_temporal_attention": False,
+           "use_temporal_resblock": False,
            "context_dim": f["context_dim"], "use_linear_in_transformer": f["use_linear_in_transformer"],
            "num_heads": f["num_heads"], "num_head_channels": f["num_head_channels"]}
     if family == "sdxl":
@@ -79,13 +80,13 @@ def random_init_(module: torch.nn.Module, seed: int = 0):
             p.zero_()
 
 
-def build_model(family: str, dtype, device):
+def build_model(family: str, dtype, device, model_channels: int = 320):
     import comfy.model_base
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
 
-    cfg = unet_config(family)
+    cfg = unet_config(family, model_channels)
     mc = getattr(sm, FAMILIES[family]["model"])(cfg)
     mc.unet_config = dict(cfg)
     mc.set_inference_dtype(dtype, None)
@@ -251,6 +252,9 @@ def main(argv=None):
                          "DreamCache alike")
     ap.add_argument("--ops", action="store_true",
                     help="also count the aten ops DreamCache adds per patched layer (benchmarks/opcount.py)")
+    ap.add_argument("--model-channels", type=int, default=320,
+                    help="the U-Net's base width (320 in SD1.5/2.1/SDXL); smaller for a quick check of the script, "
+                         "whose sizes and FLOPs scale with it (the test suite uses 32)")
     ap.add_argument("--comfyui")
     ap.add_argument("--out", help="JSON file (default bench_out/<family>_<res>_<device>_<dtype>.json)")
     args = ap.parse_args(argv)
@@ -277,7 +281,7 @@ def main(argv=None):
     device = mm.get_torch_device()
     t_start = time.perf_counter()
     family_core = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}[args.family]
-    model = build_model(args.family, dtype, device)
+    model = build_model(args.family, dtype, device, args.model_channels)
     layers = default_layers(family_core)
     channels = {r: model_channels_at(model, r) for r in layers}
     module = DreamCacheAdapter(channels)
@@ -291,7 +295,7 @@ def main(argv=None):
                           "threads": args.threads,
                           "warmup": args.warmup, "repeats": args.repeats, "torch": torch.__version__,
                           "attention": comfy_attention.optimized_attention.__name__, "mask": args.mask,
-                          "batch": args.batch, "compile": args.compile}}
+                          "batch": args.batch, "compile": args.compile, "model_channels": args.model_channels}}
 
     def single(m):
         g = guidance.PositiveOnlyGuider(m)

@@ -114,7 +114,7 @@ def main(argv=None):
     from bench import build_model
 
     from dreamcache.apps.eval.cli import load_scorers
-    from dreamcache.apps.eval.generate import Generator, Method, SamplingSettings, prepare_reference
+    from dreamcache.apps.eval.generate import Generator, Method, SamplingSettings, load_reference
     from dreamcache.apps.eval.metrics import score_images
     from dreamcache.comfy.model import model_channels_at
     from dreamcache.core.adapter import DreamCacheAdapter
@@ -164,7 +164,7 @@ def main(argv=None):
         return out, time.perf_counter() - t
 
     photo = Path(args.dreambench) / "dog" / "00.jpg"
-    ref, res["reference_seconds"] = timed(lambda: prepare_reference(photo, "dog", "none", args.res))
+    ref, res["reference_seconds"] = timed(lambda: load_reference(photo, "dog", "none", args.res))
     prompt = "a dog in the jungle"
     for name, method in (("dreamcache", Method("random", adapter)), ("baseline", Method("baseline"))):
         times = {}

@@ -1,6 +1,6 @@
-"""``python -m dreamcache``: the pack's command line (dreamcache.apps.cli)."""
+"""``python -m dreamcache``: the pack's command line (dreamcache.apps.run.cli)."""
 import sys
 
-from .apps.cli import main
+from .apps.run.cli import main
 
 sys.exit(main())

@@ -1,13 +1,13 @@
-"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train_cli).
+"""``python -m dreamcache.train``: entry point of the trainer (dreamcache.apps.train.cli).
 
 Imported rather than run (the 0.1 module path), it gives the configuration and state API of
-:mod:`dreamcache.apps.train`, with a DeprecationWarning."""
+:mod:`dreamcache.apps.train.config`, with a DeprecationWarning (:mod:`dreamcache._aliases`)."""
 import sys
 
 try:
-    from .apps.train_cli import main
+    from .apps.train.cli import main
 except ModuleNotFoundError as e:  # e.g. no torch in this Python: one line, not a traceback
-    from .apps.cli import missing_module_message
+    from .apps.commands import missing_module_message
 
     if missing_module_message(e) is None:
         raise
@@ -17,9 +17,6 @@ except ModuleNotFoundError as e:  # e.g. no torch in this Python: one line, not 
 if __name__ == "__main__":
     sys.exit(main())
 else:
-    import warnings
+    from ._aliases import entry_module_imported
 
-    from .apps.train import *  # noqa: F401,F403
-
-    warnings.warn("dreamcache.train moved to dreamcache.apps.train; import it from there.", DeprecationWarning,
-                  stacklevel=2)
+    entry_module_imported(__name__, globals())

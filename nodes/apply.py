@@ -58,11 +58,11 @@ class DreamCacheApply(io.ComfyNode):
             node_id="DreamCacheApply",
             display_name="Apply DreamCache",
             category="DreamCache",
-            description="Patches a copy of the model so its adapter layers cross-attend to the cached subject. The "
-            "input model is "
-            "untouched. Works with any sampler; use DualGuidanceSampler or DreamCacheGuider for separate text and "
-            "image scales. "
-            "An optional mask places the subject; chain several Apply nodes for several subjects.",
+            description="Patches a copy of the model so its adapter layers cross-attend to the cached subject. "
+                        "The input model is untouched. "
+                        "Works with any sampler; "
+                        "use DualGuidanceSampler or DreamCacheGuider for separate text and image scales. "
+                        "An optional mask places the subject; chain several Apply nodes for several subjects.",
             inputs=[*_common_inputs(), io.Mask.Input("mask", optional=True, tooltip=_MASK_TIP)],
             outputs=[io.Model.Output(display_name="model", tooltip="The patched model clone.")],
         )
@@ -81,10 +81,10 @@ class DreamCacheApplyAdvanced(io.ComfyNode):
             node_id="DreamCacheApplyAdvanced",
             display_name="Apply DreamCache (Advanced)",
             category="DreamCache",
-            description="Apply DreamCache with a weight per patched layer: the deep layers (middle, output_4) "
-            "carry more of the "
-            "subject's shape and layout, the shallow ones (output_8, output_10) more of its texture and colour. "
-            "Weight 0 runs that layer's base block exactly.",
+            description="Apply DreamCache with a weight per patched layer: the deep layers "
+                        "(middle, output_4) carry more of the subject's shape and layout, the shallow ones "
+                        "(output_8, output_10) more of its texture and colour. "
+                        "Weight 0 runs that layer's base block exactly.",
             inputs=[
                 *_common_inputs(),
                 io.String.Input(

@@ -21,11 +21,12 @@ class DreamCacheAttentionRecorder(io.ComfyNode):
             node_id="DreamCacheAttentionRecorder",
             display_name="DreamCache Attention Recorder",
             category="DreamCache/inspect",
-            description="Returns a copy of the DreamCache MODEL that records, while sampling, where the generated "
-            "image looks in the "
-            "cached reference at one layer and one step (paper Fig. 5). Sample with its MODEL, then connect the "
-            "attention "
-            "output and the sampler's LATENT to Show DreamCache Attention. The image is the same as without recording.",
+            description="Returns a copy of the DreamCache MODEL that records, while sampling, "
+                        "where the generated image looks in the cached reference at one layer and one step "
+                        "(paper Fig. 5). "
+                        "Sample with its MODEL, "
+                        "then connect the attention output and the sampler's LATENT to Show DreamCache Attention. "
+                        "The image is the same as without recording.",
             inputs=[
                 io.Model.Input(
                     "model",
@@ -75,9 +76,9 @@ class DreamCacheShowAttention(io.ComfyNode):
             node_id="DreamCacheShowAttention",
             display_name="Show DreamCache Attention",
             category="DreamCache/inspect",
-            description="Draws a recording of DreamCache Attention Recorder: over the generated image, how "
-            "strongly each location draws "
-            "on the subject; over the reference, where the chosen point of the generated image looks.",
+            description="Draws a recording of DreamCache Attention Recorder: over the generated image, "
+                        "how strongly each location draws on the subject; over the reference, "
+                        "where the chosen point of the generated image looks.",
             inputs=[
                 Attention.Input("attention", tooltip="The attention output of DreamCache Attention Recorder."),
                 io.Latent.Input(

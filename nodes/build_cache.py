@@ -18,10 +18,10 @@ class DreamCacheBuildFeatureCache(io.ComfyNode):
             node_id="DreamCacheBuildFeatureCache",
             display_name="Build Feature Cache (DreamCache)",
             category="DreamCache",
-            description="Runs the model once on the reference (the subject on white) at timestep 1 with the empty "
-                        "prompt, adapters off, "
-                        "and caches the inputs of the adapter's layers. Do this once per subject; sampling then needs "
-                        "no reference pass.",
+            description="Runs the model once on the reference "
+                        "(the subject on white) at timestep 1 with the empty prompt, adapters off, "
+                        "and caches the inputs of the adapter's layers. "
+                        "Do this once per subject; sampling then needs no reference pass.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model (the one you sample with; LoRAs applied before this "
                                                 "are fine)."),

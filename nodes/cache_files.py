@@ -9,10 +9,12 @@ from comfy_api.latest import io, ui
 from ..dreamcache.core.adapter_io import STORAGE_DTYPES
 from ..dreamcache.core.cache import concat_caches, load_cache, save_cache
 from . import paths
+from .model_files import ModelFile
 from .types import Cache
 from .validation import combo_check
 
-CACHE_HINT = "save it with DreamCacheSave first (or copy the file there) and refresh."
+CACHE_FILE = ModelFile("cache_name", paths.CACHES, "Cache",
+                       "save it with DreamCacheSave first (or copy the file there) and refresh.")
 
 
 class DreamCacheSave(io.ComfyNode):
@@ -22,10 +24,9 @@ class DreamCacheSave(io.ComfyNode):
             node_id="DreamCacheSave",
             display_name="Save DreamCache Cache",
             category="DreamCache/cache",
-            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata (model "
-                        "family, layers, "
-                        "seed, resolution), so the subject is cached once and reused or shared without the reference "
-                        "image.",
+            description="Saves a feature cache to models/dreamcache_caches as .safetensors with its metadata "
+                        "(model family, layers, seed, resolution), "
+                        "so the subject is cached once and reused or shared without the reference image.",
             inputs=[
                 Cache.Input("cache", tooltip="The cache to save."),
                 io.String.Input("filename_prefix", default="subject",
@@ -61,9 +62,8 @@ class DreamCacheLoad(io.ComfyNode):
             display_name="Load DreamCache Cache",
             category="DreamCache/cache",
             description="Loads a saved feature cache from models/dreamcache_caches (its metadata is checked).",
-            inputs=[io.Combo.Input("cache_name", options=folder_paths.get_filename_list(paths.CACHES),
-                                   tooltip="A cache file written by DreamCacheSave, in "
-                                           "ComfyUI/models/dreamcache_caches.")],
+            inputs=[CACHE_FILE.combo(tooltip="A cache file written by DreamCacheSave, in "
+                                             "ComfyUI/models/dreamcache_caches.")],
             outputs=[Cache.Output(display_name="cache", tooltip="The loaded cache, for ApplyDreamCache.")],
         )
 
@@ -73,16 +73,15 @@ class DreamCacheLoad(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        return paths.missing_file_message(paths.CACHES, value, "Cache", CACHE_HINT)
+        return CACHE_FILE.combo_error(name, value)
 
     @classmethod
     def fingerprint_inputs(cls, cache_name):
-        return paths.file_fingerprint(paths.CACHES, cache_name)
+        return CACHE_FILE.fingerprint(cache_name)
 
     @classmethod
     def execute(cls, cache_name) -> io.NodeOutput:
-        return io.NodeOutput(load_cache(paths.resolve_file(paths.CACHES, cache_name, "Cache", CACHE_HINT),
-                                        name=cache_name))
+        return io.NodeOutput(load_cache(CACHE_FILE.path(cache_name), name=cache_name))
 
 
 class DreamCacheCombine(io.ComfyNode):
@@ -92,9 +91,8 @@ class DreamCacheCombine(io.ComfyNode):
             node_id="DreamCacheCombine",
             display_name="Combine DreamCache Caches",
             category="DreamCache/cache",
-            description="Concatenates the references of two caches of the same subject (built with the same model and "
-                        "adapter), "
-                        "so every generated image attends to both.",
+            description="Concatenates the references of two caches of the same subject "
+                        "(built with the same model and adapter), so every generated image attends to both.",
             inputs=[
                 Cache.Input("cache_a", tooltip="First cache."),
                 Cache.Input("cache_b", tooltip="Second cache (same model family, layers and resolution)."),

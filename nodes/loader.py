@@ -1,20 +1,21 @@
 """DreamCacheLoader: pick an adapter file from models/dreamcache and validate it."""
 from __future__ import annotations
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..dreamcache.core.adapter_io import read_adapter
 from ..dreamcache.core.errors import DreamCacheError
 from ..dreamcache.core.layers import FAMILIES
 from . import paths
+from .model_files import ModelFile
 from .types import Adapter
 from .validation import combo_check
 
 FAMILY_CHOICES = ["from file"] + list(FAMILIES)
 
 
-ADAPTER_HINT = "put the adapter there (see the README's model table) and refresh."
+ADAPTER_FILE = ModelFile("adapter_name", paths.ADAPTERS, "Adapter",
+                         "put the adapter there (see the README's model table) and refresh.")
 
 
 class DreamCacheLoader(io.ComfyNode):
@@ -24,12 +25,11 @@ class DreamCacheLoader(io.ComfyNode):
             node_id="DreamCacheLoader",
             display_name="DreamCache Loader",
             category="DreamCache/loaders",
-            description="Loads a DreamCache adapter (the pack's .safetensors or the reference .pt) from "
-                        "models/dreamcache. "
+            description="Loads a DreamCache adapter "
+                        "(the pack's .safetensors or the reference .pt) from models/dreamcache. "
                         "Every key is checked; the layers it patches come from the file.",
             inputs=[
-                io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(paths.ADAPTERS),
-                               tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference "
+                ADAPTER_FILE.combo(tooltip="Adapter file in ComfyUI/models/dreamcache (.safetensors, or the reference "
                                        "cross_attention-199999.pt)."),
                 io.Combo.Input("base_family", options=FAMILY_CHOICES, default="from file", optional=True,
                                tooltip="Model family the adapter was trained for. 'from file' uses the file's "
@@ -47,17 +47,15 @@ class DreamCacheLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        return paths.missing_file_message(paths.ADAPTERS, value, "Adapter",
-                                          ADAPTER_HINT) if name == "adapter_name" else None
+        return ADAPTER_FILE.combo_error(name, value)
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name, base_family="from file"):
-        return paths.file_fingerprint(paths.ADAPTERS, adapter_name, base_family)
+        return ADAPTER_FILE.fingerprint(adapter_name, base_family)
 
     @classmethod
     def execute(cls, adapter_name, base_family="from file") -> io.NodeOutput:
-        adapter = read_adapter(paths.resolve_file(paths.ADAPTERS, adapter_name, "Adapter", ADAPTER_HINT),
-                               name=adapter_name)
+        adapter = read_adapter(ADAPTER_FILE.path(adapter_name), name=adapter_name)
         if base_family != "from file":
             if adapter.family is not None and adapter.family != base_family:
                 raise DreamCacheError(f"Adapter '{adapter_name}' says it was trained for {adapter.family}, not "

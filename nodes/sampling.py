@@ -4,7 +4,8 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..dreamcache.comfy.guidance import MODES, make_guider, sample_dual_guidance
+from ..dreamcache.comfy.guidance import MODES, make_guider
+from ..dreamcache.comfy.pipeline import sample_dual_guidance
 from .validation import combo_check
 
 _TEXT_TIP = "s_T: how strongly the prompt steers the image (like CFG). The reference runs use 7.5."
@@ -30,9 +31,9 @@ class DreamCacheGuider(io.ComfyNode):
             node_id="DreamCacheGuider",
             display_name="DreamCache Guider",
             category="DreamCache/sampling",
-            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; the "
-                        "image condition "
-                        "is switched on and off per branch. Needs the MODEL from ApplyDreamCache.",
+            description="A GUIDER for SamplerCustomAdvanced with DreamCache's combined text and image guidance; "
+                        "the image condition is switched on and off per branch. "
+                        "Needs the MODEL from ApplyDreamCache.",
             inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of ApplyDreamCache."),
                 io.Conditioning.Input("positive", tooltip="The prompt (ControlNets attached here apply to every "

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from functools import partial
 
-import folder_paths
 from comfy_api.latest import io
 
 from ..dreamcache.comfy import sam as sam_glue
 from ..dreamcache.core import subject
 from . import paths
+from .model_files import ModelFile
 from .types import Sam
 from .validation import combo_check
 
-SAM_HINT = "put it there (see the README's SAM table) and refresh."
+SAM_FILE = ModelFile("sam_name", paths.SAMS, "SAM checkpoint", "put it there (see the README's SAM table) and refresh.")
 
 
 class DreamCacheSAMLoader(io.ComfyNode):
@@ -23,13 +23,11 @@ class DreamCacheSAMLoader(io.ComfyNode):
             node_id="DreamCacheSAMLoader",
             display_name="DreamCache SAM Loader",
             category="DreamCache/loaders",
-            description="Loads a Segment Anything checkpoint from models/sams for SubjectMask. ViT-B, ViT-L or ViT-H "
-                        "is recognised "
-                        "from the weights; the file is read safely (safetensors, or tensors-only .pth) and loaded "
-                        "strictly.",
+            description="Loads a Segment Anything checkpoint from models/sams for SubjectMask. "
+                        "ViT-B, ViT-L or ViT-H is recognised from the weights; the file is read safely "
+                        "(safetensors, or tensors-only .pth) and loaded strictly.",
             inputs=[
-                io.Combo.Input("sam_name", options=folder_paths.get_filename_list(paths.SAMS),
-                               tooltip="SAM checkpoint in ComfyUI/models/sams, e.g. sam_vit_b_01ec64.pth (375 MB, "
+                SAM_FILE.combo(tooltip="SAM checkpoint in ComfyUI/models/sams, e.g. sam_vit_b_01ec64.pth (375 MB, "
                                        "fast) "
                                        "or sam_vit_h_4b8939.pth (2.56 GB, best edges)."),
             ],
@@ -43,16 +41,15 @@ class DreamCacheSAMLoader(io.ComfyNode):
 
     @classmethod
     def combo_error(cls, name, value):
-        return paths.missing_file_message(paths.SAMS, value, "SAM checkpoint", SAM_HINT)
+        return SAM_FILE.combo_error(name, value)
 
     @classmethod
     def fingerprint_inputs(cls, sam_name):
-        return paths.file_fingerprint(paths.SAMS, sam_name)
+        return SAM_FILE.fingerprint(sam_name)
 
     @classmethod
     def execute(cls, sam_name) -> io.NodeOutput:
-        return io.NodeOutput(sam_glue.load_sam_model(paths.resolve_file(paths.SAMS, sam_name, "SAM checkpoint",
-                                                                        SAM_HINT), sam_name))
+        return io.NodeOutput(sam_glue.load_sam_model(SAM_FILE.path(sam_name), sam_name))
 
 
 class DreamCacheSubjectMask(io.ComfyNode):
@@ -62,10 +59,9 @@ class DreamCacheSubjectMask(io.ComfyNode):
             node_id="DreamCacheSubjectMask",
             display_name="Subject Mask (DreamCache)",
             category="DreamCache/image",
-            description="Cuts the subject out of an ordinary photo and lays it out as DreamCache's reference: alone on "
-                        "white, cropped, "
-                        "centred, about 85% of a square. Finds the subject with SAM (auto, box or points) or takes any "
-                        "MASK; also outputs the mask.",
+            description="Cuts the subject out of an ordinary photo and lays it out as DreamCache's reference: "
+                        "alone on white, cropped, centred, about 85% of a square. "
+                        "Finds the subject with SAM (auto, box or points) or takes any MASK; also outputs the mask.",
             inputs=[
                 io.Image.Input("image", tooltip="The photo(s) of the subject. A batch is processed image by image; an "
                                                 "RGBA image's "
@@ -151,6 +147,7 @@ class DreamCacheSubjectMask(io.ComfyNode):
                                                       box_width, box_height,
                                                       positive_points, negative_points)
             segment = partial(sam_glue.segment, sam, mode=prompt_mode, box=box, points=points, labels=labels)
-        probs = subject.subject_probabilities(images, prompt_mode, mask=mask, invert_mask=invert_mask, segment=segment)
-        masks = subject.refine_masks(probs, threshold, grow, feather)
-        return io.NodeOutput(subject.make_reference(images, masks, layout, size, background), masks)
+        return io.NodeOutput(*subject.subject_reference(images, prompt_mode, mask=mask, invert_mask=invert_mask,
+                                                        segment=segment, threshold=threshold, grow=grow,
+                                                        feather=feather, layout=layout, size=size,
+                                                        background=background))

@@ -88,7 +88,8 @@ def run_rank(spec: dict, models=None):
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec["timeout"]))
     _audit(spec["watch"])
 
-    from dreamcache.apps import train_cli, trainer
+    from dreamcache.apps.train import cli as train_cli
+    from dreamcache.apps.train import loop as trainer
     from dreamcache.comfy import loading
 
     models = [models] if models is not None else []

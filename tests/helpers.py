@@ -126,3 +126,14 @@ def prompt_executor(server):
     if "cache_args" in params:
         return execution.PromptExecutor(server, cache_type=False, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     return execution.PromptExecutor(server)
+
+
+def is_picture(path) -> bool:
+    """A saved image that shows something: not one flat colour (a NaN latent decodes to NaN pixels, which SaveImage
+    writes as a flat black image) and not nearly so."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float64)
+    return bool(np.isfinite(pixels).all() and pixels.std() > 2.0)

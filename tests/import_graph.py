@@ -5,7 +5,12 @@ Modules are named as ComfyUI loads the pack: the repository root is a package (n
 ``dreamcache.core.x``. An absolute ``import nodes`` is ComfyUI's own ``nodes`` module, never the pack's package.
 Every import counts, also those inside functions (lazy imports) and under ``if``/``try``.
 
-``check(root)`` returns one line per problem: an import that crosses a layer the wrong way, or an import cycle.
+Inside ``dreamcache.apps`` every application has its folder (a "room", :data:`APPS_ROOMS`); a room imports only
+the rooms below it and the shared modules directly in ``apps/``, which import no room. And no import takes a private
+name (``_x``) from another folder.
+
+``check(root)`` returns one line per problem: an import that crosses a layer or room the wrong way, a private name
+taken from another folder, or an import cycle.
 """
 from __future__ import annotations
 
@@ -30,6 +35,16 @@ RULES = (
     ("nodes", ("dreamcache.apps",), True),
 )
 
+#: The applications' folders in ``dreamcache/apps``, each with the rooms it may import (train -> eval -> data;
+#: run stands alone). Modules directly in ``apps/`` (commands, launcher, progress) are shared and import no room.
+APPS = "dreamcache.apps"
+APPS_ROOMS = {
+    "data": (),
+    "eval": ("data",),
+    "train": ("eval", "data"),
+    "run": (),
+}
+
 
 @dataclass(frozen=True)
 class Import:
@@ -39,6 +54,7 @@ class Import:
     lazy: bool  # inside a function
     external: bool  # not a module of the pack
     implied: bool = False  # a package that runs first because a module inside it is imported
+    names: tuple[str, ...] = ()  # the names a ``from ... import`` takes from ``target`` (not submodules)
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -84,7 +100,7 @@ class _Collector(ast.NodeVisitor):
 
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
 
-    def _add(self, target: str, node, explicit: bool = True):
+    def _add(self, target: str, node, explicit: bool = True, names: tuple[str, ...] = ()):
         if target in self.modules:
             # importing a.b.c runs a and a.b first, unless they are packages the importer itself lives in
             own = set(_ancestors(self.name)) | {"", self.name}
@@ -92,7 +108,7 @@ class _Collector(ast.NodeVisitor):
                 if anc in self.modules and anc not in own:
                     self.found.append(Import(self.name, anc, node.lineno, self.depth > 0, False, implied=True))
             if explicit and target != self.name:
-                self.found.append(Import(self.name, target, node.lineno, self.depth > 0, False))
+                self.found.append(Import(self.name, target, node.lineno, self.depth > 0, False, names=names))
         else:  # a module of the pack's packages that does not exist
             raise ValueError(f"{self.modules[self.name]}:{node.lineno}: '{target}' is no module of the pack")
 
@@ -128,7 +144,8 @@ class _Collector(ast.NodeVisitor):
         for s in hit:
             self._add(s, node)
         if len(hit) < len(subs) and base != "":
-            self._add(base, node)  # names that are not submodules are attributes of `base` itself
+            # names that are not submodules are attributes of `base` itself
+            self._add(base, node, names=tuple(a.name for a, s in zip(node.names, subs) if s not in self.modules))
 
 
 def imports(root: str | Path) -> list[Import]:
@@ -155,6 +172,49 @@ def layer_violations(found: list[Import]) -> list[str]:
             elif imp.external and not comfy_ok and imp.target in COMFYUI_MODULES:
                 problems.append(f"{_show(imp.source)}:{imp.line} {how}imports ComfyUI's '{imp.target}', which {layer} "
                                 "must not import")
+    return problems
+
+
+def _room(module: str) -> str | None:
+    """The application folder of a module inside ``dreamcache.apps`` (``"train"``), ``""`` for a shared module
+    directly in ``apps/`` (or the package itself), None outside ``apps``."""
+    if not _within(module, APPS):
+        return None
+    rest = module[len(APPS) + 1:].split(".")
+    return rest[0] if rest[0] in APPS_ROOMS else ""
+
+
+def room_violations(found: list[Import]) -> list[str]:
+    """Imports between the applications' folders that go the wrong way (see :data:`APPS_ROOMS`)."""
+    problems = []
+    for imp in (i for i in found if not i.implied and not i.external):
+        src, dst = _room(imp.source), _room(imp.target)
+        if src is None or dst is None or dst == "" or dst == src:
+            continue
+        allowed = APPS_ROOMS.get(src, ())
+        if dst not in allowed:
+            who = f"the shared module {imp.source}" if src == "" else f"apps/{src}"
+            how = "lazily " if imp.lazy else ""
+            may = ", ".join("apps/" + r for r in allowed) or "shared modules"
+            problems.append(f"{_show(imp.source)}:{imp.line} {how}imports {imp.target}: {who} must not import "
+                            f"apps/{dst} (it may import {may})")
+    return problems
+
+
+def _folder(module: str, packages: set[str]) -> str:
+    """The folder a module lives in (a package is its own folder)."""
+    return module if module in packages else module.rpartition(".")[0]
+
+
+def private_name_violations(found: list[Import], packages: set[str]) -> list[str]:
+    """``from <module in another folder> import _name``: a private name is its folder's own business."""
+    problems = []
+    for imp in (i for i in found if not i.external and i.names):
+        src_folder, dst_folder = _folder(imp.source, packages), _folder(imp.target, packages)
+        for name in imp.names:
+            if name.startswith("_") and not name.startswith("__") and src_folder != dst_folder:
+                problems.append(f"{_show(imp.source)}:{imp.line} imports the private name {name} from {imp.target}, "
+                                "another folder; make it public in its right home")
     return problems
 
 
@@ -219,7 +279,8 @@ def _cycle_through(start: str, graph: dict[str, set[str]], comp: set[str]) -> li
 def check(root: str | Path) -> list[str]:
     """Every layering violation and every import cycle of the pack under ``root`` (empty when it is clean)."""
     found = imports(root)
-    problems = layer_violations(found)
+    packages = {n for n, f in pack_modules(root).items() if f.name == "__init__.py"}
+    problems = layer_violations(found) + room_violations(found) + private_name_violations(found, packages)
     for cyc in cycles(found):
         problems.append("import cycle: " + " -> ".join(_show(m) for m in cyc))
     return problems

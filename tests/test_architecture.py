@@ -5,6 +5,7 @@ Static checks (``import_graph``: the source is parsed, nothing imported), so the
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,53 @@ def test_the_checker_reports_every_planted_violation(tmp_path):
         "import cycle: dreamcache.comfy.glue -> dreamcache.core.method -> dreamcache.comfy.glue"]
 
 
+ROOMS = {
+    "dreamcache/apps/progress.py": "def bar():\n    pass\n",
+    "dreamcache/apps/data/__init__.py": "from ..progress import bar\n",
+    "dreamcache/apps/data/layout.py": "def _read():\n    pass\n",
+    "dreamcache/apps/eval/__init__.py": "",
+    "dreamcache/apps/eval/generate.py": "from ..data import layout\n",
+    "dreamcache/apps/train/__init__.py": "",
+    "dreamcache/apps/train/loop.py": "from ..eval import generate\nfrom ..data.layout import bar\n",
+    "dreamcache/apps/run/__init__.py": "",
+    "dreamcache/apps/run/cli.py": "from ..progress import bar\n",
+}
+
+
+def test_the_applications_rooms_import_one_way(tmp_path):
+    """Inside apps the allowed directions pass (train -> eval -> data, every room -> shared modules)."""
+    _tree(tmp_path, {**CLEAN, **ROOMS})
+    assert import_graph.check(tmp_path) == []
+
+
+def test_the_checker_reports_rooms_imported_the_wrong_way_and_private_names(tmp_path):
+    """The room rule can fail: data -> eval (upward, lazily), eval -> train (upward), run -> train (run stands
+    alone), a shared module -> a room, and a private name taken from another folder are each reported."""
+    _tree(tmp_path, {
+        **CLEAN, **ROOMS,
+        "dreamcache/apps/data/layout.py": "def _read():\n    from ..eval import generate\n",
+        "dreamcache/apps/eval/generate.py": "from ..data.layout import _read\nfrom ..train import loop\n",
+        "dreamcache/apps/run/cli.py": "from ..train.loop import x\n",
+        "dreamcache/apps/progress.py": "from .data import layout\n",
+    })
+    problems = import_graph.check(tmp_path)
+    expected = [
+        "dreamcache.apps.data.layout:2 lazily imports dreamcache.apps.eval.generate: apps/data must not import "
+        "apps/eval (it may import shared modules)",
+        "dreamcache.apps.eval.generate:2 imports dreamcache.apps.train.loop: apps/eval must not import apps/train "
+        "(it may import apps/data)",
+        "dreamcache.apps.run.cli:1 imports dreamcache.apps.train.loop: apps/run must not import apps/train "
+        "(it may import shared modules)",
+        "dreamcache.apps.progress:1 imports dreamcache.apps.data.layout: the shared module dreamcache.apps.progress "
+        "must not import apps/data (it may import shared modules)",
+        "dreamcache.apps.eval.generate:1 imports the private name _read from dreamcache.apps.data.layout, another "
+        "folder; make it public in its right home",
+    ]
+    for line in expected:
+        assert line in problems, (line, problems)
+    assert all(p in expected or p.startswith("import cycle:") for p in problems), problems
+
+
 def test_an_absolute_nodes_import_in_the_core_is_comfyui(tmp_path):
     """``import nodes`` means ComfyUI's nodes.py (the pack's own package is only reachable relatively)."""
     _tree(tmp_path, {**CLEAN, "dreamcache/core/method.py": "def f():\n    import nodes\n"})
@@ -101,13 +149,15 @@ def test_the_list_of_comfyui_modules_is_complete():
 
 
 def test_old_module_paths_give_the_new_modules():
-    """Users' scripts that import the 0.1 paths (``dreamcache.patch``, ...) get the very new module, with a
-    DeprecationWarning naming where it moved."""
+    """Users' scripts that import the 0.1 paths (``dreamcache.patch``, ...) or the single-room apps paths
+    (``dreamcache.apps.trainer``, ...) get the very new module, with a DeprecationWarning naming where it moved and
+    the release that removes the old path."""
     from dreamcache import _aliases
 
-    for old, new in _aliases.MOVED.items():
+    for old, (new, release) in _aliases.MOVED.items():
         sys.modules.pop(f"dreamcache.{old}", None)
-        with pytest.warns(DeprecationWarning, match=f"dreamcache.{old} moved to dreamcache.{new}"):
+        with pytest.warns(DeprecationWarning,
+                          match=rf"dreamcache.{old} moved to dreamcache.{new}; .* goes in release {release}"):
             mod = importlib.import_module(f"dreamcache.{old}")
         assert mod is importlib.import_module(f"dreamcache.{new}"), old
     sys.modules.pop("dreamcache.patch", None)
@@ -118,11 +168,42 @@ def test_old_module_paths_give_the_new_modules():
     assert old_patch is new_patch and old_patch.DreamCachePatch is new_patch.DreamCachePatch
 
 
+def test_a_module_that_became_a_package_still_gives_its_names():
+    """``from dreamcache.apps.train import TrainConfig`` (the module before one folder per application) still gives
+    the class, now in dreamcache.apps.train.config, with a DeprecationWarning naming the removal release; the
+    package's own submodules and unknown names are untouched."""
+    import dreamcache.apps.train as pkg
+    from dreamcache import _aliases
+    from dreamcache.apps.train import config
+
+    release = _aliases.MOVED_NAMES["apps.train"][1]
+    with pytest.warns(DeprecationWarning, match=f"dreamcache.apps.train.TrainConfig moved to "
+                                                f"dreamcache.apps.train.config.TrainConfig; .* release {release}"):
+        assert pkg.TrainConfig is config.TrainConfig
+    with pytest.raises(AttributeError):
+        pkg.no_such_name  # noqa: B018
+    with pytest.raises(AttributeError):
+        pkg._private  # noqa: B018
+
+
+def test_every_shim_names_a_release():
+    """Compatibility shims live in dreamcache/_aliases.py only, each with the release that removes it."""
+    from dreamcache import _aliases
+
+    for table in (_aliases.MOVED, _aliases.MOVED_NAMES, _aliases.ENTRY_MODULES):
+        for old, (new, release) in table.items():
+            assert release.count(".") == 2 and all(p.isdigit() for p in release.split(".")), (old, release)
+    warns = re.compile(r"DeprecationWarning,\s*stacklevel|category=DeprecationWarning")
+    shims = [p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "dreamcache").rglob("*.py"))
+             if warns.search(p.read_text(encoding="utf-8"))]
+    assert shims == ["dreamcache/_aliases.py"], shims
+
+
 def test_the_old_data_and_train_modules_still_import():
     """``dreamcache.data`` and ``dreamcache.train`` are command entry points now; imported (0.1 scripts), they still
     give the library they held, with a DeprecationWarning."""
     code = ("import warnings; warnings.simplefilter('always'); "
-            "import dreamcache.apps.data as new_data, dreamcache.apps.train as new_train\n"
+            "import dreamcache.apps.data as new_data, dreamcache.apps.train.config as new_train\n"
             "with warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    import dreamcache.data as d, dreamcache.train as t\n"
@@ -131,13 +212,15 @@ def test_the_old_data_and_train_modules_still_import():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "dreamcache.data moved to dreamcache.apps.data" in r.stdout
-    assert "dreamcache.train moved to dreamcache.apps.train" in r.stdout
+    assert "dreamcache.train moved to dreamcache.apps.train.config" in r.stdout
 
 
 def test_new_paths_import_without_warnings():
     """The pack's own imports use the new paths: importing the applications warns about nothing."""
     code = ("import warnings; warnings.simplefilter('error', DeprecationWarning); "
-            "import dreamcache.apps.cli, dreamcache.apps.data.cli, dreamcache.apps.train_cli, dreamcache.apps.runner")
+            "import dreamcache.apps.run.cli, dreamcache.apps.data.cli, dreamcache.apps.train.cli, "
+            "dreamcache.apps.run.runner, dreamcache.apps.eval.cli, dreamcache.apps.train.config, "
+            "dreamcache.apps.train.batch, dreamcache.apps.data.sharding")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
 
@@ -153,3 +236,19 @@ def test_command_lines_still_answer_help(module, prog):
     r = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"usage: {prog}"), r.stdout[:200]
+
+
+def test_every_module_is_in_the_architecture_page():
+    """docs/architecture.md lists every module of the pack (as `core/patch.py` or `nodes/apply.py`) and every
+    application folder of the room rule, so a new module cannot go undocumented."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    missing = []
+    for f in sorted((ROOT / "dreamcache").rglob("*.py")) + sorted((ROOT / "nodes").rglob("*.py")):
+        if f.name == "__init__.py":
+            continue
+        rel = f.relative_to(ROOT).as_posix()
+        if f"`{rel}`" not in text and f"`{rel.removeprefix('dreamcache/')}`" not in text:
+            missing.append(rel)
+    assert missing == [], f"docs/architecture.md does not mention {missing}"
+    for room in import_graph.APPS_ROOMS:
+        assert f"`apps/{room}/" in text, room

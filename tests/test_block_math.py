@@ -26,8 +26,9 @@ from dreamcache.core.block import (
 )
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
+from dreamcache.core.hooks import PLAN_OPTION, SWITCH_KEY
 from dreamcache.core.layers import LayerRef
-from dreamcache.core.patch import PLAN_KEY, SWITCH_KEY, DreamCachePatch, PatchEntry
+from dreamcache.core.patch import DreamCachePatch, PatchEntry
 
 C, HEADS, CTX = 32, 4, 24
 REF = LayerRef("output_blocks.4.1")
@@ -313,7 +314,7 @@ def test_hooks_without_the_wrapper_still_compute_correctly():
     with_wrapper = {}
 
     def ex(x, *args, **kw):
-        with_wrapper["plan"] = args[4][PLAN_KEY]
+        with_wrapper["plan"] = args[4][PLAN_OPTION]
         return x
 
     patch.wrapper(ex, x, None, text, None, None, {})
@@ -427,3 +428,19 @@ def test_non_contiguous_image_rows_use_the_gather_path():
     full = host_block(patch, x, text, bsd, {})
     base = host_block(patch, x, text, bsd, {"patches": {}})
     assert torch.equal(got[1], base[1]) and (got[[0, 2]] - full[[0, 2]]).abs().max().item() < 1e-5
+
+
+def test_the_combined_guidance_formula_is_the_oracles():
+    """core.guidance.combined_guidance (what the guider computes, given ComfyUI's text term) is the method's formula
+    e(∅,∅) + s_I·(e(c_I,∅) − e(∅,∅)) + s_T·(e(c_I,c_T) − e(c_I,∅)), written independently in tests/oracle.py; handing
+    it the plain text term changes nothing."""
+    from dreamcache.core.guidance import combined_guidance
+
+    g = torch.Generator().manual_seed(7)
+    e_00, e_i0, e_it = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    for s_i, s_t in ((5.0, 7.5), (0.4, 7.5), (0.0, 1.0), (1.0, 0.0)):
+        want = oracle.combined_guidance(e_00, e_i0, e_it, s_i, s_t)
+        torch.testing.assert_close(combined_guidance(e_00, e_i0, e_it, s_i, s_t), want, rtol=1e-12, atol=1e-12)
+        text = e_i0 + s_t * (e_it - e_i0)
+        torch.testing.assert_close(combined_guidance(e_00, e_i0, e_it, s_i, s_t, text_guided=text), want,
+                                   rtol=1e-12, atol=1e-12)

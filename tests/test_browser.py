@@ -44,7 +44,7 @@ def page(comfy, tmp_path_factory):
     from cdp import Browser
     from screenshot_workflows import open_comfy, prepare_base
 
-    from dreamcache.apps.comfy_client import ComfyServer
+    from dreamcache.apps.run.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("browser_base")
     workflows = [json.loads(p.read_text()) for p in WORKFLOWS]

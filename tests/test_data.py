@@ -11,8 +11,8 @@ from PIL import Image
 from synthetic_data import make_dataset
 
 from dreamcache.apps import data as D
-from dreamcache.apps import train as T
 from dreamcache.apps.data import cli as DC
+from dreamcache.apps.train import config as T
 from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.errors import DreamCacheError
 from dreamcache.core.layers import SD_LAYERS

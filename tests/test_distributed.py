@@ -35,7 +35,11 @@ TOL = 1e-6
 
 
 def test_rank_positions_split_every_global_batch_of_the_single_process_order():
-    from dreamcache.apps.distributed import rank_positions
+    from dreamcache.apps.train.parallel import RankPositionSampler
+
+    def rank_positions(start, rank, world_size, batch_size, micro_batches):
+        it = iter(RankPositionSampler(start, rank, world_size, batch_size))
+        return [[next(it) for _ in range(batch_size)] for _ in range(micro_batches)]
 
     world, batch, accumulate, steps = 2, 2, 3, 4
     g = world * batch * accumulate
@@ -54,8 +58,8 @@ def _ns(**kw):
 
 
 def test_global_batch_is_kept_across_world_sizes_and_must_split():
-    from dreamcache.apps.distributed import resolve_batch
-    from dreamcache.apps.train import TrainConfig
+    from dreamcache.apps.train.batch import resolve_batch
+    from dreamcache.apps.train.config import TrainConfig
     from dreamcache.core.errors import DreamCacheError
 
     saved = TrainConfig(batch_size=2, accumulate=1)  # saved by 2 ranks: global batch 4
@@ -92,7 +96,7 @@ def test_global_batch_is_kept_across_world_sizes_and_must_split():
 def test_setup_errors_name_the_rank(monkeypatch):
     import torch.distributed as dist
 
-    from dreamcache.apps import distributed
+    from dreamcache.apps.train import parallel as distributed
     from dreamcache.core.errors import DreamCacheError
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -226,7 +230,7 @@ def _csv(path):
 
 
 def _train_in_process(monkeypatch, models, argv):
-    from dreamcache.apps import train_cli
+    from dreamcache.apps.train import cli as train_cli
     from dreamcache.comfy import loading
 
     monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: models)
@@ -315,7 +319,7 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
             assert float(r[k]) > 0
         assert r["peak_gpu_mib"] == "" and r["rank1_peak_gpu_mib"] == ""  # CPU ranks: no GPU memory
     assert "peak_gpu_mib" in rows_ref[0] and "rank0_images_per_second" not in rows_ref[0]
-    from dreamcache.apps.train import load_state
+    from dreamcache.apps.train.config import load_state
 
     st = load_state(str(two.parent / "a-step000001.state.safetensors"))
     assert (st.extra["world_size"], st.extra["global_batch"], st.extra["positions_consumed"]) == (2, 4, 4)
@@ -358,7 +362,7 @@ def test_two_ranks_equal_one_process_resume_across_world_sizes_and_failures(comf
 def test_cli_flags_and_plain_resume_with_another_split(tmp_path):
     """The CLI knows the distributed options; a single-process resume may change batch x accumulate but not the
     global batch (before this, any change of --batch-size was refused)."""
-    from dreamcache.apps import train as T
+    from dreamcache.apps.train import config as T
     from dreamcache.core.errors import DreamCacheError
 
     help_text = T.build_parser().format_help()
@@ -414,9 +418,9 @@ def _items(root: Path) -> dict:
 
 def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path, monkeypatch, capsys):
     from dreamcache.apps import data as D
-    from dreamcache.apps import synth
     from dreamcache.apps.data import cli as DC
-    from dreamcache.apps.distributed import synth_shard
+    from dreamcache.apps.data import synth
+    from dreamcache.apps.data.sharding import synth_shard
     from dreamcache.core.errors import DreamCacheError
 
     calls = []
@@ -482,8 +486,8 @@ def test_sharded_synthesis_equals_the_unsharded_run_and_resumes(comfy, tmp_path,
 
 
 def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
-    from dreamcache.apps import synth
     from dreamcache.apps.data import cli as DC
+    from dreamcache.apps.data import synth
     from dreamcache.comfy import loading
 
     calls = []
@@ -522,8 +526,8 @@ def test_synth_cli_shard_flag(comfy, tmp_path, monkeypatch, capsys):
 def test_docs_give_the_commands_and_every_option():
     """docs/training-distributed.md has the 1-GPU, 4-GPU and 2-machine commands and explains every option added
     for several processes; the README links it."""
-    from dreamcache.apps import train as T
     from dreamcache.apps.data import cli as DC
+    from dreamcache.apps.train import config as T
 
     text = (ROOT / "docs" / "training-distributed.md").read_text()
     assert "torchrun --standalone --nproc_per_node 4 -m dreamcache.train" in text

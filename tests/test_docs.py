@@ -67,5 +67,23 @@ def test_readme_names_the_model_files_of_the_workflows():
 
 
 def test_changelog_is_dated():
-    log = README.split("## Changelog", 1)[1]
-    assert re.search(r"^### \d+\.\d+\.\d+ — \d{4}-\d{2}-\d{2}$", log, re.M)
+    """The changelog's sections are "Unreleased" (first, at most once) and released versions, each dated with a
+    real ISO date, newest first, the newest being the package's version or older."""
+    import datetime
+
+    import dreamcache
+
+    log = README.split("## Changelog", 1)[1].split("\n## ", 1)[0]
+    heads = re.findall(r"^### (.+)$", log, re.M)
+    assert heads, "the README's changelog has no sections"
+    if heads[0] == "Unreleased":
+        heads = heads[1:]
+    released = []
+    for head in heads:
+        m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+) — (\d{4}-\d{2}-\d{2})", head)
+        assert m, f"changelog section '{head}' is not 'X.Y.Z — YYYY-MM-DD' (or a first 'Unreleased')"
+        released.append((tuple(map(int, m.groups()[:3])), datetime.date.fromisoformat(m.group(4))))
+    assert released, "no released version in the changelog"
+    assert released == sorted(released, reverse=True), "changelog versions and dates must go newest first"
+    assert [d for _, d in released] == sorted((d for _, d in released), reverse=True)
+    assert released[0][0] <= tuple(map(int, dreamcache.__version__.split("."))), dreamcache.__version__

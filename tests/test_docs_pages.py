@@ -50,7 +50,7 @@ def test_every_docs_page_is_linked_from_the_readme():
 
 
 def test_set_examples_name_real_nodes_and_inputs():
-    from dreamcache.apps.workflow import apply_overrides, ui_to_api
+    from dreamcache.apps.run.workflow import apply_overrides, ui_to_api
 
     prompt = ui_to_api(json.loads((ROOT / "workflows" / "dreamcache_basic.json").read_text()), INFO)
     examples = []

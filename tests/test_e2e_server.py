@@ -67,7 +67,7 @@ def make_base_dir(base: Path):
 
 @pytest.fixture(scope="module")
 def server(comfy, tmp_path_factory):
-    from dreamcache.apps.comfy_client import ComfyServer
+    from dreamcache.apps.run.comfy_client import ComfyServer
 
     base = tmp_path_factory.mktemp("comfy_base")
     make_base_dir(base)
@@ -114,7 +114,7 @@ def test_object_info_lists_every_node_with_tooltips(server):
         for section in ("required", "optional"):
             for name, s in spec["input"].get(section, {}).items():
                 assert len(s) > 1 and s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    from dreamcache.apps.workflow import combo_options
+    from dreamcache.apps.run.workflow import combo_options
 
     assert "tiny_sd1.safetensors" in combo_options(info["DreamCacheLoader"]["input"]["required"]["adapter_name"])
 
@@ -128,14 +128,20 @@ def test_help_pages_are_served(server):
 
 
 def test_graph_runs_to_a_saved_image(server):
+    """The whole node graph (Loader -> Build -> Apply -> Dual Guidance Sampler -> VAE Decode -> Save) runs in a real
+    server and saves a picture: not a flat (NaN or black) image."""
+    from helpers import is_picture
+
     pid = server.client.queue(basic_prompt())
     entry = server.client.wait(pid, timeout=600)
     images = entry["outputs"]["11"]["images"]
-    assert images and (server.base / "output" / images[0]["filename"]).is_file()
+    path = server.base / "output" / images[0]["filename"]
+    assert images and path.is_file()
+    assert is_picture(path), f"{path} is flat (a NaN or black image)"
 
 
 def _expect_rejection(server, prompt, *needles):
-    from dreamcache.apps.comfy_client import ServerError
+    from dreamcache.apps.run.comfy_client import ServerError
 
     with pytest.raises(ServerError) as e:
         server.client.queue(prompt)
@@ -156,7 +162,7 @@ def test_missing_adapter_file_is_rejected(server):
 
 
 def test_adapter_model_mismatch_fails_with_the_clear_error(server):
-    from dreamcache.apps.comfy_client import ServerError
+    from dreamcache.apps.run.comfy_client import ServerError
 
     p = basic_prompt(family="sdxl")
     pid = server.client.queue(p)
@@ -205,7 +211,7 @@ PHOTO_WORKFLOWS = {"dreamcache_inpaint", "dreamcache_inpaint_model", "dreamcache
 
 
 def tiny_prompt(workflow: dict, object_info: dict) -> dict:
-    from dreamcache.apps.workflow import ui_to_api
+    from dreamcache.apps.run.workflow import ui_to_api
 
     prompt = ui_to_api(workflow, object_info)
     for node in prompt.values():
@@ -246,7 +252,10 @@ def live_info(server):
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_shipped_workflow_runs(server, live_info, path):
-    """Each shipped workflow, converted through the live /object_info, runs to its outputs."""
+    """Each shipped workflow, converted through the live /object_info, runs to its outputs, and its generated
+    image is a picture (at least one saved image that is not flat: a NaN latent saves as a black square)."""
+    from helpers import is_picture
+
     workflow = json.loads(path.read_text())
     prompt = tiny_prompt(workflow, live_info)
     probes = add_photo_probes(prompt) if path.stem in PHOTO_WORKFLOWS else None
@@ -266,8 +275,9 @@ def test_shipped_workflow_runs(server, live_info, path):
         prompt = tiny_prompt(workflow, info)
         entry = server.client.wait(server.client.queue(prompt), timeout=900)
         saved = [img for out in entry["outputs"].values() for img in out.get("images", [])]
-    assert saved and all((server.base / "output" / img["subfolder"] / img["filename"]).is_file()
-                         for img in saved if img["type"] == "output")
+    files = [server.base / "output" / img["subfolder"] / img["filename"] for img in saved if img["type"] == "output"]
+    assert saved and all(f.is_file() for f in files)
+    assert any(is_picture(f) for f in files), f"{path.stem}: every saved image is flat ({[f.name for f in files]})"
 
 
 def add_photo_probes(prompt: dict) -> dict:

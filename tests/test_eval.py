@@ -70,7 +70,7 @@ def test_protocol_has_the_30_subjects_their_prompts_and_3000_images(proto):
     assert all("{" not in p and "  " not in p for s in proto.subjects for _, p in proto.prompts(s))
     assert all(proto.reference_image(s).name == "00.jpg" for s in proto.subjects)
     items = proto.items(["m"])
-    assert len(items) == proto.image_count() == 3000
+    assert len(items) == 3000  # 30 subjects x 25 prompts x 4 images
     assert len({it.key for it in items}) == len({it.file for it in items}) == 3000
     assert len({it.seed for it in items}) == 3000 and all(0 <= it.seed < 2**53 for it in items)
     assert len(proto.items(["a", "b"])) == 6000
@@ -80,7 +80,7 @@ def test_subsets_and_reference_choice(proto):
     p = P.load_protocol(DREAMBENCH, ["dog", "can"], prompts=[3, 0], images_per_prompt=2, reference="01")
     assert [s.name for s in p.subjects] == ["dog", "can"]
     assert [i for i, _ in p.prompts(p.subjects[0])] == [0, 3]
-    assert p.image_count() == 2 * 2 * 2 and p.reference_image(p.subjects[0]).name == "01.jpg"
+    assert len(p.items(["m"])) == 2 * 2 * 2 and p.reference_image(p.subjects[0]).name == "01.jpg"
     # the same image has the same seed in the full protocol and in a subset
     full = {it.key: it.seed for it in proto.items(["m"])}
     assert all(full[it.key] == it.seed for it in p.items(["m"]))
@@ -293,7 +293,7 @@ def test_missing_metric_model_is_one_clear_sentence(tmp_path, monkeypatch, metri
 def test_real_photos_through_the_reference_preprocessing(tmp_path):
     from PIL import Image
 
-    from dreamcache.apps.eval.generate import prepare_reference
+    from dreamcache.apps.eval.generate import load_reference
 
     photos = sorted(DREAMBENCH.glob("*/*.jpg"))
     assert len(photos) == 60
@@ -309,15 +309,15 @@ def test_real_photos_through_the_reference_preprocessing(tmp_path):
         m[h // 4 : 3 * h // 4, w // 3 : 2 * w // 3] = 255
         (masks / f.parent.name).mkdir(parents=True, exist_ok=True)
         Image.fromarray(m).save(masks / f.parent.name / f"{f.stem}_mask.png")
-        ref = prepare_reference(f, f.parent.name, "files", 512, "train", masks)
+        ref = load_reference(f, f.parent.name, "files", 512, "train", masks)
         assert ref.image.shape == (1, 512, 512, 3) and 0.0 <= float(ref.image.min()) and float(ref.image.max()) <= 1.0
         assert (
             ref.photo.shape == (h, w, 3)
             and ref.mask.shape == (h, w)
             and ref.mask.mean() == pytest.approx(1 / 2 * 1 / 3, abs=0.01)
         )
-        # the training layout (dreamcache.core.layout): the subject's box scaled and centred on a white canvas
-        from dreamcache.core.layout import subject_offset, subject_size
+        # the training layout (dreamcache.core.placement): the subject's box scaled and centred on a white canvas
+        from dreamcache.core.placement import subject_offset, subject_size
 
         bw, bh = w // 3 * 2 - w // 3, h // 4 * 3 - h // 4
         sw, sh = subject_size(bw, bh, 512)
@@ -328,16 +328,16 @@ def test_real_photos_through_the_reference_preprocessing(tmp_path):
         assert bool((img[outside] == 1.0).all()) and x0 > 50
         assert not bool((img[y0 + 2: y0 + sh - 2, x0 + 2: x0 + sw - 2] == 1.0).all(-1).all())
     for f in photos[:3]:
-        none = prepare_reference(f, f.parent.name, "none", 512)
+        none = load_reference(f, f.parent.name, "none", 512)
         assert none.mask is None and none.image.shape[1:3] == none.photo.shape[:2]
     with pytest.raises(DreamCacheError, match="No mask for dog/00.jpg"):
-        prepare_reference(DREAMBENCH / "dog" / "00.jpg", "dog", "files", 512, masks_dir=tmp_path)
+        load_reference(DREAMBENCH / "dog" / "00.jpg", "dog", "files", 512, masks_dir=tmp_path)
 
 
 def test_exif_orientation_is_applied(tmp_path):
     from PIL import Image
 
-    from dreamcache.apps.eval.generate import prepare_reference
+    from dreamcache.apps.eval.generate import load_reference
 
     yy, xx = np.mgrid[0:48, 0:80]
     pixels = np.stack([xx * 3, yy * 5, np.full_like(xx, 128)], -1).astype(np.uint8)  # smooth, so JPEG keeps it
@@ -347,7 +347,7 @@ def test_exif_orientation_is_applied(tmp_path):
     f = tmp_path / "cam" / "00.jpg"
     f.parent.mkdir()
     Image.fromarray(pixels).save(f, exif=exif, quality=98)
-    ref = prepare_reference(f, "cam", "none", 512)
+    ref = load_reference(f, "cam", "none", 512)
     assert ref.photo.shape == (80, 48, 3)  # displayed upright: portrait
     expected = np.rot90(pixels, k=-1)
     assert np.abs(ref.photo.astype(int) - expected.astype(int)).mean() < 3

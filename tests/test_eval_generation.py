@@ -306,10 +306,10 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
     from helpers import run_node
 
     from dreamcache.apps.data import load_mask, load_rgb
-    from dreamcache.apps.eval.generate import to_image, to_uint8
+    from dreamcache.core.image import from_uint8, to_uint8
 
     it = next(i for i in P.load_protocol(DREAMBENCH, ["dog"], 1, 2).items(["tinyadapter"]) if i.image_index == 1)
-    photo = to_image(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
+    photo = from_uint8(load_rgb(DREAMBENCH / "dog" / "00.jpg"))
     mask = torch.from_numpy(load_mask(env.masks / "dog" / "00_mask.png")).float()[None]
     reference, _ = run_node(
         "DreamCacheSubjectMask", image=photo, prompt_mode="mask", mask=mask, layout="train", size=RES
@@ -353,9 +353,9 @@ def test_an_eval_image_is_what_the_nodes_make(unsharded, pack, env):
 def test_trainer_eval_every_scores_into_its_log_and_leaves_training_unchanged(comfy, env, tmp_path):
     from synthetic_data import make_dataset
 
-    from dreamcache.apps.eval.training import eval_dir, eval_log_path
-    from dreamcache.apps.train import TrainConfig, build_parser, config_from_args
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.config import TrainConfig, build_parser, config_from_args
+    from dreamcache.apps.train.evaluation import eval_dir, eval_log_path
+    from dreamcache.apps.train.loop import Trainer
 
     data = make_dataset(tmp_path / "data", objects=2, images=2, size=RES)
     base = dict(

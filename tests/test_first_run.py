@@ -96,7 +96,7 @@ def test_help_needs_no_torch_and_torch_commands_say_use_comfyuis_python(tmp_path
 
 
 def test_dtype_choices_match_the_storage_dtypes():
-    from dreamcache.apps.cli import DTYPE_CHOICES
+    from dreamcache.apps.run.cli import DTYPE_CHOICES
     from dreamcache.core.adapter_io import STORAGE_DTYPES
 
     assert sorted(DTYPE_CHOICES) == sorted(STORAGE_DTYPES)
@@ -141,7 +141,7 @@ def test_info_on_a_reference_pt_hints_at_the_family(golden_path):
 def test_each_refused_nodes_error_is_named_once():
     """ComfyUI 0.3.64 lists a failed validate_inputs once per input the function takes (here sampler_name,
     scheduler, mode: the same message three times) and repeats every error in the top-level details."""
-    from dreamcache.apps.comfy_client import describe_rejection
+    from dreamcache.apps.run.comfy_client import describe_rejection
 
     msg = "sampler_name: 'ddim2' is not one of the choices (euler, ddim)."
     inputs = ("sampler_name", "scheduler", "mode")
@@ -160,7 +160,7 @@ def test_each_refused_nodes_error_is_named_once():
 def test_base_directory_must_hold_this_pack(tmp_path):
     """ComfyUI started with --base-directory loads custom nodes only from BASE/custom_nodes and crashes when it is
     missing: the runner says so in one sentence before starting it, and accepts a base that links the pack."""
-    from dreamcache.apps.runner import PACK_ROOT, check_base_directory
+    from dreamcache.apps.run.runner import PACK_ROOT, check_base_directory
     from dreamcache.core.errors import DreamCacheError
 
     base = tmp_path / "base"
@@ -171,4 +171,4 @@ def test_base_directory_must_hold_this_pack(tmp_path):
         check_base_directory(str(base))
     os.symlink(PACK_ROOT, base / "custom_nodes" / "ComfyUI-DreamCache")
     assert check_base_directory(str(base)) is None
-    assert (Path(PACK_ROOT) / "dreamcache" / "apps" / "runner.py").is_file()
+    assert (Path(PACK_ROOT) / "dreamcache" / "apps" / "run" / "runner.py").is_file()

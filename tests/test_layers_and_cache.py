@@ -15,15 +15,17 @@ from safetensors.torch import save_file
 from dreamcache.core.cache import FeatureCache, concat_caches, from_captures, load_cache, save_cache
 from dreamcache.core.capture import StopPass, capture_inputs, run_and_capture
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.core.image import prepare_reference, to_rgb_on_white
-from dreamcache.core.layers import SD_LAYERS, LayerRef, every_second_decoder_layer, sort_layers
+from dreamcache.core.image import fit_reference, to_rgb_on_white
+from dreamcache.core.layers import SD_LAYERS, LayerRef, sort_layers
 
 
 def test_paper_layers_and_comfy_block_ids():
     assert [r.hook_key for r in SD_LAYERS] == [(("middle", 0), 0), (("output", 4), 0), (("output", 6), 0), (("output",
                                                                                                              8), 0),
                                                (("output", 10), 0)]
-    assert every_second_decoder_layer([f"output_blocks.{i}.1" for i in range(3, 12)]) == SD_LAYERS
+    # the paper's rule: the middle transformer and every second decoder transformer (SD's are output_blocks.3-11)
+    decoder = [f"output_blocks.{i}.1" for i in range(3, 12)]
+    assert SD_LAYERS == (LayerRef("middle_block.1"), *(LayerRef(m) for i, m in enumerate(decoder) if i % 2 == 1))
     assert LayerRef("input_blocks.7.1", 1).hook_key == (("input", 7), 1)
     assert sort_layers([LayerRef("output_blocks.10.1"), LayerRef("middle_block.1"),
                         LayerRef("input_blocks.1.1")])[0].module == "input_blocks.1.1"
@@ -123,20 +125,20 @@ def test_rgb_on_white_handles_alpha_gray_and_channels():
         to_rgb_on_white(torch.zeros(1, 4, 4, 5))
 
 
-def test_prepare_reference_fits():
+def test_fit_reference_fits_the_cache_pass_resolution():
     img = torch.zeros(1, 100, 50, 3)  # black, tall
-    pad = prepare_reference(img, 64, "pad")
+    pad = fit_reference(img, 64, "pad")
     assert pad.shape == (1, 64, 64, 3)
     assert torch.allclose(pad[0, :, :8], torch.ones(64, 8, 3), atol=1e-4)  # white bars left and right
     assert pad[0, 32, 32].max() < 0.01  # subject kept in the centre
-    assert prepare_reference(img, 64, "stretch").max() < 0.01
-    assert prepare_reference(img, 64, "crop").shape == (1, 64, 64, 3)
-    keep = prepare_reference(torch.rand(1, 101, 77, 3), 0)
+    assert fit_reference(img, 64, "stretch").max() < 0.01
+    assert fit_reference(img, 64, "crop").shape == (1, 64, 64, 3)
+    keep = fit_reference(torch.rand(1, 101, 77, 3), 0)
     assert keep.shape == (1, 96, 72, 3)
     with pytest.raises(DreamCacheError, match="at least 64x64"):
-        prepare_reference(torch.rand(1, 60, 60, 3), 0)
+        fit_reference(torch.rand(1, 60, 60, 3), 0)
     with pytest.raises(DreamCacheError, match="multiple of 8"):
-        prepare_reference(img, 100)
+        fit_reference(img, 100)
 
 
 class _Toy(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""One training layout (dreamcache.core.layout) for the data pipeline and for SubjectMask.
+"""One training layout (dreamcache.core.placement) for the data pipeline and for SubjectMask.
 
 Protects: the geometry method.md gives (subject width a fraction of the canvas, aspect kept, height capped at the
 canvas; random placement in training, centred at inference), one bounding-box convention for torch and numpy
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dreamcache.apps.data import augment
-from dreamcache.core import layout, subject
+from dreamcache.core import placement as layout
+from dreamcache.core import subject
 
 
 def test_bounding_box_is_the_same_for_torch_and_numpy_masks():

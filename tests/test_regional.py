@@ -20,9 +20,10 @@ from dreamcache.core.adapter import DreamCacheAdapter
 from dreamcache.core.attention_maps import AttentionRecorder, head_mean_probs, point_map, reference_subject, subject_map
 from dreamcache.core.cache import from_captures
 from dreamcache.core.errors import DreamCacheError
-from dreamcache.core.layers import LayerRef
-from dreamcache.core.patch import SWITCH_KEY, DreamCachePatch, PatchEntry
-from dreamcache.core.regional import layer_name, parse_layer_weights, token_grid
+from dreamcache.core.hooks import SWITCH_KEY
+from dreamcache.core.layers import LayerRef, layer_name
+from dreamcache.core.patch import DreamCachePatch, PatchEntry
+from dreamcache.core.regional import parse_layer_weights, token_grid
 
 H, W = 4, 5  # token grid of the test layer: 20 tokens, as data() makes
 SHAPES = {"original_shape": [2, 4, 8, 10], "activations_shape": [2, C, H, W]}
@@ -292,10 +293,10 @@ N_TOK, M_TOK = H * W, 16
 TARGET = torch.tensor([(7 * n + 3) % M_TOK for n in range(N_TOK)])  # the cache token query n must attend to
 
 
-def pointing_setup():
+def pointing_setup(extra_layers=()):
     """x_n = 8·e_{TARGET[n]}, cache token m = e_m, to_q = to_k = 6·I, norm2_mem the plain LayerNorm: q_n·k_m is large
     only for m = TARGET[n] (in the head holding that channel), so each query's attention peaks at its target."""
-    ad = DreamCacheAdapter({REF: C})
+    ad = DreamCacheAdapter({REF: C, **{ref: C for ref in extra_layers}})
     ad.reset_reference_init(0)
     layer = ad.layer(REF)
     with torch.no_grad():
@@ -305,7 +306,7 @@ def pointing_setup():
         layer.attn_mem.to_k.weight.copy_(6 * torch.eye(C))
     r = torch.zeros(1, C, 4, 4)
     r.view(1, C, M_TOK)[0, torch.arange(M_TOK), torch.arange(M_TOK)] = 1.0
-    entry = PatchEntry(ad, from_captures({REF: r}))
+    entry = PatchEntry(ad, from_captures({REF: r, **{ref: r for ref in extra_layers}}))
     x = torch.zeros(2, N_TOK, C)
     x[0, torch.arange(N_TOK), TARGET] = 8.0
     x[1, torch.arange(N_TOK), (TARGET + 5) % M_TOK] = 8.0
@@ -413,7 +414,14 @@ def test_reference_subject_from_a_white_background():
 
 
 def test_only_the_chosen_layer_is_recorded():
-    entry, x = pointing_setup()
-    rec = AttentionRecorder(LayerRef("middle_block.1"), 0.5)
-    host_mid(DreamCachePatch([entry], recorder=rec), x, block_state())
-    assert rec.records == {}
+    """With an adapter on two layers (output_4 and middle), running the output_4 block records it for a recorder
+    of output_4 and nothing for a recorder of middle: the recorder keeps its own layer, not whichever block runs."""
+    mid = LayerRef("middle_block.1")
+    entry, x = pointing_setup(extra_layers=(mid,))
+    assert set(entry.adapter.layers) == {REF, mid}
+    chosen = AttentionRecorder(REF, 0.5)
+    host_mid(DreamCachePatch([entry], recorder=chosen), x, block_state())
+    assert set(chosen.records) == {0}
+    other = AttentionRecorder(mid, 0.5)
+    host_mid(DreamCachePatch([entry], recorder=other), x, block_state())
+    assert other.records == {}

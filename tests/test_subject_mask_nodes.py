@@ -369,7 +369,7 @@ def test_graph_subject_mask_feeds_build_feature_cache_and_mask_mode_never_loads_
     assert torch.equal(subject_img, expected) and torch.equal(got["mask"], expected_mask)
     # the cache was built from it: its reference is SubjectMask's output fitted to the cache resolution
     assert subject_img.shape == (2, 96, 96, 3) and reference.shape == (2, 64, 64, 3)
-    assert torch.equal(reference, core.core.image.prepare_reference(subject_img, resolution=64, fit="pad"))
+    assert torch.equal(reference, core.core.image.fit_reference(subject_img, resolution=64, fit="pad"))
     assert cache.resolution == (64, 64) and cache.references == 2
     direct_cache, direct_ref = run_node("DreamCacheBuildFeatureCache", model=objects["model"], vae=objects["vae"],
                                         image=subject_img,

@@ -84,7 +84,7 @@ def test_train_layout_keeps_the_aspect_of_a_wide_subject():
 def test_train_layout_of_a_tall_subject_and_a_custom_background():
     img, mask = rect_on_noise(h=90, w=60, x0=10, y0=5, rw=10, rh=80)
     out = subject.make_reference(img, mask, layout="train", size=64, background="0,0,0")
-    # as in training (core.layout): the width would be 85% of the side, but the height is capped at the side
+    # as in training (core.placement): the width would be 85% of the side, but the height is capped at the side
     long_side, short_side = 64, round(64 * 10 / 80)
     box = subject.bounding_box(not_background(out[0], (0.0, 0.0, 0.0)).float())
     assert (box[2] - box[0], box[3] - box[1]) == (short_side, long_side)

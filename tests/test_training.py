@@ -11,6 +11,7 @@ import csv
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from helpers import denoise_once, run_node
@@ -41,7 +42,7 @@ def sd1(comfy):
 
 
 def _config(dataset, out, **kw):
-    from dreamcache.apps.train import TrainConfig
+    from dreamcache.apps.train.config import TrainConfig
 
     base = dict(data=str(dataset), out=str(out), steps=2, batch_size=2, resolution=RES, num_workers=0, progress=False,
                 lr=1e-3,
@@ -51,7 +52,7 @@ def _config(dataset, out, **kw):
 
 
 def _trainer(models, dataset, out, **kw):
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.loop import Trainer
 
     model, clip, vae = models
     return Trainer(model, clip, vae, _config(dataset, out, **kw), checkpoint_name="tiny.safetensors",
@@ -187,8 +188,8 @@ def test_identity_init_is_the_base_model_and_trained_files_work_in_the_nodes(pac
 
 def test_resume_is_bit_identical(sd1, dataset, tmp_path):
     """4 steps straight == 2 steps, then a new process-like trainer resumed from the checkpoint for 2 more."""
-    from dreamcache.apps.train import load_state, log_path
-    from dreamcache.apps.trainer import Trainer
+    from dreamcache.apps.train.config import load_state, log_path
+    from dreamcache.apps.train.loop import Trainer
     from dreamcache.core.adapter_io import read_adapter
 
     straight = _trainer(sd1, dataset, tmp_path / "s" / "a.safetensors", steps=4, init="reference", accumulate=2)
@@ -347,7 +348,7 @@ def test_clear_errors(sd1, dataset, tmp_path, monkeypatch):
 def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
     import json
 
-    from dreamcache.apps import train_cli
+    from dreamcache.apps.train import cli as train_cli
     from dreamcache.comfy import loading
     from dreamcache.core.adapter_io import read_adapter
 
@@ -370,15 +371,40 @@ def test_train_cli_runs_resumes_and_previews(comfy, sd1, dataset, tmp_path, monk
 
     with Image.open(tmp_path / "run" / "tiny-preview-step000003.png") as im:
         assert im.size == (RES, RES)
+        assert np.asarray(im).std() > 1.0  # a picture, not a flat (black NaN) square
     assert train_cli.main(["--resume", str(out), "--lr", "0.5", *common]) == 2
     assert "--lr 0.5" in capsys.readouterr().err
+
+
+def test_the_preview_reference_is_what_subject_mask_makes(pack, dataset):
+    """The trainer's preview prepares its reference on the node's path (SubjectMask in mask mode, train layout at
+    the training resolution), so a preview shows what a user of the nodes would get: the same pixels."""
+    from types import SimpleNamespace
+
+    from helpers import run_node
+
+    from dreamcache.apps.data import load_mask, load_rgb
+    from dreamcache.apps.train.loop import Trainer
+    from dreamcache.core.image import from_uint8
+
+    image = sorted(dataset.rglob("*_generation.png"))[0]
+    mask = image.with_name(image.name.replace("_generation", "_mask"))
+    size = 2 * RES  # not the photo's size: the layout scales
+    cfg = SimpleNamespace(preview_reference=str(image), preview_mask=str(mask), preview_prompt="a thing",
+                          resolution=size)
+    fake = SimpleNamespace(cfg=cfg, data=SimpleNamespace(index=SimpleNamespace(objects=[("o", [None])])))
+    got, prompt = Trainer.preview_inputs(fake)
+    want, _ = run_node("DreamCacheSubjectMask", image=from_uint8(load_rgb(image)), prompt_mode="mask",
+                       mask=torch.from_numpy(load_mask(mask)).float()[None], layout="train", size=size)
+    assert prompt == "a thing" and got.shape == (1, size, size, 3)
+    assert torch.equal(got, want)
 
 
 def test_synth_end_to_end_and_resumable(sd1, tmp_path, monkeypatch, comfy, capsys):
     from dreamcache.apps import data
     from dreamcache.apps.data import SynthSettings, dedupe, validate_dataset
     from dreamcache.apps.data import cli as data_cli
-    from dreamcache.apps.synth import REJECTED, synthesize
+    from dreamcache.apps.data.synth import REJECTED, synthesize
     from dreamcache.comfy import loading
 
     model, clip, vae = sd1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dreamcache.apps.workflow import (
+from dreamcache.apps.run.workflow import (
     WorkflowError,
     apply_overrides,
     check_structure,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamcache.apps.workflow import check_structure, input_specs, ui_to_api, widget_slots
+from dreamcache.apps.run.workflow import check_structure, input_specs, ui_to_api, widget_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))

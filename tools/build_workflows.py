@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dreamcache import __version__  # noqa: E402
-from dreamcache.apps.workflow import input_specs, widget_slots  # noqa: E402
+from dreamcache.apps.run.workflow import input_specs, widget_slots  # noqa: E402
 
 SNAPSHOT = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").read_text())
 INFO = SNAPSHOT["object_info"]

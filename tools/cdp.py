@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 
-from dreamcache.apps.comfy_client import WebSocket, free_port
+from dreamcache.apps.run.comfy_client import WebSocket, free_port
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
 

@@ -21,7 +21,7 @@ from build_workflows import VIEW_SCALE, bounding_box  # noqa: E402
 from cdp import INSPECT_JS, Browser, dismiss_dialogs, load_workflow_js  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dreamcache.apps.comfy_client import ComfyServer  # noqa: E402
+from dreamcache.apps.run.comfy_client import ComfyServer  # noqa: E402
 from dreamcache.comfy.env import find_comfyui  # noqa: E402
 
 

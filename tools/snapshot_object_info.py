@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreamcache.apps.comfy_client import ComfyServer  # noqa: E402
+from dreamcache.apps.run.comfy_client import ComfyServer  # noqa: E402
 from dreamcache.comfy.env import comfyui_version, find_comfyui  # noqa: E402
 
 SNAPSHOT = ROOT / "tests" / "data" / "object_info_snapshot.json"

@@ -1,7 +1,9 @@
-"""ApplyDreamCache: patch a ModelPatcher clone through list patches and a keyed wrapper.
+"""ApplyDreamCache: patch a ModelPatcher clone through list patches and two keyed wrappers (core/hooks.py).
 
 * ``attn1_output_patch`` + ``middle_patch`` (lists: every other pack's patches still run),
-* a keyed ``DIFFUSION_MODEL`` wrapper (nests with other wrappers),
+* a keyed ``DIFFUSION_MODEL`` wrapper that plans the call and orders the hooks, and a keyed ``APPLY_MODEL``
+  wrapper that makes the plan one level up, so a compiled diffusion model gets it as a guarded argument (both nest
+  with other wrappers),
 * the adapter as its own ModelPatcher, returned by the hook's ``models()`` so ComfyUI loads and offloads it
   with the U-Net and accounts its memory. The cache stays on the CPU; its K/V live on the compute device only
   while the model is loaded.

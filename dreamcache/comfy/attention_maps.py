@@ -6,8 +6,8 @@ import torch
 
 from ..core.attention_maps import AttentionRecorder, mark_point, overlay, point_map, reference_subject, subject_map
 from ..core.errors import DreamCacheError
+from ..core.layers import layer_name, resolve_layer
 from ..core.patch import DreamCachePatch
-from ..core.regional import layer_name, resolve_layer
 from .apply_patch import comfy_attention, find_patch, install_patch
 
 

@@ -14,8 +14,8 @@ from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache, from_captures
 from ..core.capture import StopPass, run_and_capture
 from ..core.errors import DreamCacheError
-from ..core.image import prepare_reference
-from ..core.patch import DISABLE_KEY
+from ..core.hooks import DISABLE_KEY
+from ..core.image import fit_reference
 from .model import check_adapter_fits, model_family
 
 #: Keys stripped from the cache pass's conditioning: it must be one plain, full-frame, always-on prompt.
@@ -126,7 +126,7 @@ def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, 
     if model is None or vae is None:
         raise DreamCacheError("BuildFeatureCache needs a MODEL and a VAE; connect the checkpoint loader's outputs.")
     check_adapter_fits(model, adapter)
-    pixels = prepare_reference(images, resolution=resolution, fit=fit)
+    pixels = fit_reference(images, resolution=resolution, fit=fit)
     latent = vae.encode(pixels[:, :, :, :3])
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)

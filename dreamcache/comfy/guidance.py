@@ -1,4 +1,4 @@
-"""DreamCache's guidance inside ComfyUI's guider API.
+"""DreamCache's guidance inside ComfyUI's guider API; the formulas themselves are :mod:`dreamcache.core.guidance`.
 
 combined: e = e(∅,∅) + s_I·(e(c_I,∅) − e(∅,∅)) + s_T·(e(c_I,c_T) − e(c_I,∅))   (three evaluations)
 joint:    e = e(∅,∅) + s·(e(c_I,c_T) − e(∅,∅))                                 (two; s_I = s_T = s)
@@ -16,10 +16,12 @@ import math
 import comfy.samplers
 
 from ..core.errors import DreamCacheError
-from ..core.patch import SWITCH_KEY
+from ..core.guidance import MODES, check_scales, combined_guidance
+from ..core.hooks import SWITCH_KEY
 from .apply_patch import cpu_chunked_attention, is_patched
 
-MODES = ("combined", "joint")
+__all__ = ["MODES", "check_scales", "DreamCacheGuider", "PositiveOnlyGuider", "make_guider", "with_switch",
+           "only_our_patches", "batch_three"]
 
 
 def with_switch(model_options: dict, switch: tuple) -> dict:
@@ -50,14 +52,6 @@ def batch_three(model_options: dict, device) -> bool:
     batch of three costs more than a batch of two plus a single evaluation (SD1.5 512²: 28.2 s against 17.3 + 8.6 s;
     with PyTorch attention 16.8 s against 11.3 + 6.1 s, see benchmarks/README.md), so there the branches are split."""
     return only_our_patches(model_options) and not cpu_chunked_attention(device)
-
-
-def check_scales(text_scale: float, image_scale: float, mode: str):
-    for name, v in (("text_scale", text_scale), ("image_scale", image_scale)):
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 100.0):
-            raise DreamCacheError(f"{name} {v} is out of range; use a value between 0 and 100.")
-    if mode not in MODES:
-        raise DreamCacheError(f"Unknown guidance mode '{mode}'; use 'combined' or 'joint'.")
 
 
 class DreamCacheGuider(comfy.samplers.CFGGuider):
@@ -102,11 +96,10 @@ class DreamCacheGuider(comfy.samplers.CFGGuider):
             # position 1 (a negative) alone, image off: e(∅,∅)
             e_00 = self._calc([None, neg], x, timestep, with_switch(model_options, (True, False)))[1]
         e_it, e_i0 = self._pre_cfg([pos, neg], [e_it, e_i0], x, timestep, mo_on)
-        # e(c_I,∅) + s_T (e(c_I,c_T) − e(c_I,∅)) through ComfyUI's cfg_function (so sampler_cfg_function and
-        # post-CFG hooks apply to the text term), then e(∅,∅) + s_I (e(c_I,∅) − e(∅,∅)) − e(c_I,∅) added back.
+        # the text term through ComfyUI's cfg_function (so sampler_cfg_function and post-CFG hooks apply to it)
         text = comfy.samplers.cfg_function(self.inner_model, e_it, e_i0, s_t, x, timestep, model_options=mo_on,
                                            cond=pos, uncond=neg)
-        return text + (s_i - 1.0) * (e_i0 - e_00)
+        return combined_guidance(e_00, e_i0, e_it, s_i, s_t, text_guided=text)
 
 
 class PositiveOnlyGuider(comfy.samplers.CFGGuider):
@@ -139,33 +132,3 @@ def make_guider(model, positive, negative, text_scale: float, image_scale: float
     g.set_conds(positive, negative)
     g.set_scales(text_scale, image_scale, mode)
     return g
-
-
-def sample_dual_guidance(model, positive, negative, latent: dict, seed: int, steps: int, sampler_name: str,
-                         scheduler: str,
-                         denoise: float = 1.0, text_scale: float = 7.5, image_scale: float = 5.0,
-                         mode: str = "combined") -> dict:
-    """DualGuidanceSampler: KSampler's plumbing (noise, sigmas, preview callback, noise mask) around
-    :class:`DreamCacheGuider`. Returns the output LATENT dict (a copy of ``latent``)."""
-    import comfy.model_management
-    import comfy.sample
-    import comfy.utils
-    import latent_preview
-
-    guider = make_guider(model, positive, negative, text_scale, image_scale, mode)
-    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-    ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
-                                 scheduler=scheduler,
-                                 denoise=denoise, model_options=model.model_options)
-    sigmas = ks.sigmas
-    out = latent.copy()
-    if sigmas.shape[-1] == 0:
-        return out
-    callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-    result = guider.sample(noise, samples, comfy.samplers.sampler_object(sampler_name), sigmas,
-                           denoise_mask=latent.get("noise_mask"),
-                           callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-    out["samples"] = result.to(comfy.model_management.intermediate_device())
-    out.pop("downscale_ratio_spacial", None)
-    return out

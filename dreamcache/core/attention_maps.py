@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DreamCacheError
-from .layers import LayerRef
-from .regional import layer_name, token_grid
+from .hooks import HookData
+from .layers import LayerRef, layer_name
+from .regional import token_grid
 
 
 @dataclass
@@ -80,8 +81,8 @@ class AttentionRecorder:
         self._target = float(schedule[min(self.step, schedule.numel() - 1)])
 
     def _wants(self, to: dict) -> bool:
-        schedule, sig = to.get("sample_sigmas"), to.get("sigmas")
-        sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
+        h = HookData(to)
+        schedule, sigma = h.sample_sigmas, h.sigma
         if schedule is None or sigma is None:  # a direct call, not a sampler's: record it
             self._start(None)
             self._state, self.sigma = "recording", sigma
@@ -97,7 +98,7 @@ class AttentionRecorder:
 
     def plan(self, to, coc, switch, rows, batch, layers):
         """Per model call: (hook key, computed rows of the positive prompt, rows per chunk) to record, or None."""
-        schedule = to.get("sample_sigmas")
+        schedule = HookData(to).sample_sigmas
         if schedule is not None and schedule is not self._run:  # a new sampling run: forget the last one
             self._start(schedule)
         key = self.layer.hook_key
@@ -120,9 +121,9 @@ class AttentionRecorder:
         idx, per = record
         idx = idx.to(xs.device)
         x = xs.index_select(0, idx)
-        shape = extra.get("original_shape")
-        latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else None
-        grid = token_grid(x.shape[1], extra.get("activations_shape"), shape)
+        h = HookData(extra)
+        latent = h.latent_size
+        grid = token_grid(x.shape[1], h.activations_shape, h.original_shape)
         for w in works:
             if w.ref != self.layer:
                 continue

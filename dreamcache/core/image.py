@@ -1,12 +1,23 @@
 """Reference image preparation for the cache pass (ComfyUI IMAGE layout: [B, H, W, C] float in 0..1)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import DreamCacheError
 
 FIT_MODES = ("pad", "stretch", "crop")
+
+
+def from_uint8(rgb: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 -> IMAGE ``[1, H, W, 3]`` float 0..1 (what ComfyUI's LoadImage gives)."""
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).float().div(255.0)[None]
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """One IMAGE ``[H, W, 3]`` -> uint8 as ComfyUI's SaveImage writes it."""
+    return np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
 
 
 def to_rgb_on_white(images: torch.Tensor) -> torch.Tensor:
@@ -42,8 +53,8 @@ def _resize(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.movedim(1, -1).clamp(0.0, 1.0)
 
 
-def prepare_reference(images: torch.Tensor, resolution: int = 512, fit: str = "pad", multiple: int = 8) -> torch.Tensor:
-    """The reference as the cache pass encodes it.
+def fit_reference(images: torch.Tensor, resolution: int = 512, fit: str = "pad", multiple: int = 8) -> torch.Tensor:
+    """The reference fitted to the cache pass's resolution (what BuildFeatureCache encodes).
 
     ``resolution > 0``: a square of that side; ``fit`` = ``pad`` (keep aspect, pad with white, centred),
     ``stretch`` (resize the whole picture, as the reference inference script does) or ``crop`` (centre crop).

@@ -1,7 +1,8 @@
 """Where DreamCache adapters sit in a Stable Diffusion U-Net, and how ComfyUI names those places.
 
 A layer is the ``transformer_blocks.<block_index>`` of one SpatialTransformer, written as the
-SpatialTransformer's module path under ``diffusion_model.`` (``output_blocks.4.1``) plus the block index.
+SpatialTransformer's module path under ``diffusion_model.`` (``output_blocks.4.1``) plus the block index, or by its
+short name (``output_4``, :func:`layer_name`).
 ComfyUI's attention hooks see the same place as ``extra_options["block"] == ("output", 4)`` and
 ``extra_options["block_index"] == 0``.
 """
@@ -77,6 +78,8 @@ SDXL_LAYERS = tuple(LayerRef(m) for m in ("middle_block.1", "output_blocks.1.1",
                                           "output_blocks.5.1"))
 
 FAMILIES = ("sd1", "sd2", "sdxl")
+#: The side, in pixels, each family was trained at: the default size of training, evaluation and previews.
+NATIVE_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 def default_layers(family: str) -> tuple[LayerRef, ...]:
@@ -87,8 +90,21 @@ def default_layers(family: str) -> tuple[LayerRef, ...]:
     raise DreamCacheError(f"No default DreamCache layer set for model family '{family}'; pass the layers explicitly.")
 
 
-def every_second_decoder_layer(decoder_modules: list[str], middle: str | None = "middle_block.1") -> tuple[LayerRef,
-                                                                                                           ...]:
-    """The paper's rule applied to any U-Net: middle transformer + decoder transformers 2, 4, 6, ... (1-based)."""
-    picked = [LayerRef(m) for i, m in enumerate(decoder_modules) if i % 2 == 1]
-    return tuple(([LayerRef(middle)] if middle else []) + picked)
+# ---- the short names artists type (Apply DreamCache's layer weights, attention maps) ------------------------------
+
+def layer_name(ref: LayerRef) -> str:
+    """The short name an artist types: ``middle``, ``output_4``, ``input_7`` (``output_4_1`` for block index 1)."""
+    kind, idx = ref.comfy_block
+    base = "middle" if kind == "middle" else f"{kind}_{idx}"
+    return base if ref.block_index == 0 else f"{base}_{ref.block_index}"
+
+
+def resolve_layer(name: str, layers) -> LayerRef:
+    """The layer of ``layers`` called ``name`` (short name, module path or ``str(ref)``); an error lists the valid
+    names otherwise."""
+    key = name.strip()
+    for ref in layers:
+        if key in (layer_name(ref), ref.module if ref.block_index == 0 else None, str(ref)):
+            return ref
+    valid = ", ".join(layer_name(r) for r in layers)
+    raise DreamCacheError(f"The adapter has no layer '{key}'; its layers are: {valid}.")

@@ -1,21 +1,10 @@
-"""The DreamCache model patch, written against ComfyUI's transformer-block hook contract (no ComfyUI import).
+"""The DreamCache model patch: what one model call does (:meth:`DreamCachePatch.plan`) and the update of a patched
+transformer block (:meth:`DreamCachePatch.update`), with the memos that keep sampling cheap (K/V, folded weights,
+zero, token weights, plans). No ComfyUI import.
 
-ComfyUI's BasicTransformerBlock runs, per call and with one shared ``extra`` dict::
-
-    a = attn1(norm1(x));  a = attn1_output_patch...(a, extra);  x = a + x;  x = middle_patch...(x, extra)
-
-No hook sees the un-normalised x next to a. DreamCache needs both (``norm2_mem`` reads the true x), so:
-
-* :class:`OutputHook` (``attn1_output_patch``) stashes ``a`` in ``extra`` and returns a zero, so the block's
-  own residual gives ``0 + x == x`` exactly;
-* :class:`MiddleHook` (``middle_patch``) takes that exact x and the stashed a, and returns
-  ``x + linear_cat([a, attn_mem(norm2_mem(x), r)])`` (or ``x + a`` for rows whose image condition is off).
-
-:class:`ModelWrapper` (a DIFFUSION_MODEL wrapper) plans each model call once: which adapters are active at this
-sigma, which batch rows have the image condition on, the cached K/V for this device and dtype. It also puts the
-output hook last and the middle hook first in their lists, so other packs' hooks see the block exactly as if it
-were ``x + a`` then ``x + linear_cat(...)``. All three objects are shared by every clone (``__deepcopy__``
-returns self) and are immutable apart from the K/V memo.
+The objects ComfyUI calls (the two block hooks and the two model wrappers) and the keys they read are in
+:mod:`.hooks`; the block math in :mod:`.block`; masks and layer weights in :mod:`.regional`. Every call site reads
+ComfyUI's hook data through :class:`.hooks.HookData`.
 """
 from __future__ import annotations
 
@@ -37,22 +26,9 @@ from .block import (
 )
 from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
+from .hooks import HookData, MiddleHook, ModelWrapper, OutputHook, PrePlanWrapper
 from .layers import LayerRef
 from .regional import batch_index, check_layer_weights, mask_kind, prepare_mask, token_grid, token_weights
-
-#: transformer_options key a guider sets: tuple of bools, image condition on/off per cond position.
-SWITCH_KEY = "dreamcache_image"
-#: transformer_options key that switches every DreamCache patch off (the cache pass sets it).
-DISABLE_KEY = "dreamcache_disable"
-#: transformer_options key under which the wrapper leaves its per-call plan.
-PLAN_KEY = "dreamcache_plan"
-#: Keyword argument of the diffusion model through which the APPLY_MODEL pre-planner hands over
-#: ((batch, device, dtype), plan). An argument, not a transformer_options entry: torch.compile guards on it even where
-#: ComfyUI tells the compiler to ignore transformer_options (0.33's TorchCompileModel), so a compiled graph is never
-#: reused for a call with another plan (another sigma range state, branch layout, subject set or strength).
-PLAN_ARG = "dreamcache_plan"
-_STASH = "dreamcache_attn1_out"
-
 
 #: The strength range DreamCache accepts (1 = the method as trained).
 STRENGTH_RANGE = (-1.0, 3.0)
@@ -105,12 +81,12 @@ class PatchEntry:
 
 
 class _Work:
-    """What one adapter layer does in one model call."""
+    """What one adapter layer does in one model call. ``scale``: λ·s, the layer weight times the strength."""
 
-    __slots__ = ("layer", "k", "v", "strength", "entry", "ref", "mask", "mask_rows", "folded")
+    __slots__ = ("layer", "k", "v", "scale", "entry", "ref", "mask", "mask_rows", "folded")
 
-    def __init__(self, layer, k, v, strength, entry=None, ref=None, mask=None, mask_rows=None, folded=None):
-        self.layer, self.k, self.v, self.strength = layer, k, v, strength
+    def __init__(self, layer, k, v, scale, entry=None, ref=None, mask=None, mask_rows=None, folded=None):
+        self.layer, self.k, self.v, self.scale = layer, k, v, scale
         self.folded = folded  # (W_a, W_oᵀ, b) of block.fold_output; None when trainable (the unfolded math)
         self.entry, self.ref = entry, ref  # entry index and layer (masked subjects and the recorder need them)
         self.mask = mask  # the entry's mask ((B, H, W), None: unmasked)
@@ -131,98 +107,9 @@ class CallPlan:
 _EMPTY = CallPlan({}, None, True, None)
 
 
-class _Shared:
-    """Base of the hook objects: shared across clones, movable by ComfyUI's model_patches_to."""
-
-    def __init__(self, patch: "DreamCachePatch"):
-        self.patch = patch
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def to(self, device_or_dtype):
-        self.patch.to(device_or_dtype)
-        return self
-
-
-class OutputHook(_Shared):
-    """attn1_output_patch: stash a, return zero so the block's residual hands the middle hook the exact x."""
-
-    dreamcache_hook = "output"
-
-    def models(self):
-        return list(self.patch.models_list)
-
-    def __call__(self, a, extra):
-        plan = extra.get(PLAN_KEY)
-        if plan is None:  # called without our wrapper (another pack ran the model directly): plan here
-            plan = self.patch.plan(extra, a.shape[0], a.device, a.dtype, ordered=False)
-            extra[PLAN_KEY] = plan
-        if (extra.get("block"), extra.get("block_index", 0)) not in plan.layers:
-            return a
-        extra[_STASH] = a
-        return plan.zero if plan.ordered else torch.zeros_like(a)
-
-
-class MiddleHook(_Shared):
-    """middle_patch: x + linear_cat([a, attn_mem(norm2_mem(x), r)]) on rows with the image on, x + a elsewhere."""
-
-    dreamcache_hook = "middle"
-
-    def __call__(self, x, extra):
-        a = extra.pop(_STASH, None)
-        if a is None:
-            return x
-        return self.patch.update(x, a, extra)
-
-
-class ModelWrapper(_Shared):
-    """DIFFUSION_MODEL wrapper: plan the call once and order the hooks; never mutates the caller's dicts."""
-
-    dreamcache_hook = "wrapper"
-
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        to = transformer_options
-        pre = kwargs.pop(PLAN_ARG, None)
-        if pre is not None and pre[0] == (x.shape[0], x.device, x.dtype):
-            plan = pre[1]  # planned outside a compiled diffusion model (see PrePlanWrapper)
-        elif to.get(DISABLE_KEY):
-            return executor(x, timesteps, context, y, control, to, **kwargs)
-        else:
-            plan = self.patch.plan(to, x.shape[0], x.device, x.dtype, ordered=True)
-        to = dict(to)
-        to[PLAN_KEY] = plan
-        patches = to.get("patches")
-        if patches:
-            to["patches"] = self.patch.ordered_patches(patches)
-        return executor(x, timesteps, context, y, control, to, **kwargs)
-
-
-class PrePlanWrapper(_Shared):
-    """APPLY_MODEL wrapper: plans the call before the diffusion model runs, with the batch, device and dtype that
-    ``BaseModel._apply_model`` will give it. When the diffusion model is compiled (``torch.compile``, ComfyUI's
-    TorchCompileModel) this keeps the plan, its memo look-ups and the one host read of sigma out of the compiled
-    graph: the graph sees the same plan object every step (no recompilation, no graph break). The plan travels as
-    the diffusion model's keyword argument ``PLAN_ARG`` (popped again by :class:`ModelWrapper`), so the compiler's
-    guards cover it: a new plan shape (sigma range on/off, another branch layout, other subjects) compiles anew
-    instead of reusing a graph built for another plan."""
-
-    dreamcache_hook = "preplan"
-
-    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
-                 **kwargs):
-        to = transformer_options if transformer_options is not None else {}
-        base = getattr(executor, "class_obj", None)
-        if to.get(DISABLE_KEY) or base is None or not hasattr(base, "get_dtype"):
-            return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-        dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
-        plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
-        kwargs[PLAN_ARG] = ((x.shape[0], x.device, dtype), plan)
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-
-
 class DreamCachePatch:
-    """Everything DreamCache adds to one model: its entries, their K/V memo and the three hook objects."""
+    """Everything DreamCache adds to one model: its entries, their memos and the four hook objects of
+    :mod:`.hooks` (two block hooks, two model wrappers)."""
 
     def __init__(self, entries: list[PatchEntry], attention=None, models=(), trainable: bool = False, recorder=None):
         """``trainable=True`` (training): K/V are recomputed every call with autograd on, so gradients reach
@@ -315,14 +202,12 @@ class DreamCachePatch:
         """What this model call does. Sampling calls repeat the same shapes and branches, so the plan is memoised
         per (batch, device, dtype, branches, active entries) and a repeat costs a dict lookup and no tensor op.
         sigma is read (``sig.max()``, one host sync per model call) only when an entry has a sigma range."""
-        if to.get(DISABLE_KEY):
+        h = HookData(to)
+        if h.disabled:
             return _EMPTY
-        coc = to.get("cond_or_uncond")
-        switch = to.get(SWITCH_KEY)
-        sigma = None
-        if self._sigma_ranged:
-            sig = to.get("sigmas")
-            sigma = float(sig.max()) if isinstance(sig, torch.Tensor) and sig.numel() else None
+        coc = h.cond_or_uncond
+        switch = h.image_switch
+        sigma = h.sigma if self._sigma_ranged else None
         active = tuple(e.active_at(sigma) and not e.mask_off for e in self.entries)
         if self.trainable:
             return self._plan(to, coc, switch, active, batch, device, dtype, ordered)
@@ -399,21 +284,22 @@ class DreamCachePatch:
         """w·λ·s per token of this layer for a masked subject, (B_mask, N, 1), memoised per grid, device and
         dtype (so it is computed once per sampling run, not per call). Inside a compiled graph they are computed in
         the graph (a few fused pooling ops), so the memo never changes what the compiler guarded."""
-        shape = extra.get("original_shape")
-        latent = (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) >= 4 else None
+        h = HookData(extra)
+        latent = h.latent_size
         memo = not torch.compiler.is_compiling()
         key = (w.entry, w.ref, n_tokens, latent, torch.device(device), dtype)
         hit = self._weights.get(key) if memo else None
         if hit is None:
-            grid = token_grid(n_tokens, extra.get("activations_shape"), shape)
-            hit = token_weights(w.mask, grid, latent or grid, w.strength, device, dtype)
+            grid = token_grid(n_tokens, h.activations_shape, h.original_shape)
+            hit = token_weights(w.mask, grid, latent or grid, w.scale, device, dtype)
             if memo:
                 self._weights[key] = hit
         return hit
 
     def update(self, x: torch.Tensor, a: torch.Tensor, extra: dict) -> torch.Tensor:
-        plan: CallPlan = extra[PLAN_KEY]
-        works = plan.layers[(extra.get("block"), extra.get("block_index", 0))]
+        h = HookData(extra)
+        plan: CallPlan = h.plan
+        works = plan.layers[h.layer]
         if a.shape != x.shape:
             raise DreamCacheError(
                 f"Another patch changed the token layout between self-attention and its output ({tuple(a.shape)} vs "
@@ -427,7 +313,7 @@ class DreamCachePatch:
             xs, as_ = x[rows], a[rows]
         else:
             xs, as_ = x.index_select(0, rows), a.index_select(0, rows)
-        heads = extra["n_heads"]
+        heads = h.n_heads
         # Below, everything is read from the plan's works (not from self.entries / self.trainable): under 0.33's
         # TorchCompileModel only the plan, a guarded argument, tells one compiled graph from another.
         if works[0].folded is None:  # trainable: the unfolded math, gradients reach to_out
@@ -440,8 +326,8 @@ class DreamCachePatch:
             if w.mask is not None:
                 ws = self.token_weights(w, x.shape[1], extra, x.device, x.dtype)
                 weights[j] = ws if w.mask_rows is None else ws.index_select(0, w.mask_rows)
-        upd = mix_weighted(as_, fused, [w.strength for w in works], weights)
-        if plan.record is not None and plan.record[0] == (extra.get("block"), extra.get("block_index", 0)):
+        upd = mix_weighted(as_, fused, [w.scale for w in works], weights)
+        if plan.record is not None and plan.record[0] == h.layer:
             self.recorder.observe(self, works, xs, plan.record[1:], heads, extra)
         if rows is None:
             return x + upd

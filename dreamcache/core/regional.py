@@ -19,30 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DreamCacheError
-from .layers import LayerRef
+from .layers import LayerRef, layer_name, resolve_layer
 
 LAYER_WEIGHT_RANGE = (-1.0, 3.0)
 
 
-# ---- layer names ------------------------------------------------------------------------------------------------
-
-
-def layer_name(ref: LayerRef) -> str:
-    """The short name an artist types: ``middle``, ``output_4``, ``input_7`` (``output_4_1`` for block index 1)."""
-    kind, idx = ref.comfy_block
-    base = "middle" if kind == "middle" else f"{kind}_{idx}"
-    return base if ref.block_index == 0 else f"{base}_{ref.block_index}"
-
-
-def resolve_layer(name: str, layers) -> LayerRef:
-    """The layer of ``layers`` called ``name`` (short name, module path or ``str(ref)``); an error lists the valid
-    names otherwise."""
-    key = name.strip()
-    for ref in layers:
-        if key in (layer_name(ref), ref.module if ref.block_index == 0 else None, str(ref)):
-            return ref
-    valid = ", ".join(layer_name(r) for r in layers)
-    raise DreamCacheError(f"The adapter has no layer '{key}'; its layers are: {valid}.")
+# ---- layer weights ----------------------------------------------------------------------------------------------
 
 
 def parse_layer_weights(text: str, layers) -> dict[LayerRef, float]:

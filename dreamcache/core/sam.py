@@ -16,7 +16,7 @@ import torch
 
 from .errors import DreamCacheError
 from .files import read_tensor_file
-from .layout import bounding_box
+from .placement import bounding_box
 
 INSTALL_HINT = "pip install segment-anything"
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .errors import DreamCacheError
 from .image import to_rgb_on_white
-from .layout import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
+from .placement import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
 
 PROMPT_MODES = ("auto", "box", "points", "mask")
 SAM_MODES = ("auto", "box", "points")
@@ -319,7 +319,7 @@ def _resize_hw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 def layout_train(rgb: torch.Tensor, m: torch.Tensor, color, size: int = 512,
                  width: float = INFERENCE_WIDTH) -> torch.Tensor:
-    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.layout`: crop to
+    """The training layout for one image (``rgb [H, W, 3]``, ``m [H, W]``), :mod:`dreamcache.core.placement`: crop to
     the mask's bounding box, scale (aspect kept) so its width is ``width * size`` (height capped at ``size``),
     centre it on a ``size x size`` canvas of ``color``.
 
@@ -346,7 +346,7 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
                    width: float = INFERENCE_WIDTH) -> torch.Tensor:
     """The reference batch from images and their final masks ``[B, H, W]``.
 
-    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.layout`) and centred on a
+    ``train``: each subject cropped, scaled to ``width`` of the side (:mod:`dreamcache.core.placement`) and centred on a
     ``size`` square of the background colour (what the adapters were trained on); ``keep``: the same canvas with the
     background painted over.
     Alpha is composited on white first; gray becomes RGB.
@@ -364,6 +364,19 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
     if int(size) < 8:
         raise DreamCacheError(f"Output size {size} is too small; use 512 for SD1.5/2.1 or 1024 for SDXL.")
     return torch.stack([layout_train(rgb[i], masks[i], color, int(size), width) for i in range(rgb.shape[0])])
+
+
+def subject_reference(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None,
+                      invert_mask: bool = False, segment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      threshold: float = 0.5, grow: int = 0, feather: int = 0, layout: str = "train",
+                      size: int = 512, background="#ffffff") -> tuple[torch.Tensor, torch.Tensor]:
+    """A photo (batch) in, DreamCache's reference out: the subject found (:func:`subject_probabilities`), its mask
+    thresholded, grown and feathered (:func:`refine_masks`), laid out on the background (:func:`make_reference`).
+    Returns ``(reference IMAGE, final masks)``. SubjectMask, the evaluation and the trainer's previews all prepare
+    their reference here."""
+    probs = subject_probabilities(images, prompt_mode, mask=mask, invert_mask=invert_mask, segment=segment)
+    masks = refine_masks(probs, threshold, grow, feather)
+    return make_reference(images, masks, layout, size, background), masks
 
 
 def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0,

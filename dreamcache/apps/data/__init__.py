@@ -5,7 +5,8 @@
 * :mod:`.seeds`: seeded randomness; :mod:`.augment`: the training augmentations (colour jitter included);
 * :mod:`.dataset`: the dataset indexed by sample position, collate, the loader;
 * :mod:`.masks`, :mod:`.captions`, :mod:`.writer`: what ``synth`` needs (maskers, caption lists, writing items);
-* :mod:`.cli`: the ``python -m dreamcache.data`` command (``check``, ``synth``); not imported here.
+* :mod:`.synth`: rendering a dataset with a checkpoint; :mod:`.sharding`: splitting that over processes;
+* :mod:`.cli`: the ``python -m dreamcache.data`` command (``check``, ``synth``); these three are not imported here.
 
 The reference of a sample is its own target, segmented and augmented (method.md, "Preprocessing"). Every random
 decision of sample ``position`` (which object, which of its images, caption dropout, the augmentation) comes from

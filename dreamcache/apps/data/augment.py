@@ -1,6 +1,6 @@
 """The training augmentations, on pictures in 0..1 until the VAE normalises them to [-1, 1] (method.md,
 "Preprocessing"): the reference is the target segmented on white, cropped to the subject, placed at 70-100% of the
-canvas width at a random position (:mod:`dreamcache.core.layout`), h-flipped, colour-jittered (p 0.1) and randomly
+canvas width at a random position (:mod:`dreamcache.core.placement`), h-flipped, colour-jittered (p 0.1) and randomly
 erased with white (p 0.4). Unlike the authors' code, colour jitter runs on the picture in 0..1, *before* the
 normalisation (they jittered normalised tensors, and torchvision's clamp to [0, 1] flattened every dark pixel to grey).
 """
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ...core.errors import DreamCacheError
-from ...core.layout import TRAIN_WIDTH_RANGE, bounding_box, subject_offset, subject_size
+from ...core.placement import TRAIN_WIDTH_RANGE, bounding_box, subject_offset, subject_size
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def crop_subject(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def place_on_canvas(fg: np.ndarray, size: int, width_frac: float, u: float | None = None, v: float | None = None
                     ) -> np.ndarray:
-    """``fg`` resized to the training layout (:func:`dreamcache.core.layout.subject_size`: width ``width_frac *
+    """``fg`` resized to the training layout (:func:`dreamcache.core.placement.subject_size`: width ``width_frac *
     size``, aspect kept, height capped at ``size``) and pasted on a white ``size`` square, centred or at relative
     position (u, v) in [0, 1) of the free room."""
     dw, dh = subject_size(fg.shape[1], fg.shape[0], size, width_frac)

@@ -35,7 +35,7 @@ def captions_from_args(args) -> list[str]:
 
 
 def cmd_synth(args) -> int:
-    from ..distributed import synth_process
+    from .sharding import synth_process
 
     shard = synth_process(args.shard, cpu=args.cpu)  # --shard I/N and/or torchrun's ranks (one GPU each)
     captions = captions_from_args(args)
@@ -44,7 +44,7 @@ def cmd_synth(args) -> int:
 
     import_comfyui(args.comfyui, cpu=True if args.cpu else None)
     from ...comfy.loading import load_checkpoint
-    from ..synth import synthesize
+    from .synth import synthesize
 
     model, clip, vae = load_checkpoint(args.checkpoint)
     settings = SynthSettings(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg,
@@ -115,6 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..cli import run_main
+    from ..commands import run_main
 
     return run_main(build_parser(), argv)

@@ -288,7 +288,7 @@ def print_summary(data: dict, out: Path):
 
 
 def main(argv=None) -> int:
-    from ..cli import run_main
+    from ..commands import run_main
 
     return run_main(build_parser(), argv)
 

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from ...core.errors import DreamCacheError
+from ...core.image import to_uint8
 from . import report
-from .generate import BASELINE, Method, Reference, prepare_reference, save_png
+from .generate import BASELINE, Method, Reference, load_reference, save_png
 from .protocol import Item, Protocol, load_protocol, shard_items, shard_name
 
 RUN_FILE = "run.json"
@@ -159,7 +160,7 @@ class Evaluation:
             size = self.generator.size if self.generator is not None else 512
             layout = self.generator.settings.layout if self.generator is not None else "train"
             threshold = self.generator.settings.threshold if self.generator is not None else 0.5
-            ref = prepare_reference(
+            ref = load_reference(
                 self.protocol.reference_image(s),
                 subject,
                 self.mask_mode,
@@ -169,8 +170,6 @@ class Evaluation:
                 self.segmenter,
                 threshold,
             )
-            from .generate import to_uint8
-
             save_png(to_uint8(ref.image[0]), self.out / "references" / f"{subject}.png")
             if ref.mask is not None:
                 save_png((ref.mask * 255).astype(np.uint8), self.out / "references" / f"{subject}_mask.png")

@@ -2,16 +2,14 @@
 
 Per subject: the photo (EXIF orientation applied, as ComfyUI's LoadImage does) -> SubjectMask's preprocessing
 (:mod:`dreamcache.core.subject`: a mask from a file or SAM, threshold, the training layout on white) ->
-BuildFeatureCache (:func:`dreamcache.comfy.cache_pass.build_feature_cache`) -> ApplyDreamCache
-(:func:`dreamcache.comfy.apply_patch.apply_dreamcache`); per prompt: CLIPTextEncode, then DualGuidanceSampler's
-plumbing (:func:`dreamcache.comfy.guidance.make_guider`, ComfyUI's KSampler sigmas and sampler) and VAEDecode.
+BuildFeatureCache -> ApplyDreamCache (:func:`dreamcache.comfy.pipeline.personalise`); per prompt: CLIPTextEncode,
+then DualGuidanceSampler's guider and sampling and VAEDecode (:func:`dreamcache.comfy.pipeline.render`).
 The "no adapter" baseline samples the same checkpoint with ComfyUI's plain CFG guider at s_T.
 Needs ComfyUI imported first (:func:`dreamcache.comfy.env.import_comfyui`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -23,10 +21,11 @@ import torch
 from ...core import subject as subject_prep
 from ...core.adapter_io import AdapterFile
 from ...core.errors import DreamCacheError
+from ...core.image import from_uint8, to_uint8
+from ...core.layers import NATIVE_RESOLUTION
 
 MASK_MODES = ("auto", "files", "sam", "none")
 BASELINE = "baseline"
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 @dataclass
@@ -49,7 +48,7 @@ class SamplingSettings:
     def check(self):
         import comfy.samplers
 
-        from ...comfy.guidance import check_scales
+        from ...core.guidance import check_scales
 
         if self.sampler not in comfy.samplers.SAMPLER_NAMES:
             raise DreamCacheError(
@@ -79,16 +78,6 @@ class Method:
     name: str
     adapter: AdapterFile | None = None
     path: str = ""
-
-
-def to_image(rgb: np.ndarray) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 -> ComfyUI IMAGE ``[1, H, W, 3]`` float 0..1 (what LoadImage gives)."""
-    return torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).float().div(255.0)[None]
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """One IMAGE ``[H, W, 3]`` -> uint8 as ComfyUI's SaveImage writes it."""
-    return np.clip(255.0 * image.float().cpu().numpy(), 0, 255).astype(np.uint8)
 
 
 def save_png(rgb: np.ndarray, path: Path):
@@ -139,7 +128,7 @@ class Segmenter:
 
     def mask(self, rgb: np.ndarray, threshold: float = 0.5) -> np.ndarray:
         """A bool mask of the most salient object of one uint8 picture (all False when SAM finds nothing)."""
-        probs = self(to_image(rgb))
+        probs = self(from_uint8(rgb))
         return (probs[0] > threshold).cpu().numpy()
 
 
@@ -151,7 +140,7 @@ class Reference:
     path: Path
 
 
-def prepare_reference(
+def load_reference(
     photo_path: Path,
     subject: str,
     mask_mode: str,
@@ -161,11 +150,11 @@ def prepare_reference(
     segment: Segmenter | None = None,
     threshold: float = 0.5,
 ) -> Reference:
-    """The reference as the nodes would make it: LoadImage -> SubjectMask (mask mode or SAM auto) -> IMAGE."""
+    """The reference as the nodes would make it: LoadImage -> SubjectMask (mask file or SAM auto) -> IMAGE."""
     from ..data import load_mask, load_rgb
 
     photo = load_rgb(photo_path)
-    images = to_image(photo)
+    images = from_uint8(photo)
     if mask_mode == "none":
         return Reference(photo, None, images, photo_path)
     if mask_mode == "files":
@@ -176,13 +165,13 @@ def prepare_reference(
                 f"{subject}/{photo_path.stem}_mask.png there "
                 "(white = subject) or use --mask-mode sam / none."
             )
-        probs = subject_prep.subject_probabilities(images, "mask", mask=torch.from_numpy(load_mask(f)).float()[None])
+        ref, masks = subject_prep.subject_reference(images, "mask", mask=torch.from_numpy(load_mask(f)).float()[None],
+                                                    threshold=threshold, layout=layout, size=size)
     elif mask_mode == "sam":
-        probs = subject_prep.subject_probabilities(images, "auto", segment=segment)
+        ref, masks = subject_prep.subject_reference(images, "auto", segment=segment, threshold=threshold,
+                                                    layout=layout, size=size)
     else:
         raise DreamCacheError(f"Unknown mask mode '{mask_mode}'.")
-    masks = subject_prep.refine_masks(probs, threshold, 0, 0)
-    ref = subject_prep.make_reference(images, masks, layout, size, "#ffffff")
     return Reference(photo, (masks[0] > 0.5).cpu().numpy(), ref, photo_path)
 
 
@@ -196,7 +185,7 @@ class Generator:
         self.settings = settings
         settings.check()
         self.family = model_family(model)
-        self.size = settings.resolution or DEFAULT_RESOLUTION.get(self.family, 512)
+        self.size = settings.resolution or NATIVE_RESOLUTION.get(self.family, 512)
         self._text: dict[str, list] = {}
 
     def encode(self, text: str):
@@ -207,23 +196,13 @@ class Generator:
 
     def model_for(self, method: Method, reference: Reference | None):
         """BuildFeatureCache + ApplyDreamCache for an adapter; the plain model for the baseline."""
-        from ...comfy.apply_patch import apply_dreamcache
-        from ...comfy.cache_pass import build_feature_cache
+        from ...comfy.pipeline import personalise
 
         if method.adapter is None:
             return self.model, None
         s = self.settings
-        cache, pixels = build_feature_cache(
-            self.model,
-            self.vae,
-            reference.image,
-            method.adapter,
-            clip=self.clip,
-            seed=s.cache_seed,
-            resolution=self.size,
-            fit="pad",
-        )
-        return apply_dreamcache(self.model, method.adapter, cache, strength=s.strength), pixels
+        return personalise(self.model, self.vae, self.clip, reference.image, method.adapter, self.size,
+                           seed=s.cache_seed, strength=s.strength)
 
     def guider(self, model, method: Method, prompt: str):
         import comfy.samplers
@@ -242,50 +221,8 @@ class Generator:
     def sample(self, model, method: Method, prompt: str, seeds: list[int]) -> list[np.ndarray]:
         """One sampler call for ``len(seeds)`` images, each from its own seed's noise (as a batch of single
         KSampler runs would draw it); returns uint8 pictures."""
-        import comfy.model_management
-        import comfy.sample
-        import comfy.samplers
+        from ...comfy.pipeline import render
 
         s = self.settings
-        latent = torch.zeros([1, 4, self.size // 8, self.size // 8])
-        latent = comfy.sample.fix_empty_latent_channels(model, latent)
-        noise = torch.cat([comfy.sample.prepare_noise(latent, int(seed)) for seed in seeds])
-        latents = latent.repeat(len(seeds), 1, 1, 1)
-        guider = self.guider(model, method, prompt)
-        ks = comfy.samplers.KSampler(
-            model,
-            steps=s.steps,
-            device=model.load_device,
-            sampler=s.sampler,
-            scheduler=s.scheduler,
-            denoise=1.0,
-            model_options=model.model_options,
-        )
-        with torch.inference_mode():
-            out = guider.sample(
-                noise,
-                latents,
-                comfy.samplers.sampler_object(s.sampler),
-                ks.sigmas,
-                denoise_mask=None,
-                callback=None,
-                disable_pbar=True,
-                seed=int(seeds[0]),
-            )
-            pixels = self.vae.decode(out.to(comfy.model_management.intermediate_device()))
-        pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        pixels = render(self.guider(model, method, prompt), self.vae, self.size, seeds, s.steps, s.sampler, s.scheduler)
         return [to_uint8(p) for p in pixels]
-
-
-def log_settings(settings: SamplingSettings, family: str | None, size: int):
-    logging.info(
-        "DreamCache eval: %s model at %d px, %s %d steps (%s), s_T %.2f, s_I %.2f, %s guidance",
-        family,
-        size,
-        settings.sampler,
-        settings.steps,
-        settings.scheduler,
-        settings.text_scale,
-        settings.image_scale,
-        settings.mode,
-    )

@@ -104,9 +104,6 @@ class Protocol:
                         out.append(Item(m, s.name, pi, prompt, k, seed_for(s.name, prompt, k, self.seed)))
         return out
 
-    def image_count(self, methods: int = 1) -> int:
-        return methods * sum(len(self.prompts(s)) for s in self.subjects) * self.images_per_prompt
-
 
 def fill_prompt(template: str, class_noun: str, unique_token: str = "") -> str:
     """``'a {0} {1} in the snow'`` -> ``'a dog in the snow'`` (no unique token: the space it had is dropped)."""

@@ -2,8 +2,8 @@
 
 This module holds what needs no ComfyUI: the run configuration, checkpoint naming, the resumable training state
 (safetensors + JSON, nothing pickled) and the command line's parser. The training engine is
-:mod:`dreamcache.apps.trainer` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules) and
-:mod:`dreamcache.apps.train_cli` runs the command.
+:mod:`dreamcache.apps.train.loop` (ComfyUI loads the model; the U-Net runs through ComfyUI's own modules) and
+:mod:`dreamcache.apps.train.cli` runs the command.
 
 Checkpoints: ``<out>-step000500.safetensors`` (the pack's adapter format; metadata: base family, layers, step,
 config) beside ``<out>-step000500.state.safetensors`` (optimizer moments and step counts as tensors, RNG states as
@@ -22,16 +22,21 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..core.errors import DreamCacheError
-from ..core.files import read_safetensors
-from ..core.layers import LayerRef
+from ... import __version__
+from ...core.errors import DreamCacheError
+from ...core.files import read_safetensors
+from ...core.layers import LayerRef
+from .batch import resolve_batch
 
 STATE_FORMAT = "dreamcache.train_state"
 STATE_FORMAT_VERSION = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 INITS = ("identity", "reference")
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+#: Default of ``--dist-timeout``: how long a rank waits in a collective (and at the rendezvous) for the others.
+#: Longer than any legitimate imbalance (rank 0 writing a checkpoint or rendering a preview, the first batches of
+#: a cold file cache), a small fraction of a multi-day run.
+DEFAULT_TIMEOUT_S = 600
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -137,7 +142,8 @@ def layer_names(refs) -> list[str]:
 
 # ---- file names ------------------------------------------------------------------------------------------------------
 
-def _stem(out: str) -> str:
+def output_stem(out: str) -> str:
+    """``out`` (the adapter file) without its .safetensors/.sft suffix: every file of the run is named after it."""
     p = str(out)
     for ext in (".safetensors", ".sft"):
         if p.lower().endswith(ext):
@@ -147,26 +153,26 @@ def _stem(out: str) -> str:
 
 def checkpoint_path(out: str, step: int | None) -> str:
     """The adapter file of ``step`` (None: the final ``out`` itself)."""
-    return str(out) if step is None else f"{_stem(out)}-step{step:06d}.safetensors"
+    return str(out) if step is None else f"{output_stem(out)}-step{step:06d}.safetensors"
 
 
 def state_path_for(adapter_path: str) -> str:
-    return f"{_stem(adapter_path)}.state.safetensors"
+    return f"{output_stem(adapter_path)}.state.safetensors"
 
 
 def log_path(out: str) -> str:
-    return f"{_stem(out)}.loss.csv"
+    return f"{output_stem(out)}.loss.csv"
 
 
 def preview_path(out: str, step: int) -> str:
-    return f"{_stem(out)}-preview-step{step:06d}.png"
+    return f"{output_stem(out)}-preview-step{step:06d}.png"
 
 
 def find_latest_state(out: str) -> str | None:
     """The state file with the highest step among ``<out>-stepN.state.safetensors`` and
     ``<out stem>.state.safetensors``."""
     best, best_step = None, -1
-    stem = Path(_stem(out))
+    stem = Path(output_stem(out))
     folder = stem.parent if str(stem.parent) else Path(".")
     if not folder.is_dir():
         return None
@@ -208,7 +214,7 @@ def _json_safe(v):
 
 def save_state(path: str, state: TrainState):
     """Write a training state: optimizer tensors + RNG states in safetensors, the rest JSON in its header."""
-    from ..core.adapter_io import atomic_save_safetensors
+    from ...core.adapter_io import atomic_save_safetensors
 
     tensors: dict[str, torch.Tensor] = {}
     opt = state.optimizer
@@ -373,18 +379,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
-    from .distributed import add_arguments
-
-    add_arguments(p)
+    _add_distributed_arguments(p)
     return p
+
+
+def _add_distributed_arguments(parser):
+    g = parser.add_argument_group("several GPUs / machines (start with torchrun; see docs/training-distributed.md)")
+    g.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
+        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.",
+    )
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"seconds a rank waits for the others (rendezvous, each step) (default {DEFAULT_TIMEOUT_S})",
+    )
+    g.add_argument(
+        "--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu"
+    )
+    return parser
 
 
 def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None, world_size: int = 1,
                      saved_world_size: int = 1) -> TrainConfig:
     """``world_size``: ranks of this run; ``saved_world_size``: ranks of the resumed run (its global batch
-    ``batch x accumulate x ranks`` is kept, see :func:`dreamcache.apps.distributed.resolve_batch`)."""
-    from .distributed import resolve_batch
-
+    ``batch x accumulate x ranks`` is kept, see :func:`dreamcache.apps.train.batch.resolve_batch`)."""
     resolve_batch(args, saved, world_size, saved_world_size)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
     if saved is None:

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from ..core.errors import DreamCacheError
+from ...core.errors import DreamCacheError
 
 
 class ServerError(DreamCacheError):

@@ -17,30 +17,25 @@ from pathlib import Path
 import torch
 
 from ...core.errors import DreamCacheError
-from .metrics import ALL_METRICS, LABELS, METRICS
+from ..eval.metrics import ALL_METRICS, LABELS, METRICS
+from .config import output_stem
 
 EVAL_FIELDS = ["step", "images", *ALL_METRICS, "seconds"]
 
 
-def _stem(out: str) -> str:
-    from ..train import _stem as stem
-
-    return stem(out)
-
-
 def eval_log_path(out: str) -> str:
-    return f"{_stem(out)}.eval.csv"
+    return f"{output_stem(out)}.eval.csv"
 
 
 def eval_dir(out: str, step: int) -> Path:
-    return Path(f"{_stem(out)}-eval") / f"step{step:06d}"
+    return Path(f"{output_stem(out)}-eval") / f"step{step:06d}"
 
 
 class TrainingEval:
     """What the trainer's evaluations need, prepared once (and checked before training starts)."""
 
     def __init__(self, cfg, scorers=None, segmenter=None):
-        from .protocol import LIVE_CLASSES, PROMPTS_FILE, find_dreambench, load_protocol, parse_prompts_file
+        from ..eval.protocol import LIVE_CLASSES, PROMPTS_FILE, find_dreambench, load_protocol, parse_prompts_file
 
         root = find_dreambench(cfg.eval_dreambench)
         if root is None:
@@ -57,7 +52,7 @@ class TrainingEval:
             ]
         self.protocol = load_protocol(root, list(subjects), int(cfg.eval_prompts), images_per_prompt=1)
         if scorers is None:
-            from .cli import load_scorers
+            from ..eval.cli import load_scorers
 
             scorers = load_scorers(cfg.eval_dino, cfg.eval_clip, options=("--eval-dino", "--eval-clip"))
         self.scorers = scorers
@@ -66,8 +61,8 @@ class TrainingEval:
 
     def __call__(self, trainer) -> dict:
         from ...core.adapter_io import adapter_file_of
-        from .engine import Evaluation
-        from .generate import Generator, Method, SamplingSettings
+        from ..eval.engine import Evaluation
+        from ..eval.generate import Generator, Method, SamplingSettings
 
         cfg = trainer.cfg
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..core.errors import DreamCacheError
+from ...core.errors import DreamCacheError
 
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}

@@ -2,7 +2,7 @@
 
 Other subcommands (``run``, training) register themselves in :data:`COMMANDS` from their own modules. This module
 and ``--help`` need no torch: commands import it when they run, and a Python without it gets one line saying to
-use ComfyUI's Python (:func:`missing_module_message`).
+use ComfyUI's Python (:func:`dreamcache.apps.commands.missing_module_message`).
 """
 from __future__ import annotations
 
@@ -11,27 +11,16 @@ import json
 import os
 import sys
 
-from .. import __version__
-from ..core.errors import DreamCacheError
+from ... import __version__
+from ...core.errors import DreamCacheError
+from ..commands import run_main
 
 #: ``--dtype`` choices: the keys of core.adapter_io.STORAGE_DTYPES, spelled out so that --help needs no torch.
 DTYPE_CHOICES = ("fp16", "bf16", "fp32", "keep")
-#: Packages ComfyUI's Python has and a bare system Python often lacks.
-COMFY_PYTHON_PACKAGES = {"torch", "torchvision", "safetensors", "numpy", "PIL", "comfy", "einops"}
 
-
-def missing_module_message(e: ModuleNotFoundError, what: str = "This command") -> str | None:
-    """One line for a command run with a Python that lacks torch (or another of ComfyUI's packages); None for any
-    other missing module (a real bug, which keeps its traceback)."""
-    top = (e.name or "").split(".")[0]
-    if top not in COMFY_PYTHON_PACKAGES:
-        return None
-    return (f"{what} needs the Python package '{top}', which {sys.executable} does not have: run it with ComfyUI's "
-            "Python (the one that starts ComfyUI, e.g. ComfyUI/venv/bin/python, or python_embeded\\python.exe in the "
-            "portable build).")
 
 def cmd_convert(args) -> int:
-    from ..core.adapter_io import STORAGE_DTYPES, convert_adapter, read_adapter
+    from ...core.adapter_io import STORAGE_DTYPES, convert_adapter, read_adapter
 
     dst = args.dst or os.path.splitext(args.src)[0] + ".safetensors"
     if os.path.abspath(dst) == os.path.abspath(args.src):
@@ -49,8 +38,8 @@ def cmd_convert(args) -> int:
 
 
 def _is_cache(path: str) -> bool:
-    from ..core.cache import CACHE_FORMAT
-    from ..core.files import SAFETENSORS_EXTENSIONS, read_safetensors
+    from ...core.cache import CACHE_FORMAT
+    from ...core.files import SAFETENSORS_EXTENSIONS, read_safetensors
 
     if not path.lower().endswith(SAFETENSORS_EXTENSIONS):
         return False
@@ -62,12 +51,12 @@ def _is_cache(path: str) -> bool:
 
 def cmd_info(args) -> int:
     if _is_cache(args.file):
-        from ..core.cache import load_cache
+        from ...core.cache import load_cache
 
         c = load_cache(args.file)
         info = {"kind": "cache", "summary": c.describe(), "layers": {str(r): list(c.tokens[r].shape) for r in c.layers}}
     else:
-        from ..core.adapter_io import read_adapter
+        from ...core.adapter_io import read_adapter
 
         a = read_adapter(args.file)
         info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),
@@ -118,23 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     for add in COMMANDS.values():
         add(sub)
     return parser
-
-
-def run_main(parser: argparse.ArgumentParser, argv=None) -> int:
-    """Parse, run the chosen subcommand, and turn a DreamCacheError into one ``error:`` line and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DreamCacheError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as e:
-        command = getattr(args, "command", None)
-        message = missing_module_message(e, f"'{parser.prog}{' ' + command if command else ''}'")
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@ segment the subject with a pluggable masker, write the reference dataset layout.
 (all three files present) and recorded rejections are skipped; every item has its own seed.
 
 Sharded (``shard=(I, N)``, ``--shard I/N`` or torchrun's ranks): shard I renders every N-th item of the item list
-(:func:`dreamcache.apps.distributed.shard_jobs`) into the same folder; item names do not depend on the shard, so
+(:func:`dreamcache.apps.data.sharding.shard_jobs`) into the same folder; item names do not depend on the shard, so
 shards never collide, and the union of the shards is the unsharded run. Each shard records its rejections in its
 own ``synth_rejected-shardIofN.jsonl`` (no two processes append to one file); every run skips the rejections of
 all of them, and a shard that finishes merges them all into ``synth_rejected.jsonl``."""
@@ -15,10 +15,14 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import DreamCacheError
-from .data import SynthSettings, caption_key, derive_seed, item_done, mask_problem, object_id_for, write_item
-from .distributed import shard_jobs
-from .progress import progress_bar
+from ...core.errors import DreamCacheError
+from ..progress import progress_bar
+from .captions import caption_key, object_id_for
+from .layout import item_done
+from .masks import mask_problem
+from .seeds import derive_seed
+from .sharding import shard_jobs
+from .writer import SynthSettings, write_item
 
 REJECTED = "synth_rejected.jsonl"
 SETTINGS = "synth_settings.json"

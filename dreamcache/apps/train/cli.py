@@ -1,5 +1,5 @@
-"""``python -m dreamcache.train``: parse the command line (:mod:`.train`), load ComfyUI and the checkpoint, run the
-:class:`~.trainer.Trainer`. Its own module so that the trainer can import the configuration without a cycle."""
+"""``python -m dreamcache.train``: parse the command line (:mod:`.config`), load ComfyUI and the checkpoint, run the
+:class:`~.loop.Trainer`. Its own module so that the trainer can import the configuration without a cycle."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,13 @@ import sys
 
 import torch
 
-from ..core.errors import DreamCacheError
-from .train import build_parser, config_from_args, load_state, log_path, resolve_resume
+from ...core.errors import DreamCacheError
+from .config import build_parser, config_from_args, load_state, log_path, resolve_resume
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .distributed import DistContext, setup
+    from .parallel import DistContext, setup
 
     ctx = DistContext.single()
     try:
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
             state = load_state(resolve_resume(args.resume, getattr(args, "out", None)))
         cfg = config_from_args(args, state.config if state else None, ctx.world_size,
                                int(state.extra.get("world_size", 1)) if state else 1)
-        from ..comfy.env import import_comfyui
+        from ...comfy.env import import_comfyui
 
         cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
         if ctx.enabled:
@@ -34,12 +34,12 @@ def main(argv=None) -> int:
         import_comfyui(args.comfyui, cpu=cpu)
         if cpu:
             torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
-        from ..comfy import loading
-        from . import trainer
+        from ...comfy import loading
+        from . import loop
 
-        precision = trainer.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
-        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=trainer.WEIGHT_DTYPES[precision])
-        t = trainer.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
+        precision = loop.resolve_precision(cfg.precision, "cpu" if cpu else "cuda")
+        model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=loop.WEIGHT_DTYPES[precision])
+        t = loop.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
                             dist=ctx)
         t.run()
         ctx.close()  # every rank waits here for the others (rank 0 may still be writing the final files)

@@ -6,7 +6,8 @@ seeded by ``(seed, p)``, so batch 4 equals 2 x accumulate 2 and a resumed run co
 1. target and reference pictures -> VAE -> ``process_latent_in`` (no grad);
 2. the cache, under no_grad: the reference latent noised at DDPM t=1 (sigma_1 = ``model_sampling.sigma(1)``),
    context = the encoded empty prompt, adapters off; the inputs of the adapter layers' SpatialTransformers are
-   captured (:func:`dreamcache.capture.run_and_capture`) and the pass stops there; per-image (reference i for target i);
+   captured (:func:`dreamcache.core.capture.run_and_capture`) and the pass stops there; per-image (reference i
+   for target i);
 3. t uniform in {0..999}, sigma_t = ``model_sampling.sigma(t)``, x = z + sigma_t * eps, and the U-Net is called
    directly on ``calculate_input(sigma_t, x)`` at ``timestep(sigma_t)`` with the caption's context (dropped to ""
    with p 0.07) and, for SDXL, the ``y`` vector; the DreamCache patch runs in trainable mode (autograd through
@@ -30,31 +31,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..comfy.loading import check_supported
-from ..comfy.model import FAMILY_NAMES, model_channels_at
-from ..core.adapter import DreamCacheAdapter
-from ..core.adapter_io import adapter_file_of, read_adapter, save_adapter
-from ..core.cache import from_captures
-from ..core.capture import run_and_capture
-from ..core.errors import DreamCacheError
-from ..core.layers import default_layers, sort_layers
-from ..core.layout import INFERENCE_WIDTH
-from ..core.patch import DreamCachePatch, PatchEntry
-from .data import (
+from ...comfy.loading import check_supported
+from ...comfy.model import FAMILY_NAMES, model_channels_at
+from ...core.adapter import DreamCacheAdapter
+from ...core.adapter_io import adapter_file_of, read_adapter, save_adapter
+from ...core.cache import from_captures
+from ...core.capture import run_and_capture
+from ...core.errors import DreamCacheError
+from ...core.image import from_uint8
+from ...core.layers import NATIVE_RESOLUTION, default_layers, sort_layers
+from ...core.patch import DreamCachePatch, PatchEntry
+from ...core.subject import subject_reference
+from ..data import (
     AugmentConfig,
     TargetGeometry,
     TrainingData,
     batches,
-    crop_subject,
     load_mask,
     load_rgb,
-    place_on_canvas,
     torch_generator,
     validate_dataset,
 )
-from .distributed import DistContext
-from .train import (
-    DEFAULT_RESOLUTION,
+from .batch import global_batch
+from .config import (
     TrainConfig,
     TrainState,
     checkpoint_path,
@@ -64,6 +63,7 @@ from .train import (
     save_state,
     state_path_for,
 )
+from .parallel import DistContext
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEPS = 1000
@@ -152,7 +152,7 @@ class Trainer:
 
     ``data``: a :class:`TrainingData` (default: built from ``config.data``). ``state``: a :class:`TrainState` to
     resume from (its adapter file is loaded, optimizer, scaler and RNG restored). ``dist``: this rank's
-    :class:`~dreamcache.apps.distributed.DistContext` in a data-parallel run (default: a single process)."""
+    :class:`~dreamcache.apps.train.parallel.DistContext` in a data-parallel run (default: a single process)."""
 
     def __init__(self, model, clip, vae, config: TrainConfig, data: TrainingData | None = None,
                  checkpoint_name: str | None = None,
@@ -170,7 +170,7 @@ class Trainer:
         self.device = torch.device(model.load_device)
         config.precision = resolve_precision(config.precision, self.device.type)
         if not config.resolution:
-            config.resolution = DEFAULT_RESOLUTION[self.family]
+            config.resolution = NATIVE_RESOLUTION[self.family]
         if config.checkpoint == "" and checkpoint_name:
             config.checkpoint = checkpoint_name
         self.cfg = config
@@ -208,7 +208,7 @@ class Trainer:
         self.dist.start(self)
         self._eval = None
         if config.eval_every and self.dist.is_main:  # --eval-every: DreamBench and metric models checked up front
-            from .eval.training import TrainingEval
+            from .evaluation import TrainingEval
 
             self._eval = TrainingEval(config)
 
@@ -223,7 +223,7 @@ class Trainer:
                 raise DreamCacheError(
                     f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' "
                     f"({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
-            from ..comfy.model import check_adapter_fits
+            from ...comfy.model import check_adapter_fits
 
             check_adapter_fits(self.model, af)
             refs = list(af.layers)
@@ -368,10 +368,9 @@ class Trainer:
 
     def next_batch(self) -> dict:
         if self._stream is None:
-            start = self.step * self.cfg.batch_size * self.cfg.accumulate
+            start = self.step * global_batch(self.cfg, self.dist.world_size)
             workers = self.cfg.num_workers
             if self.dist.enabled:  # this rank's share of every global batch
-                start = self.step * self.dist.global_batch(self.cfg)
                 self._stream = self.dist.batches(self.data, self.cfg.batch_size, start, num_workers=workers)
             else:
                 self._stream = batches(self.data, self.cfg.batch_size, start_position=start, num_workers=workers)
@@ -445,10 +444,10 @@ class Trainer:
                            optimizer=self.optimizer.state_dict(),
                            scaler=self.scaler.state_dict() if self.scaler is not None else None,
                            rng=self.rng_state(),
-                           extra={"positions_consumed": self.step * self.cfg.batch_size * self.cfg.accumulate})
+                           extra={"positions_consumed": self.step * global_batch(self.cfg, self.dist.world_size)})
         if self.dist.enabled:  # what a resume with another number of ranks needs
-            g = self.dist.global_batch(self.cfg)
-            state.extra.update(positions_consumed=self.step * g, global_batch=g, world_size=self.dist.world_size)
+            state.extra.update(global_batch=global_batch(self.cfg, self.dist.world_size),
+                               world_size=self.dist.world_size)
         spath = state_path_for(path)
         save_state(spath, state)
         return path, spath
@@ -474,7 +473,8 @@ class Trainer:
 
     # ---- preview ----------------------------------------------------------------------------------------------------
     def preview_inputs(self) -> tuple[torch.Tensor, str]:
-        """The fixed preview subject (on white, the training layout at inference: centred, core.layout) and prompt."""
+        """The fixed preview subject and prompt. With a mask the reference is made as SubjectMask makes it (mask
+        mode, the ``train`` layout at the training resolution); without one the photo is used as it is."""
         cfg = self.cfg
         first = self.data.index.objects[0][1][0]
         if cfg.preview_reference:
@@ -482,55 +482,40 @@ class Trainer:
             mask = load_mask(cfg.preview_mask) if cfg.preview_mask else None
         else:
             rgb, mask = load_rgb(first.image), load_mask(first.mask)
+        image = from_uint8(rgb)
         if mask is not None:
             if mask.shape != rgb.shape[:2] or not mask.any():
                 raise DreamCacheError("The preview mask is empty or does not match the preview image's size; pass a "
                                       "matching --preview-mask.")
-            rgb = place_on_canvas(crop_subject(rgb, mask), cfg.resolution, INFERENCE_WIDTH)
-        image = torch.from_numpy(rgb.copy()).float().div(255.0)[None]
+            image, _ = subject_reference(image, "mask", mask=torch.from_numpy(mask).float()[None], layout="train",
+                                         size=cfg.resolution)
         prompt = cfg.preview_prompt
         if prompt is None:
             prompt = first.caption.read_text(encoding="utf-8").strip()
         return image, prompt
 
     def preview(self, path: str | None = None, seed: int = 0) -> str:
-        """Render the fixed reference and prompt with the current adapter through the pack's inference path
-        (BuildFeatureCache -> ApplyDreamCache -> combined guidance, Euler); writes a PNG."""
-        import comfy.sample
-        import comfy.samplers
-        import numpy as np
+        """Render the fixed reference and prompt with the current adapter through the pack's inference pipeline
+        (:func:`dreamcache.comfy.pipeline.personalised_images`: combined guidance, Euler); writes a PNG."""
         from PIL import Image
 
-        from ..comfy.apply_patch import apply_dreamcache
-        from ..comfy.cache_pass import build_feature_cache
-        from ..comfy.guidance import make_guider
+        from ...comfy.pipeline import personalised_images
 
         path = path or preview_path(self.cfg.out, self.step)
         image, prompt = self.preview_inputs()
         af = adapter_file_of(self.adapter, self.family, name=f"step {self.step}")
-        res = self.cfg.resolution
-        with torch.inference_mode():
-            cache, _ = build_feature_cache(self.model, self.vae, image, af, clip=self.clip, seed=seed, resolution=res,
-                                           fit="pad")
-            patched = apply_dreamcache(self.model, af, cache)
-            pos = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
-            neg = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(""))
-            guider = make_guider(patched, pos, neg, self.cfg.preview_text_scale, self.cfg.preview_image_scale)
-            latent = torch.zeros(1, 4, res // 8, res // 8)
-            latent = comfy.sample.fix_empty_latent_channels(patched, latent)
-            noise = comfy.sample.prepare_noise(latent, seed)
-            sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "normal",
-                                                     self.cfg.preview_steps)
-            out = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True,
-                                seed=seed)
-            pixels = self.vae.decode(out.to(torch.float32))[0, ..., :3]
+        cfg = self.cfg
+        pixels = personalised_images(self.model, self.clip, self.vae, image, af, prompt, cfg.resolution, seeds=[seed],
+                                     steps=cfg.preview_steps, sampler_name="euler", scheduler="normal",
+                                     text_scale=cfg.preview_text_scale, image_scale=cfg.preview_image_scale,
+                                     cache_seed=seed)[0, ..., :3]
         self._ensure_loaded()
-        Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().astype(np.uint8)).save(path)
+        Image.fromarray((pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()).save(path)
         return path
 
     def evaluate(self) -> dict:
         """--eval-every: DINO / CLIP-I / CLIP-T of the current adapter on a few DreamBench images (apps.eval)."""
-        from .eval.training import evaluate_during_training
+        from .evaluation import evaluate_during_training
 
         return evaluate_during_training(self)
 
@@ -556,7 +541,7 @@ class Trainer:
                 writer.writerow({"step": self.step, "loss": f"{loss:.6g}",
                                  "lr": f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                  "grad_norm": "" if grad_norm is None else f"{grad_norm:.4g}", "seconds": f"{dt:.4f}",
-                                 "images_per_second": f"{self.dist.global_batch(cfg) / dt:.3f}",
+                                 "images_per_second": f"{global_batch(cfg, self.dist.world_size) / dt:.3f}",
                                  **self.dist.step_record(dt)})
                 f.flush()
                 if bar is not None:
@@ -575,5 +560,5 @@ class Trainer:
             self._stream = None
         self.save(cfg.out)
         if self.dist.is_main and losses:
-            self.log(self.dist.summary(self.dist.global_batch(cfg)))
+            self.log(self.dist.summary(global_batch(cfg, self.dist.world_size)))
         return losses

@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.parse
 
-from ..core.errors import DreamCacheError
+from ...core.errors import DreamCacheError
 from . import workflow as wf
 from .comfy_client import Client, ComfyServer, ServerError, describe_rejection
 
@@ -102,7 +102,7 @@ def save_outputs(client: Client, entry: dict, out_dir: str) -> list[str]:
     return paths
 
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def check_base_directory(base: str) -> None:
@@ -130,7 +130,7 @@ def run_workflow(path: str, overrides: list[str] | None = None, comfyui: str | N
         if server:
             client = Client(server)
         else:
-            from ..comfy.env import find_comfyui
+            from ...comfy.env import find_comfyui
 
             root = find_comfyui(comfyui)
             if root is None:

@@ -1,4 +1,4 @@
-"""Data-parallel training and sharded synthesis over several processes, GPUs and machines.
+"""Data-parallel training over several processes, GPUs and machines (torchrun): setup, collectives, DataLoader.
 
 Training (``torchrun --nproc_per_node N -m dreamcache.train ...``): torchrun starts one process per rank and tells
 it ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous (``MASTER_ADDR``/``MASTER_PORT``). Each rank owns one
@@ -27,8 +27,8 @@ its own ComfyUI model management on that device and trains the same adapters on 
   hung one. Misconfigurations (no GPU for a rank, NCCL missing, a global batch that does not split, ranks that see
   different datasets or settings) are one-sentence errors naming the rank.
 
-Synthesis (``python -m dreamcache.data synth --shard I/N``, or under torchrun): the item list is split round-robin
-(:func:`shard_jobs`); see :mod:`dreamcache.apps.synth`.
+Synthesis shards over the same launcher (:mod:`dreamcache.apps.data.sharding`); the batch arithmetic is in
+:mod:`dreamcache.apps.train.batch`.
 """
 
 from __future__ import annotations
@@ -40,20 +40,16 @@ import os
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from ..core.errors import DreamCacheError
+from ...core.errors import DreamCacheError
+from ..launcher import launch_from_env
+from .config import DEFAULT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
-#: Default of ``--dist-timeout``: how long a rank waits in a collective (and at the rendezvous) for the others.
-#: Longer than any legitimate imbalance (rank 0 writing a checkpoint or rendering a preview, the first batches of
-#: a cold file cache), a small fraction of a multi-day run.
-DEFAULT_TIMEOUT_S = 600
-BACKENDS = ("auto", "nccl", "gloo")
 
 #: status codes a rank puts in the step's all-reduce
 OK, FAILED_OOM, FAILED_ERROR = 0, 1, 2
@@ -61,40 +57,6 @@ OK, FAILED_OOM, FAILED_ERROR = 0, 1, 2
 
 class DistributedStop(DreamCacheError):
     """Another rank failed (or the ranks disagree); raised on every rank at the same point."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# What torchrun told this process
-
-
-@dataclass(frozen=True)
-class Launch:
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def launch_from_env(environ=None) -> Launch | None:
-    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as torchrun (or any launcher following its contract) sets them; None
-    when this process was not started by such a launcher."""
-    env = os.environ if environ is None else environ
-    if not env.get("WORLD_SIZE"):
-        return None
-    try:
-        world = int(env["WORLD_SIZE"])
-        rank = int(env.get("RANK", "0"))
-        local = int(env.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise DreamCacheError(
-            f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r} "
-            "are not whole numbers; start the processes with torchrun."
-        ) from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise DreamCacheError(
-            f"RANK {rank} / WORLD_SIZE {world} / LOCAL_RANK {local} are inconsistent; "
-            "start the processes with torchrun."
-        )
-    return Launch(rank, world, local)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,14 +129,10 @@ class DistContext:
         if self.owns_group:
             dist.destroy_process_group()
 
-    # ---- batch sizes ------------------------------------------------------------------------------------------------
-    def global_batch(self, cfg) -> int:
-        return self.world_size * cfg.batch_size * cfg.accumulate
-
     # ---- data ---------------------------------------------------------------------------------------------------
     def batches(self, data, batch_size: int, start_position: int, num_workers: int = 0):
         """This rank's micro-batches (endless), see the module docstring for the positions."""
-        from .data import collate
+        from ..data import collate
 
         sampler = RankPositionSampler(start_position, self.rank, self.world_size, batch_size)
         loader = torch.utils.data.DataLoader(
@@ -417,35 +375,8 @@ class RankPositionSampler(torch.utils.data.Sampler):
             k += 1
 
 
-def rank_positions(start: int, rank: int, world_size: int, batch_size: int, micro_batches: int) -> list[list[int]]:
-    """The positions of a rank's first ``micro_batches`` micro-batches (what :class:`RankPositionSampler` yields)."""
-    it = iter(RankPositionSampler(start, rank, world_size, batch_size))
-    return [[next(it) for _ in range(batch_size)] for _ in range(micro_batches)]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Setting up a rank
-
-
-def add_arguments(parser):
-    g = parser.add_argument_group("several GPUs / machines (start with torchrun; see docs/training-distributed.md)")
-    g.add_argument(
-        "--global-batch",
-        type=int,
-        default=None,
-        help="images per optimizer step over all ranks (= ranks x --batch-size x --accumulate); --accumulate (or "
-        "--batch-size) is derived from it. A resumed run keeps its global batch whatever the number of ranks.",
-    )
-    g.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        help=f"seconds a rank waits for the others (rendezvous, each step) (default {DEFAULT_TIMEOUT_S})",
-    )
-    g.add_argument(
-        "--dist-backend", choices=BACKENDS, default="auto", help="auto: NCCL on CUDA GPUs, Gloo with --device cpu"
-    )
-    return parser
 
 
 def setup(device: str = "auto", backend: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
@@ -520,123 +451,3 @@ def setup(device: str = "auto", backend: str = "auto", timeout_s: float = DEFAUL
             ) from None
         owns = True
     return DistContext(rank, world, local, dev, chosen, timeout_s, owns)
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    for b in range(min(n, max(1, limit)), 0, -1):
-        if n % b == 0:
-            return b
-    return 1
-
-
-def resolve_batch(args, saved=None, world_size: int = 1, saved_world_size: int = 1):
-    """Per-rank ``batch_size`` and ``accumulate`` from the command line (``args``; --global-batch is optional) and,
-    when resuming, the saved run (whose global batch is kept: ``saved`` is its TrainConfig, ``saved_world_size``
-    the ranks it ran on). Sets ``args.batch_size`` / ``args.accumulate`` where they follow; raises when the global
-    batch does not split. Without --global-batch and without resuming nothing changes."""
-    given_b = getattr(args, "batch_size", None)
-    given_a = getattr(args, "accumulate", None)
-    given_g = getattr(args, "global_batch", None)
-    if saved is not None:
-        g = saved.batch_size * saved.accumulate * saved_world_size
-        if given_g is not None and given_g != g:
-            raise DreamCacheError(
-                f"A resumed run keeps its global batch of {g} images, but --global-batch {given_g} was given; drop it, "
-                "or start a new run from this adapter with --init-from."
-            )
-        prefer_b = saved.batch_size
-        if given_b is None and given_a is None and world_size == saved_world_size:
-            return  # the run goes on as it was
-    elif given_g is not None:
-        g = given_g
-        prefer_b = g  # as large as the rank's share allows, i.e. --accumulate 1 unless it is given
-    else:
-        return
-    if g < 1 or g % world_size:
-        raise DreamCacheError(
-            f"The global batch of {g} images does not split over {world_size} ranks; use a number of ranks that "
-            f"divides it{' (the run was saved with ' + str(saved_world_size) + ')' if saved is not None else ''}, "
-            "or another --global-batch."
-        )
-    share = g // world_size
-    if given_b is not None and given_a is not None:
-        if given_b * given_a != share:
-            raise DreamCacheError(
-                f"--batch-size {given_b} x --accumulate {given_a} x {world_size} ranks = "
-                f"{given_b * given_a * world_size} images "
-                f"per step, but the global batch is {g}; give only one of them and the other is derived."
-            )
-        b, a = given_b, given_a
-    elif given_b is not None:
-        if share % given_b:
-            raise DreamCacheError(
-                f"--batch-size {given_b} does not divide the {share} images each of {world_size} ranks takes per step "
-                f"(global batch {g}); pick a divisor of {share}."
-            )
-        b, a = given_b, share // given_b
-    elif given_a is not None:
-        if share % given_a:
-            raise DreamCacheError(
-                f"--accumulate {given_a} does not divide the {share} images each of {world_size} ranks takes per step "
-                f"(global batch {g}); pick a divisor of {share}."
-            )
-        b, a = share // given_a, given_a
-    else:
-        b = _largest_divisor_at_most(share, prefer_b)
-        a = share // b
-    args.batch_size, args.accumulate = b, a
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sharded synthesis
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """``"I/N"`` (0 <= I < N) -> (I, N)."""
-    if text is None:
-        return None
-    try:
-        i, n = (int(x) for x in str(text).split("/"))
-    except ValueError:
-        i, n = -1, 0
-    if n < 1 or not 0 <= i < n:
-        raise DreamCacheError(
-            f"--shard {text!r} is not understood; write I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4."
-        )
-    return i, n
-
-
-def synth_shard(explicit: str | None, environ=None) -> tuple[int, int] | None:
-    """The shard of this synthesis process: ``--shard I/N`` and/or torchrun's RANK/WORLD_SIZE. Both together nest
-    (torchrun's ranks split shard I further): shard ``I*W + RANK`` of ``N*W``."""
-    shard = parse_shard(explicit)
-    launch = launch_from_env(environ)
-    if launch is None or launch.world_size == 1:
-        return shard
-    if shard is None:
-        return launch.rank, launch.world_size
-    return shard[0] * launch.world_size + launch.rank, shard[1] * launch.world_size
-
-
-def synth_process(explicit: str | None, cpu: bool = False) -> tuple[int, int] | None:
-    """A synthesis process's shard; under torchrun with GPUs it also takes GPU ``LOCAL_RANK`` (before ComfyUI is
-    imported, so ComfyUI's model management uses it)."""
-    shard = synth_shard(explicit)
-    launch = launch_from_env()
-    if launch is not None and launch.world_size > 1 and not cpu and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if launch.local_rank >= count:
-            raise DreamCacheError(
-                f"Synthesis rank {launch.rank} (local rank {launch.local_rank} on {socket.gethostname()}) has no GPU: "
-                f"that machine has {count}; start at most {count} processes there (torchrun --nproc_per_node {count})."
-            )
-        torch.cuda.set_device(launch.local_rank)
-    return shard
-
-
-def shard_jobs(jobs: list, shard: tuple[int, int] | None) -> list:
-    """Round-robin share of ``jobs`` (every N-th item from I): balanced, and the union of all shards is ``jobs``."""
-    if shard is None:
-        return list(jobs)
-    i, n = shard
-    return list(jobs[i::n])
