@@ -37,6 +37,7 @@ from .block import (
 )
 from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
+from .finite import RunCheck, check_layer, checked_apply_model
 from .layers import LayerRef
 from .regional import batch_index, check_layer_weights, mask_kind, prepare_mask, token_grid, token_weights
 
@@ -118,14 +119,15 @@ class _Work:
 
 
 class CallPlan:
-    __slots__ = ("layers", "rows", "ordered", "zero", "record")
+    __slots__ = ("layers", "rows", "ordered", "zero", "record", "check")
 
-    def __init__(self, layers, rows, ordered, zero, record=None):
+    def __init__(self, layers, rows, ordered, zero, record=None, check=False):
         self.layers = layers  # {(block, block_index): [_Work, ...]}
         self.rows = rows  # None: every row; a slice (one run of chunks) or a LongTensor of the rows with the image on
         self.ordered = ordered  # True when the wrapper put our hooks in place (a 0-d zero is then safe)
         self.zero = zero
         self.record = record  # None, or (hook key, rows of the computed rows to record) when the recorder records
+        self.check = check  # True only while diagnosing a non-finite prediction (core.finite): check every layer
 
 
 _EMPTY = CallPlan({}, None, True, None)
@@ -173,7 +175,10 @@ class MiddleHook(_Shared):
         a = extra.pop(_STASH, None)
         if a is None:
             return x
-        return self.patch.update(x, a, extra)
+        out = self.patch.update(x, a, extra)
+        if extra[PLAN_KEY].check:  # only while diagnosing a non-finite prediction (core.finite), never normally
+            check_layer(extra[PLAN_KEY].layers[(extra.get("block"), extra.get("block_index", 0))], x, a, out)
+        return out
 
 
 class ModelWrapper(_Shared):
@@ -218,7 +223,9 @@ class PrePlanWrapper(_Shared):
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
         kwargs[PLAN_ARG] = ((x.shape[0], x.device, dtype), plan)
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        # the first call of each sampling run checks its prediction for NaN/inf (one host read per run, core.finite)
+        return checked_apply_model(self.patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, PLAN_ARG,
+                                   DISABLE_KEY)
 
 
 class DreamCachePatch:
@@ -251,6 +258,7 @@ class DreamCachePatch:
         self.middle_hook = MiddleHook(self)
         self.wrapper = ModelWrapper(self)
         self.preplan = PrePlanWrapper(self)
+        self.run_check = RunCheck()
 
     def __deepcopy__(self, memo):
         return self
