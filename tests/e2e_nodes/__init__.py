@@ -52,6 +52,36 @@ class DreamCacheTestTinyControlNet:
         return (_cached(("cn", family), lambda: tiny_models.make_controlnet(family)),)
 
 
+class DreamCacheTestBrokenCheckpoint:
+    """A tiny checkpoint with one part NaN, as when part of a real checkpoint did not load (ComfyUI then runs
+    uninitialised weights and logs 'clip missing:' / 'unet missing:' / 'Missing VAE keys')."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sd1", "sd2"], {"tooltip": "tiny model family"}),
+                             "broken": (["clip", "vae", "unet_out"], {"tooltip": "which part holds NaN weights"})}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "_for_testing"
+    DESCRIPTION = "Tiny random-weight checkpoint with NaN weights in one part, for tests."
+
+    def load(self, family, broken):
+        def build():
+            import torch
+
+            model, clip, vae = (tiny_models.make_model(family, seed=0), tiny_models.make_clip(family, seed=1),
+                                tiny_models.make_vae(seed=2))
+            part = {"clip": clip.cond_stage_model, "vae": vae.first_stage_model,
+                    "unet_out": model.model.diffusion_model.out}[broken]
+            with torch.no_grad():
+                for p in part.parameters():
+                    p.fill_(float("nan"))
+            return model, clip, vae
+
+        return _cached(("broken", family, broken), build)
+
+
 def _pack_module(name: str):
     """A submodule of the DreamCache pack as this server loaded it (so its types are the ones the nodes check)."""
     import importlib
@@ -184,4 +214,5 @@ def _register_routes():
 _register_routes()
 
 NODE_CLASS_MAPPINGS["DreamCacheTestTrack"] = DreamCacheTestTrack
+NODE_CLASS_MAPPINGS["DreamCacheTestBrokenCheckpoint"] = DreamCacheTestBrokenCheckpoint
 NODE_CLASS_MAPPINGS["DreamCacheTestFreshSAM"] = DreamCacheTestFreshSAM
