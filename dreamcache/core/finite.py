@@ -124,7 +124,8 @@ class RunCheck:
         self._last = None
 
     def first_call(self, to: dict) -> bool:
-        """True on the first model call of a sampling run (or on every call outside a sampler)."""
+        """True on the first model call of a sampling run; False for later calls and for calls outside a sampler
+        (no ``sample_sigmas``: training, direct calls)."""
         schedule = to.get("sample_sigmas")
         if schedule is None:
             return False
@@ -138,12 +139,15 @@ def checked_apply_model(patch, executor, x, t, c_concat, c_crossattn, control, t
     """The pre-planner's model call with the once-per-run check: ``executor(...)`` as usual; on the first call of a
     sampling run the prediction is checked and, when it is not finite, :func:`diagnose` raises the sentence."""
     out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-    if patch.run_check.first_call(to) and what_is_bad(out) is not None:
-        diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, plan_arg, disable_key)
+    if patch.run_check.first_call(to):
+        bad = what_is_bad(out)
+        if bad is not None:
+            diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, plan_arg, disable_key, bad)
     return out
 
 
-def diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, plan_arg, disable_key):
+def diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, plan_arg, disable_key,
+             bad: str = "NaN"):
     """Why the first prediction of a run is not finite: the input latent, the conditioning, the base model alone
     (DreamCache off), or the first patched layer that turns a finite block output into NaN. Always raises."""
     node = SAMPLING_NODE
@@ -151,14 +155,15 @@ def diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, 
                  "the node that made it produced them (a VAE Encode of a broken image, or a latent from a model that "
                  f"did not load: {LOG_HINT})", "check the LATENT's source")
     check_tensor(c_crossattn, node, "the text conditioning (CONDITIONING) of the sampler", TEXT_HINT)
+    check_tensor(kwargs.get("y"), node, "the pooled text conditioning (SDXL's y) of the sampler", TEXT_HINT)
     base_to = dict(to)
     base_to[disable_key] = True  # every DreamCache hook off: the base model alone
     base_kwargs = {k: v for k, v in kwargs.items() if k != plan_arg}
     base = executor(x, t, c_concat, c_crossattn, control, base_to, **base_kwargs)
-    bad = what_is_bad(base)
-    if bad is not None:
+    base_bad = what_is_bad(base)
+    if base_bad is not None:
         raise NonFiniteError(sentence(
-            node, "the base model's own prediction at the first step (with DreamCache off)", bad,
+            node, "the base model's own prediction at the first step (with DreamCache off)", base_bad,
             "so the base model, not DreamCache, makes the image black or noisy: the U-Net or text encoder may not have "
             f"loaded ({LOG_HINT}) or {FP16_HINT}", "bypass Apply DreamCache to see the same"))
     pre = kwargs.get(plan_arg)
@@ -168,15 +173,11 @@ def diagnose(patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, 
         executor(x, t, c_concat, c_crossattn, control, to, **{**kwargs, plan_arg: (pre[0], checked)})
     weights = adapter_weights_bad(patch)
     raise NonFiniteError(sentence(
-        node, "DreamCache's prediction at the first step", bad_of(weights) or "NaN",
+        node, "DreamCache's prediction at the first step", bad,
         "the base model alone is finite, so DreamCache's adapter makes them"
         + (f" (its weights hold NaN or inf: {weights}; the adapter file is damaged)" if weights else
            f", through {FP16_HINT}, or because its strength or weights are far out of range"),
         "re-download or retrain the adapter, lower the strength, or run in bf16 or fp32"))
-
-
-def bad_of(text: str | None) -> str | None:
-    return "NaN or inf" if text else None
 
 
 def adapter_weights_bad(patch) -> str | None:
