@@ -46,6 +46,19 @@ def _sample(sd1, model, positive=None, steps=2, latent=None):
     return out
 
 
+def test_the_check_allocates_nothing_large_and_tells_nan_from_inf_and_overflow(fin):
+    """what_is_bad reads a sum first (a finite sum means all finite); when the sum overflows it looks slice by slice."""
+    big = torch.full((3, 1 << 21), 3e38)  # finite, but the sum overflows to inf: still finite
+    assert fin.what_is_bad(big) is None
+    big[1, 5] = NAN
+    assert fin.what_is_bad(big) == "NaN"
+    big[2, -1] = -float("inf")
+    assert fin.what_is_bad(big) == "NaN and inf"
+    assert fin.what_is_bad(torch.tensor([1.0, float("inf")])) == "inf"
+    assert fin.what_is_bad(torch.zeros(0)) is None and fin.what_is_bad(torch.ones(3, dtype=torch.long)) is None
+    assert fin.what_is_bad(torch.rand(4, 5)[:, ::2]) is None  # a view
+
+
 # ---- the cache pass -------------------------------------------------------------------------------------------------
 
 def test_cache_pass_names_a_nan_reference_image(sd1, fin):

@@ -46,11 +46,22 @@ def what_is_bad(t: torch.Tensor) -> str | None:
     read)."""
     if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return None
-    if bool(torch.isfinite(t).all()):
+    # a finite sum means every element is finite (one NaN or inf makes the sum NaN or inf); the sum allocates
+    # nothing the size of t (isfinite would, several times over: 500 MB for a 6000x4000 photo)
+    if bool(torch.isfinite(t.sum())):
         return None
-    nan = bool(torch.isnan(t).any())
-    inf = bool(torch.isinf(t).any())
+    nan = inf = False  # the sum overflowed or something is not finite: look, a slice at a time
+    flat = t.reshape(-1) if t.is_contiguous() else t.flatten()
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK]
+        nan = nan or bool(torch.isnan(part).any())
+        inf = inf or bool(torch.isinf(part).any())
+    if not (nan or inf):
+        return None
     return "NaN and inf" if nan and inf else ("NaN" if nan else "inf")
+
+
+_CHUNK = 1 << 22
 
 
 def sentence(node: str, what: str, bad: str, causes: str, tries: str = "") -> str:

@@ -412,9 +412,7 @@ def _upsample_mask(m: torch.Tensor, h: int, w: int, hard: bool) -> torch.Tensor:
     if tuple(m.shape) == (h, w):
         return m
     up = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    if hard:
-        return (up >= 0.5).to(m.dtype)
-    return up.clamp_(0.0, 1.0)
+    return up.ge_(0.5) if hard else up.clamp_(0.0, 1.0)  # in place: the photo-sized output is the only allocation
 
 
 def _train_from_photo(photo: torch.Tensor, small_mask: torch.Tensor, full_mask: torch.Tensor, color,
