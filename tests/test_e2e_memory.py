@@ -5,8 +5,8 @@ Protects: after ``POST /free`` with ``unload_models`` and ``free_memory`` no obj
 patch, the adapter module and its ModelPatcher, its weights, the K/V and folded-weight memos, the SAM; checked with
 weak references kept by a test-only node inside the server), and the next prompt rebuilds them and saves the same
 image bit for bit; under ComfyUI's ``--cache-none`` and ``--cache-lru N`` a soak of 20 prompts with different subjects
-keeps the pack's objects of old prompts released and the server's RSS flat (printed per prompt). Tiny models on the
-CPU: about half a minute per server.
+keeps the pack's objects of old prompts released and the server's RSS flat (printed per prompt), and POST /free then
+releases the rest. Tiny models on the CPU: three servers, about a minute of CPU in all.
 """
 from __future__ import annotations
 
@@ -159,5 +159,8 @@ def test_soak_of_prompts_with_different_subjects_holds_memory(comfy, tmp_path_fa
         assert not gone & {f"p{i}" for i in range(SOAK - 2)}, sorted(gone)
         growth = (sizes[-1] - sizes[4]) / 1e6
         assert growth < 40, f"RSS grew by {growth:.0f} MB from prompt 5 to prompt {SOAK}: {sizes}"
+        post_free(srv)  # and POST /free releases the rest in this cache mode too
+        left = wait_released(srv, None)
+        assert not left, f"still alive after POST /free: {left}"
     finally:
         srv.stop()
