@@ -141,13 +141,12 @@ class DreamCacheSubjectMask(io.ComfyNode):
                 sam=None, mask=None) -> io.NodeOutput:
         images = subject.as_image_batch(image)
         subject.parse_color(background)  # fail before any model runs
-        segment = None
+        segment, prompts = None, (None, None, None)
         if sam is not None and prompt_mode in subject.SAM_MODES:
-            box, points, labels = subject.sam_prompts(prompt_mode, images.shape[2], images.shape[1], box_x, box_y,
-                                                      box_width, box_height,
-                                                      positive_points, negative_points)
-            segment = partial(sam_glue.segment, sam, mode=prompt_mode, box=box, points=points, labels=labels)
+            prompts = subject.sam_prompts(prompt_mode, images.shape[2], images.shape[1], box_x, box_y, box_width,
+                                          box_height, positive_points, negative_points)
+            segment = partial(sam_glue.segment, sam, mode=prompt_mode)
         return io.NodeOutput(*subject.subject_reference(images, prompt_mode, mask=mask, invert_mask=invert_mask,
-                                                        segment=segment, threshold=threshold, grow=grow,
-                                                        feather=feather, layout=layout, size=size,
+                                                        segment=segment, prompts=prompts, threshold=threshold,
+                                                        grow=grow, feather=feather, layout=layout, size=size,
                                                         background=background))

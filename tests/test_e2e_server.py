@@ -449,3 +449,71 @@ def test_started_server_keeps_log_and_outputs_out_of_the_cwd(comfy, server, tmp_
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(p.name for p in cwd.iterdir()) == ["p.json"]
     assert (out / "comfyui.log").is_file() and any(p.name.startswith("2_") for p in out.iterdir())
+
+
+# ---- NaN named on the server (issue 26) -----------------------------------------------------------------------------
+
+def _fails_with(server, prompt, node_id, *needles):
+    from dreamcache.apps.run.comfy_client import ServerError
+
+    with pytest.raises(ServerError) as e:
+        server.client.wait(server.client.queue(prompt), timeout=600)
+    msg = str(e.value)
+    assert f"node {node_id} " in msg, msg
+    for n in needles:
+        assert n in msg, msg
+    assert "index" not in msg and "out of bounds" not in msg, msg
+    assert server.alive() and server.client.get_json("/system_stats")
+    return msg
+
+
+def _broken(part):
+    return {"class_type": "DreamCacheTestBrokenCheckpoint", "inputs": {"family": "sd1", "broken": part}}
+
+
+def test_text_encoder_that_did_not_load_is_named_in_the_cache_pass_and_the_sampler(server):
+    p = basic_prompt()
+    p["1"] = _broken("clip")
+    _fails_with(server, p, 4, "Build Feature Cache (DreamCache): the conditioning of the cache pass holds NaN values",
+                "the text encoder did not load", "clip missing:")
+    p = basic_prompt()
+    p["12"] = _broken("clip")
+    p["6"]["inputs"]["clip"] = ["12", 1]  # the sampler's prompt from the broken text encoder
+    _fails_with(server, p, 9, "the text conditioning (CONDITIONING) of the sampler holds NaN values",
+                "the text encoder did not load")
+
+
+def test_base_model_nan_is_blamed_on_the_base_model_not_dreamcache(server):
+    p = basic_prompt()
+    p["12"] = _broken("unet_out")
+    p["5"]["inputs"]["model"] = ["12", 0]  # the cache from a good model, sampling on one whose U-Net is NaN
+    _fails_with(server, p, 9, "the base model's own prediction at the first step (with DreamCache off) holds NaN",
+                "the base model, not DreamCache", "--force-upcast-attention")
+
+
+def test_nan_image_is_named_by_subject_mask_and_the_attention_overlay(server):
+    """Issue 26's attention workflow with a VAE that decodes NaN: Show DreamCache Attention names the image instead
+    of failing on a NaN cast to an index; Subject Mask fed such an image names it too."""
+    p = basic_prompt()
+    p["12"] = _broken("vae")
+    p["13"] = {"class_type": "DreamCacheAttentionRecorder", "inputs": {"model": ["5", 0], "layer": "output_6",
+                                                                      "step_percent": 0.5}}
+    p["9"]["inputs"]["model"] = ["13", 0]
+    p["10"]["inputs"]["vae"] = ["12", 2]
+    p["14"] = {"class_type": "DreamCacheShowAttention", "inputs": {
+        "attention": ["13", 1], "latent": ["9", 0], "image": ["10", 0], "reference": ["4", 1], "point_x": 0.5,
+        "point_y": 0.5, "subject": 1, "opacity": 0.55}}
+    p["11"]["inputs"]["images"] = ["14", 0]
+    _fails_with(server, p, 14, "Show DreamCache Attention: the image input holds NaN values",
+                "the generated image is broken", "--fp32-vae")
+    p = basic_prompt()
+    p["12"] = _broken("vae")
+    p["10"]["inputs"]["vae"] = ["12", 2]
+    p["15"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 64}}
+    p["14"] = {"class_type": "DreamCacheSubjectMask", "inputs": {
+        "image": ["10", 0], "prompt_mode": "mask", "mask": ["15", 0], "box_x": 0, "box_y": 0, "box_width": 0,
+        "box_height": 0, "positive_points": "", "negative_points": "", "threshold": 0.5, "grow": 0, "feather": 0,
+        "layout": "train", "size": 64, "background": "#ffffff", "invert_mask": False}}
+    p["11"]["inputs"]["images"] = ["14", 0]
+    _fails_with(server, p, 14, "Subject Mask (DreamCache): the image input holds NaN values",
+                "the node connected to image produced them")

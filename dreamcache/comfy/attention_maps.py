@@ -6,6 +6,7 @@ import torch
 
 from ..core.attention_maps import AttentionRecorder, mark_point, overlay, point_map, reference_subject, subject_map
 from ..core.errors import DreamCacheError
+from ..core.finite import check_show_inputs
 from ..core.layers import layer_name, resolve_layer
 from ..core.patch import DreamCachePatch
 from .apply_patch import comfy_attention, find_patch, install_patch
@@ -67,6 +68,7 @@ def show_attention(
             "connect the LATENT of the sampler that used the recorder's MODEL."
         )
     gen, ref_img = _images(image, "image"), _images(reference, "reference")
+    check_show_inputs(rec.probs, gen, ref_img, reference_mask, point_x, point_y)  # nothing non-finite is drawn
     if gen.shape[0] not in (1, batch):
         raise DreamCacheError(
             f"The image batch has {gen.shape[0]} images but the recording has {batch}; connect the decoded sampler "

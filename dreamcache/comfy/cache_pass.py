@@ -14,6 +14,7 @@ from ..core.adapter_io import AdapterFile
 from ..core.cache import FeatureCache, from_captures
 from ..core.capture import StopPass, run_and_capture
 from ..core.errors import DreamCacheError
+from ..core.finite import check_cache_inputs, check_cache_pass
 from ..core.hooks import DISABLE_KEY
 from ..core.image import fit_reference
 from .model import check_adapter_fits, model_family
@@ -127,6 +128,7 @@ def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, 
         raise DreamCacheError("BuildFeatureCache needs a MODEL and a VAE; connect the checkpoint loader's outputs.")
     check_adapter_fits(model, adapter)
     pixels = fit_reference(images, resolution=resolution, fit=fit)
+    check_cache_inputs(pixels)
     latent = vae.encode(pixels[:, :, :, :3])
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
@@ -134,6 +136,7 @@ def build_feature_cache(model, vae, images: torch.Tensor, adapter: AdapterFile, 
     cond = extra_channels_conditioning(model, vae, plain_conditioning(cond), pixels)
     sigma = pass_sigma(model)
     captured = run_capture_pass(model, latent, noise, sigma, cond, adapter.layers, seed=seed)
+    check_cache_pass(captured, latent, cond[0][0])  # a non-finite cache is never returned
     cache = from_captures(
         captured,
         per_image=per_image and pixels.shape[0] > 1,

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DreamCacheError
+from .finite import check_recording
 from .hooks import HookData
 from .layers import LayerRef, layer_name
 from .regional import token_grid
@@ -130,6 +131,7 @@ class AttentionRecorder:
             q = w.layer.attn_mem.to_q(w.layer.norm2_mem(x))
             k = w.k if w.k.shape[0] == 1 else w.k.index_select(0, idx)
             p = head_mean_probs(q, k, heads)  # (R, N, M)
+            check_recording(x, p, self.layer_name)  # one host read, at the recorded step only
             p = p.reshape(-1, per, *p.shape[1:]).sum(0).cpu()  # chunks of the positive prompt (regional prompts)
             chunks = idx.numel() // per
             e = patch.entries[w.entry]

@@ -17,6 +17,7 @@ from .. import __version__
 from .adapter_io import atomic_save_safetensors
 from .errors import DreamCacheError
 from .files import read_safetensors
+from .finite import check_cache
 from .layers import FAMILIES, LayerRef, sort_layers
 
 CACHE_FORMAT = "dreamcache.cache"
@@ -166,6 +167,9 @@ def check_cache_matches(cache: FeatureCache, channels: dict[LayerRef, int], adap
 
 
 def save_cache(cache: FeatureCache, path: str, dtype: torch.dtype | None = None):
+    if dtype is not None:  # fp16 tops out at 65504: an overflowing cache is refused instead of saved as inf
+        check_cache({r: t.to(dtype) for r, t in cache.tokens.items()}, f"the cache in {str(dtype).split('.')[-1]}",
+                    "Save DreamCache Cache", "its values exceed that type's range", "save it in fp32 or bf16")
     tensors = {f"cache.{r.module}.transformer_blocks.{r.block_index}": (t if dtype is None else t.to(dtype)) for r,
                t in cache.tokens.items()}
     atomic_save_safetensors(tensors, path, _meta_of(cache))
@@ -215,6 +219,7 @@ def load_cache(path: str, name: str | None = None) -> FeatureCache:
     if family not in FAMILIES:
         family = None
     validate_tokens(tokens, spatial, references, per_image, f"'{name}'")
+    check_cache(tokens, f"cache file '{name}'", "Load DreamCache Cache")
     return FeatureCache(
         tokens=tokens, spatial=spatial, references=references, per_image=per_image, model_family=family, sigma=sigma,
                         seed=seed,

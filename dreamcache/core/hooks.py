@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .finite import check_layer, checked_apply_model
+
 #: transformer_options key a guider sets: tuple of bools, image condition on/off per cond position.
 SWITCH_KEY = "dreamcache_image"
 #: transformer_options key that switches every DreamCache patch off (the cache pass sets it).
@@ -159,10 +161,14 @@ class MiddleHook(_Shared):
     dreamcache_hook = "middle"
 
     def __call__(self, x, extra):
-        a = HookData(extra).take_stash()
+        h = HookData(extra)
+        a = h.take_stash()
         if a is None:
             return x
-        return self.patch.update(x, a, extra)
+        out = self.patch.update(x, a, extra)
+        if h.plan.check:  # only while diagnosing a non-finite prediction (core.finite), never normally
+            check_layer(h.plan.layers[h.layer], x, a, out)
+        return out
 
 
 class ModelWrapper(_Shared):
@@ -207,4 +213,6 @@ class PrePlanWrapper(_Shared):
         dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
         plan = self.patch.plan(to, x.shape[0], x.device, dtype, ordered=True)
         kwargs[PLAN_ARG] = ((x.shape[0], x.device, dtype), plan)
-        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+        # the first call of each sampling run checks its prediction for NaN/inf (one host read per run, core.finite)
+        return checked_apply_model(self.patch, executor, x, t, c_concat, c_crossattn, control, to, kwargs, PLAN_ARG,
+                                   DISABLE_KEY)

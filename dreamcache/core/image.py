@@ -44,6 +44,26 @@ def to_rgb_on_white(images: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(0.0, 1.0)
 
 
+def shrink(images: torch.Tensor, long_side: int) -> torch.Tensor:
+    """The IMAGE batch (any channel count) scaled down, aspect kept, so its longer side is at most ``long_side``;
+    returned as is when it already fits.
+
+    For huge photos (a 6000x4000 photo is 288 MB as an IMAGE): the nodes that only need a few hundred or thousand
+    pixels shrink first, before they allocate anything the size of the photo. An area (box) filter read straight from
+    the IMAGE's memory allocates only the small result (a bilinear one would allocate about half the photo again);
+    as an antialiased downscale its error is the resize's own."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        return images
+    h, w = int(images.shape[1]), int(images.shape[2])
+    if max(h, w) <= long_side:
+        return images
+    s = long_side / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    x = images if images.is_floating_point() else images.float()
+    out = F.interpolate(x.movedim(-1, 1), size=(nh, nw), mode="area")
+    return out.movedim(1, -1).contiguous()
+
+
 def _resize(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if images.shape[1] == h and images.shape[2] == w:
         return images
@@ -53,13 +73,26 @@ def _resize(images: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.movedim(1, -1).clamp(0.0, 1.0)
 
 
+def _shrink_crop(images, side):
+    """crop and stretch fits: the shorter side is resized to the resolution, so shrink by it."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        return images
+    h, w = int(images.shape[1]), int(images.shape[2])
+    short = min(h, w)
+    return images if short <= side else shrink(images, round(max(h, w) * side / short))
+
+
 def fit_reference(images: torch.Tensor, resolution: int = 512, fit: str = "pad", multiple: int = 8) -> torch.Tensor:
     """The reference fitted to the cache pass's resolution (what BuildFeatureCache encodes).
 
     ``resolution > 0``: a square of that side; ``fit`` = ``pad`` (keep aspect, pad with white, centred),
     ``stretch`` (resize the whole picture, as the reference inference script does) or ``crop`` (centre crop).
     ``resolution == 0``: keep the size, rounded down to a multiple of ``multiple`` (the VAE needs 8).
+    A photo larger than twice the resolution is first shrunk to that (:func:`shrink`), so a huge photo costs no
+    full-size copy.
     """
+    if resolution > 0 and fit in FIT_MODES:
+        images = shrink(images, 2 * int(resolution)) if fit == "pad" else _shrink_crop(images, 2 * int(resolution))
     rgb = to_rgb_on_white(images)
     b, h, w, _ = rgb.shape
     if fit not in FIT_MODES:

@@ -26,6 +26,7 @@ from .block import (
 )
 from .cache import FeatureCache, check_cache_matches
 from .errors import DreamCacheError
+from .finite import RunCheck
 from .hooks import HookData, MiddleHook, ModelWrapper, OutputHook, PrePlanWrapper
 from .layers import LayerRef
 from .regional import batch_index, check_layer_weights, mask_kind, prepare_mask, token_grid, token_weights
@@ -94,14 +95,15 @@ class _Work:
 
 
 class CallPlan:
-    __slots__ = ("layers", "rows", "ordered", "zero", "record")
+    __slots__ = ("layers", "rows", "ordered", "zero", "record", "check")
 
-    def __init__(self, layers, rows, ordered, zero, record=None):
+    def __init__(self, layers, rows, ordered, zero, record=None, check=False):
         self.layers = layers  # {(block, block_index): [_Work, ...]}
         self.rows = rows  # None: every row; a slice (one run of chunks) or a LongTensor of the rows with the image on
         self.ordered = ordered  # True when the wrapper put our hooks in place (a 0-d zero is then safe)
         self.zero = zero
         self.record = record  # None, or (hook key, rows of the computed rows to record) when the recorder records
+        self.check = check  # True only while diagnosing a non-finite prediction (core.finite): check every layer
 
 
 _EMPTY = CallPlan({}, None, True, None)
@@ -138,6 +140,7 @@ class DreamCachePatch:
         self.middle_hook = MiddleHook(self)
         self.wrapper = ModelWrapper(self)
         self.preplan = PrePlanWrapper(self)
+        self.run_check = RunCheck()
 
     def __deepcopy__(self, memo):
         return self

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DreamCacheError
-from .image import to_rgb_on_white
+from .image import shrink, to_rgb_on_white
 from .placement import INFERENCE_WIDTH, bounding_box, subject_offset, subject_size
 
 PROMPT_MODES = ("auto", "box", "points", "mask")
@@ -366,19 +366,6 @@ def make_reference(images: torch.Tensor, masks: torch.Tensor, layout: str = "tra
     return torch.stack([layout_train(rgb[i], masks[i], color, int(size), width) for i in range(rgb.shape[0])])
 
 
-def subject_reference(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None,
-                      invert_mask: bool = False, segment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      threshold: float = 0.5, grow: int = 0, feather: int = 0, layout: str = "train",
-                      size: int = 512, background="#ffffff") -> tuple[torch.Tensor, torch.Tensor]:
-    """A photo (batch) in, DreamCache's reference out: the subject found (:func:`subject_probabilities`), its mask
-    thresholded, grown and feathered (:func:`refine_masks`), laid out on the background (:func:`make_reference`).
-    Returns ``(reference IMAGE, final masks)``. SubjectMask, the evaluation and the trainer's previews all prepare
-    their reference here."""
-    probs = subject_probabilities(images, prompt_mode, mask=mask, invert_mask=invert_mask, segment=segment)
-    masks = refine_masks(probs, threshold, grow, feather)
-    return make_reference(images, masks, layout, size, background), masks
-
-
 def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y: int = 0, box_width: int = 0,
                 box_height: int = 0,
                 positive_points: str = "", negative_points: str = ""):
@@ -399,3 +386,113 @@ def sam_prompts(prompt_mode: str, width: int, height: int, box_x: int = 0, box_y
     points = pos + neg
     labels = [1] * len(pos) + [0] * len(neg)
     return box, (points or None), (labels or None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Photos of any size: SubjectMask's whole pass
+
+#: SubjectMask finds and refines the mask on a copy of the photo whose longer side is at most this (or twice the
+#: output size, if larger): SAM itself sees 1024 pixels and the train layout at most ``size``, so a 6000x4000 photo is
+#: read at full size only to shrink it, to resize the subject's crop and to write the full-size MASK output.
+WORK_SIDE = 2048
+#: The train layout resamples the subject from a crop at most this many times its size on the canvas.
+CROP_OVERSAMPLE = 4
+#: Rows composited at a time for the keep layout (bounded temporaries for huge photos).
+_STRIP_ROWS = 256
+
+
+def _scale_prompts(box, points, sx: float, sy: float):
+    box = None if box is None else (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    points = None if points is None else [(x * sx, y * sy) for x, y in points]
+    return box, points
+
+
+def _upsample_mask(m: torch.Tensor, h: int, w: int, hard: bool) -> torch.Tensor:
+    """A working-size mask ``[h', w']`` at the photo's size (bilinear; a hard mask stays hard, cut at 0.5)."""
+    if tuple(m.shape) == (h, w):
+        return m
+    up = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return up.ge_(0.5) if hard else up.clamp_(0.0, 1.0)  # in place: the photo-sized output is the only allocation
+
+
+def _train_from_photo(photo: torch.Tensor, small_mask: torch.Tensor, full_mask: torch.Tensor, color,
+                      size: int, work_side: int) -> torch.Tensor:
+    """:func:`layout_train` of one full-size photo ``[H, W, C]``, reading only the subject's crop (shrunk to at most
+    ``CROP_OVERSAMPLE`` times its size on the canvas before anything is allocated)."""
+    h, w = int(photo.shape[0]), int(photo.shape[1])
+    box = bounding_box(full_mask)
+    if box is None:
+        box = bounding_box(small_mask)
+        sh, sw = small_mask.shape
+        box = (math.floor(box[0] * w / sw), math.floor(box[1] * h / sh), math.ceil(box[2] * w / sw),
+               math.ceil(box[3] * h / sh))
+    x0, y0, x1, y1 = box
+    nw, nh = subject_size(x1 - x0, y1 - y0, size)
+    side = max(work_side, CROP_OVERSAMPLE * max(nw, nh))  # a photo that fits the working size is read as is
+    crop = shrink(photo[None, y0:y1, x0:x1], side)
+    crop_m = shrink(full_mask[None, y0:y1, x0:x1, None], side)[0, ..., 0]
+    return layout_train(to_rgb_on_white(crop)[0], crop_m.clamp(0.0, 1.0), color, size)
+
+
+def _keep_from_photo(photo: torch.Tensor, full_mask: torch.Tensor, color) -> torch.Tensor:
+    """:func:`composite` of one full-size photo, a strip of rows at a time (only the output is photo-sized)."""
+    h, w = int(photo.shape[0]), int(photo.shape[1])
+    out = torch.empty((h, w, 3), dtype=torch.float32, device=photo.device)
+    for r in range(0, h, _STRIP_ROWS):
+        rows = slice(r, min(h, r + _STRIP_ROWS))
+        out[rows] = composite(to_rgb_on_white(photo[None, rows])[0], full_mask[rows], color)
+    return out
+
+
+def subject_reference(images: torch.Tensor, prompt_mode: str, mask: torch.Tensor | None = None,
+                      invert_mask: bool = False, segment: Callable | None = None, prompts=(None, None, None),
+                      threshold: float = 0.5, grow: int = 0, feather: int = 0, layout: str = "train", size: int = 512,
+                      background="#ffffff", work_side: int = WORK_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """A photo (batch) of any size in, DreamCache's reference out: ``(reference IMAGE, final masks)``. SubjectMask,
+    the evaluation and the trainer's previews all prepare their reference here.
+
+    The photo is shrunk first (:func:`~.image.shrink`, longer side ``max(work_side, 2 * size)``); the mask is found,
+    thresholded, grown and feathered there (grow and feather scaled to match their pixels of the photo), then brought
+    to the photo's size for the MASK output; the train layout reads only the subject's crop of the full photo. So
+    memory beyond the photo itself stays a small multiple of its mask, and the result is today's full-size one within
+    the resizes' own error: the subject found (:func:`subject_probabilities`), its mask thresholded, grown and
+    feathered (:func:`refine_masks`), laid out on the background. ``segment`` is SAM: ``segment(rgb)``, or
+    ``segment(rgb, box=, points=, labels=)`` when ``prompts`` = ``(box, points, labels)`` (pixels of the photo) holds
+    any."""
+    from .finite import check_segmenter, check_subject_image, check_subject_mask_input
+
+    if layout not in LAYOUTS:
+        raise DreamCacheError(f"Unknown layout '{layout}'; use one of {', '.join(LAYOUTS)}.")
+    if layout == "train" and int(size) < 8:
+        raise DreamCacheError(f"Output size {size} is too small; use 512 for SD1.5/2.1 or 1024 for SDXL.")
+    images = as_image_batch(images)
+    check_subject_image(images)
+    check_subject_mask_input(mask)
+    color = parse_color(background)
+    b, h, w, _ = images.shape
+    small = shrink(images, max(int(work_side), 2 * int(size)))
+    sh, sw = int(small.shape[1]), int(small.shape[2])
+    sx, sy = sw / w, sh / h
+    seg = None
+    if segment is not None:
+        box, points = _scale_prompts(prompts[0], prompts[1], sx, sy)
+        kw = dict(box=box, points=points, labels=prompts[2]) if any(p is not None for p in prompts) else {}
+
+        def seg(rgb):
+            probs = segment(rgb, **kw)
+            check_segmenter(probs)
+            return probs
+
+    probs = subject_probabilities(small, prompt_mode, mask=mask, invert_mask=invert_mask, segment=seg)
+    scale = min(sx, sy)
+    small_masks = refine_masks(probs, threshold, round(grow * scale), round(feather * scale) if feather else 0)
+    masks = torch.empty((b, h, w), dtype=torch.float32, device=small_masks.device)
+    refs = []
+    for i in range(b):
+        masks[i] = _upsample_mask(small_masks[i].float(), h, w, hard=feather == 0)
+        if layout == "keep":
+            refs.append(_keep_from_photo(images[i], masks[i], color))
+        else:
+            refs.append(_train_from_photo(images[i], small_masks[i], masks[i], color, int(size),
+                                          max(int(work_side), 2 * int(size))))
+    return torch.stack(refs) if b > 1 else refs[0][None], masks
