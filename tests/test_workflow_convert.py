@@ -103,6 +103,22 @@ def test_widget_value_count_matches_the_frontend():
     assert combo_options(INFO["Loader"]["input"]["required"]["name"]) == ["a.safetensors", "b.safetensors"]
 
 
+def test_upload_button_values_follow_the_required_widgets():
+    """The frontend appends its upload input to the node's *required* inputs (``required.upload``, Comfy.UploadImage),
+    so LoadImageMask stores [image, channel, "image"] (seen in frontends 1.27 and 1.49). Before the fix the converter
+    read the upload value as the channel and sent channel="image"."""
+    info = {"LoadImageMask": {"input": {"required": {"image": [["m.png"], {"image_upload": True}],
+                                                     "channel": [["alpha", "red"], {}]},
+                                        "optional": {"gain": ["FLOAT", {}]}},
+                              "input_order": {"required": ["image", "channel"], "optional": ["gain"]},
+                              "output": ["MASK"]}}
+    wf = {"nodes": [node(1, "LoadImageMask", outputs=[{"name": "MASK", "type": "MASK", "links": []}],
+                         widgets=["m.png", "red", "image", 0.5])], "links": []}
+    inputs = ui_to_api(wf, info)["1"]["inputs"]
+    assert inputs == {"image": "m.png", "channel": "red", "gain": 0.5}
+    assert widget_value_count(info["LoadImageMask"]) == 4
+
+
 def test_unknown_node_type_and_unconnected_input():
     wf = workflow()
     wf["nodes"].append(node(9, "SomePackNode", widgets=[]))

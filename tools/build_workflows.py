@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dreamcache import __version__  # noqa: E402
-from dreamcache.apps.run.workflow import input_specs, widget_slots  # noqa: E402
+from dreamcache.apps.run.workflow import input_specs, upload_values, widget_slots  # noqa: E402
 
 SNAPSHOT = json.loads((ROOT / "tests" / "data" / "object_info_snapshot.json").read_text())
 INFO = SNAPSHOT["object_info"]
@@ -113,7 +113,10 @@ class Workflow:
                     "properties": {}, "widgets_values": [n.widgets["text"]], "color": n.color, "bgcolor": "#653"}
         info = INFO[n.kind]
         inputs, values = [], []
+        uploads = upload_values(info)
         for name, spec, section in input_specs(info):
+            if section != "required":  # the upload buttons' values follow the required widgets (workflow.py)
+                values, uploads = values + uploads, []
             is_widget, extra = widget_slots(spec)
             typ = spec[0] if isinstance(spec[0], str) else "COMBO"
             if is_widget:
@@ -129,9 +132,6 @@ class Workflow:
                 opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
                 if opts.get("control_after_generate"):
                     values.append("fixed")
-                for k, v in opts.items():
-                    if k.endswith("_upload") and v is True:
-                        values.append(k.split("_")[0])
                 if name in n.inputs:
                     slots[(n.id, name)] = len(inputs)
                     inputs.append({"name": name, "type": typ, "widget": {"name": name}, "link": n.inputs[name]})
@@ -139,6 +139,7 @@ class Workflow:
                 if name in n.inputs or section == "required":
                     slots[(n.id, name)] = len(inputs)
                     inputs.append({"name": name, "type": typ, "link": n.inputs.get(name)})
+        values += uploads
         unknown = set(n.widgets) - {name for name, _s, _sec in input_specs(info)}
         if unknown:
             raise KeyError(f"{n.kind} has no inputs {unknown} (workflow {self.name})")

@@ -80,17 +80,27 @@ def input_specs(info: dict):
             yield name, spec, section
 
 
+def _options(spec) -> dict:
+    return spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
 def widget_slots(spec) -> tuple[bool, int]:
-    """(is a widget, how many extra values the frontend stores after it)."""
+    """(is a widget, how many extra values the frontend stores right after it: the control of a seed)."""
     typ = spec[0] if isinstance(spec, (list, tuple)) and spec else spec
-    opts = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
+    opts = _options(spec)
     is_widget = (isinstance(typ,
                             list) or typ in WIDGET_TYPES) and not opts.get("forceInput") and not opts.get("rawLink")
     if not is_widget:
         return False, 0
-    extra = 1 if opts.get("control_after_generate") else 0
-    extra += sum(1 for k, v in opts.items() if k.endswith("_upload") and v is True)
-    return True, extra
+    return True, 1 if opts.get("control_after_generate") else 0
+
+
+def upload_values(info: dict) -> list[str]:
+    """The values of a node's upload buttons (``image_upload`` -> ``"image"``). The frontend adds each as one more
+    *required* input after the node's own (``required.upload``), so they are stored after the last required widget:
+    LoadImageMask stores ``[image, channel, "image"]``, not ``[image, "image", channel]``."""
+    return [k.split("_")[0] for _n, spec, section in input_specs(info) if section == "required"
+            for k, v in _options(spec).items() if k.endswith("_upload") and v is True]
 
 
 def combo_options(spec) -> list:
@@ -105,7 +115,8 @@ def combo_options(spec) -> list:
 
 
 def widget_value_count(info: dict) -> int:
-    return sum(1 + widget_slots(spec)[1] for _n, spec, _s in input_specs(info) if widget_slots(spec)[0])
+    return (sum(1 + widget_slots(spec)[1] for _n, spec, _s in input_specs(info) if widget_slots(spec)[0])
+            + len(upload_values(info)))
 
 
 def _title(node: dict) -> str:
@@ -158,8 +169,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         by_name = values if isinstance(values, dict) else None
         values = list(values or []) if by_name is None else []
         linked = {inp["name"]: inp.get("link") for inp in node.get("inputs") or [] if "name" in inp}
-        inputs, idx = {}, 0
+        inputs, idx, uploads = {}, 0, len(upload_values(info))
         for name, spec, section in input_specs(info):
+            if section != "required":  # the upload buttons' values stand between the required and optional widgets
+                idx, uploads = idx + uploads, 0
             is_widget, extra = widget_slots(spec)
             value, has_value = None, False
             if is_widget:
