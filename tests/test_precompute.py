@@ -187,3 +187,62 @@ def test_stored_variants_are_the_live_cache_of_their_augmentation(sd1, dataset, 
             assert torch.allclose(cache.tokens[r][0], stored[f"0.cache.{v}.{r}"], atol=1e-5, rtol=1e-4), (v, r)
     r = t.adapter.layers[-1]
     assert not torch.allclose(stored[f"0.cache.0.{r}"], stored[f"0.cache.1.{r}"])
+
+
+def test_precompute_and_train_command_lines(comfy, sd1, dataset, tmp_path, monkeypatch, capsys):
+    """python -m dreamcache.data precompute, then python -m dreamcache.train --precomputed on it (and a refusal)."""
+    from dreamcache.apps.data import cli as data_cli
+    from dreamcache.apps.train import cli as train_cli
+    from dreamcache.comfy import loading
+
+    monkeypatch.setattr(loading, "load_checkpoint", lambda path, dtype=None: sd1)
+    out = tmp_path / "set"
+    common = ["--comfyui", str(comfy), "--no-progress"]
+    rc = data_cli.main(["precompute", "--checkpoint", "ckpt/tiny_sd1.safetensors", "--data", str(dataset), "--out",
+                        str(out), "--resolution", str(RES), "--no-augment", "--chunk-size", "4", "--cpu", *common])
+    text = capsys.readouterr().out
+    assert rc == 0 and "2 chunk(s) written, 0 already done, of 2" in text and f"--precomputed {out}" in text
+    train = ["--checkpoint", "tiny_sd1.safetensors", "--data", str(dataset), "--out", str(tmp_path / "a.safetensors"),
+             "--steps", "1", "--batch-size", "2", "--resolution", str(RES), "--num-workers", "0", *common]
+    assert train_cli.main([*train, "--precomputed", str(out), "--no-augment"]) == 0
+    assert (tmp_path / "a.safetensors").is_file()
+    assert train_cli.main([*train, "--precomputed", str(out)]) == 2  # the set has no augmentation, the run has
+    assert "without reference augmentation" in capsys.readouterr().err
+
+
+def test_full_size_sd15_precomputed_equals_live(comfy, tmp_path):
+    """The same equality on the full-size SD1.5 U-Net with a full-size CLIP-L and VAE (random weights, 64 px)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_speed", Path(__file__).resolve().parents[1] / "benchmarks" / "train_speed.py")
+    train_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_speed)
+    models = train_speed.full_sd15()
+    data = make_dataset(tmp_path / "data", objects=2, images=1, size=RES)
+    folder, _ = _precompute(models, data, tmp_path / "set")
+    kw = dict(steps=2, batch_size=1, lr=1e-4)
+    live = _trainer(models, data, tmp_path / "live.safetensors", **kw).run()
+    pre = _trainer(models, data, tmp_path / "pre.safetensors", precomputed=folder, **kw).run()
+    assert len(live) == 2 and all(math.isfinite(x) and x > 0 for x in live)
+    for step, (x, y) in enumerate(zip(live, pre)):
+        assert abs(x - y) < 1e-5, (step, x, y)
+
+
+def test_weights_fingerprint_follows_the_weights(sd1):
+    """The checkpoint hash is remembered only while no weight changes: an in-place edit gives another hash, undoing
+    it gives the first one back."""
+    from dreamcache.comfy.frozen import checkpoint_fingerprint
+
+    first = checkpoint_fingerprint(*sd1)
+    p = next(sd1[0].model.diffusion_model.parameters())
+    original = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    try:
+        changed = checkpoint_fingerprint(*sd1)
+    finally:
+        with torch.no_grad():
+            p.copy_(original)
+    assert changed != first and checkpoint_fingerprint(*sd1) == first and len(first) == 64

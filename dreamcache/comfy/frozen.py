@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -124,22 +125,32 @@ class FrozenParts:
                              sigma=float(sigma1[0]))
 
 
+_FINGERPRINTS: dict = {}
+
+
 def weights_fingerprint(*modules) -> str:
     """SHA-256 (hex) of the weights of ``modules`` (names, dtypes, shapes and bytes of every parameter and buffer, in
     name order): the same checkpoint gives the same value whatever its file is called or where it lies. It is not
-    the checkpoint file's own SHA-256 (a checkpoint loads the same from .ckpt and .safetensors)."""
+    the checkpoint file's own SHA-256 (a checkpoint loads the same from .ckpt and .safetensors). Remembered per
+    process while no tensor is replaced or changed in place (storage and torch's version counter are the key)."""
+    tensors = [(i, name, t) for i, m in enumerate(modules) if m is not None
+               for name, t in sorted(m.state_dict(keep_vars=True).items()) if isinstance(t, torch.Tensor)]
+    key = tuple((i, name, t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for i, name, t in tensors)
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
     h = hashlib.sha256()
-    for i, m in enumerate(modules):
-        if m is None:
-            continue
-        for name, t in sorted(m.state_dict().items()):
-            if not isinstance(t, torch.Tensor):
-                continue
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    for i, name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
+    _FINGERPRINTS.clear()  # one checkpoint at a time is what a process trains or precomputes
+    _FINGERPRINTS[key] = digest
+    for m in modules:  # freed modules' memory may be reused by another model: forget the entry with them
+        if m is not None:
+            weakref.finalize(m, _FINGERPRINTS.pop, key, None)
+    return digest
 
 
 def checkpoint_fingerprint(model, clip, vae) -> str:
