@@ -125,6 +125,16 @@ def test_adapter_metadata_info_and_model_card(sd1, dataset, tmp_path, capsys, mo
     assert (tr["steps"], tr["global_batch"], tr["resolution"]) == (2, 4, RES)
     assert tr["evaluation"] == {"step": 2, **scores}
     assert "init_origin" not in tr and tr["precomputed"] is False
+    # a resumed run keeps the latest scores (until its next evaluation) and counts on
+    from dreamcache.apps.train.config import load_state
+    from dreamcache.apps.train.loop import Trainer
+
+    state = load_state(str(tmp_path / "a.state.safetensors"))
+    state.config.steps, state.config.eval_every = 3, 0
+    Trainer(*sd1, state.config, checkpoint_name="tiny.safetensors", state=state, log=lambda *a: None).run()
+    assert cli_main(["info", str(tmp_path / "a.safetensors")]) == 0
+    resumed = json.loads(capsys.readouterr().out)["training"]
+    assert resumed["steps"] == 3 and resumed["evaluation"] == {"step": 2, **scores}
     card = tmp_path / "README.md"
     assert cli_main(["card", str(tmp_path / "a.safetensors"), "--out", str(card), "--base-model",
                      "stable-diffusion-v1-5/stable-diffusion-v1-5"]) == 0

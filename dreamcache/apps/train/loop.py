@@ -249,6 +249,7 @@ class Trainer:
             import json
 
             check_adapter_fits(self.model, af)
+            self.last_eval = json.loads(af.metadata.get("evaluation", "null"))  # until the next --eval-every
             return json.loads(af.metadata.get("init_origin", "null"))
 
         note = check_init_fits(self.model, af)
