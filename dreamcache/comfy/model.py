@@ -78,6 +78,26 @@ def check_adapter_fits(model, adapter: AdapterFile) -> str | None:
     return family
 
 
+def check_init_fits(model, adapter: AdapterFile) -> str | None:
+    """``--init-from``: an adapter of another family may start a run when every tensor fits (SD1.x and SD2.x share
+    their channel widths, 320/640/1280). Raises one sentence naming the first layer that does not fit; returns one
+    line to show when the adapter comes from another (or an unrecorded) family, None when it is this family's."""
+    family = model_family(model)
+    for ref in adapter.layers:  # U-Net order: the first mismatch is the one named
+        have = model_channels_at(model, ref)
+        if have is None or have != adapter.channels[ref]:
+            what = (f"the model has no transformer block at {ref}" if have is None else
+                    f"layer {ref} has {adapter.channels[ref]} channels in the adapter but {have} in the model")
+            raise DreamCacheError(
+                f"--init-from '{adapter.name}' (for {FAMILY_NAMES[adapter.family]}) cannot start a "
+                f"{FAMILY_NAMES[family]} run: {what}; start from an adapter of this family, or drop --init-from.")
+    if adapter.family == family:
+        return None
+    origin = FAMILY_NAMES[adapter.family] if adapter.family else "an unrecorded family"
+    return (f"starting from '{adapter.name}' ({origin}) on this {FAMILY_NAMES[family]} model: all "
+            f"{len(adapter.layers)} layers fit (same channel widths); its origin is recorded in the new adapter.")
+
+
 def check_cache_fits(model, cache: FeatureCache, adapter: AdapterFile):
     family = model_family(model)
     if cache.model_family and family and cache.model_family != family:

@@ -60,6 +60,16 @@ class LayerRef:
         return self.module if self.block_index == 0 else f"{self.module}[{self.block_index}]"
 
 
+def parse_layer(text: str) -> LayerRef:
+    """``output_blocks.4.1`` or ``output_blocks.4.1[2]`` (block index 2) or ``output_blocks.4.1:2``; the inverse of
+    ``str(LayerRef)``."""
+    m = re.fullmatch(r"\s*([\w.]+?)(?:\[(\d+)\]|:(\d+))?\s*", text)
+    if not m:
+        raise DreamCacheError(f"Layer '{text}' is not understood; write a SpatialTransformer path such as "
+                              "output_blocks.4.1 (optionally [block index]).")
+    return LayerRef(m.group(1), int(m.group(2) or m.group(3) or 0))
+
+
 def sort_layers(layers) -> list[LayerRef]:
     """U-Net execution order: input blocks, middle block, output blocks (by id)."""
     order = {"input": 0, "middle": 1, "output": 2}

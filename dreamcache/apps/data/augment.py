@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ...core.errors import DreamCacheError
-from ...core.placement import TRAIN_WIDTH_RANGE, bounding_box, subject_offset, subject_size
+from ...core.placement import INFERENCE_WIDTH, TRAIN_WIDTH_RANGE, bounding_box, subject_offset, subject_size
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,9 @@ class AugmentConfig:
     erase_scale: tuple[float, float] = (0.02, 0.25)
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     caption_dropout: float = 0.07
+    #: False: every reference is the subject at the inference layout (85% width, centred), no flip, jitter or
+    #: erasing (:meth:`RefAugment.identity`): one fixed reference per item, which a precomputed set stores exactly
+    augment: bool = True
 
     def __post_init__(self):
         if self.resolution < 64 or self.resolution % 64:
@@ -189,6 +192,12 @@ class RefAugment:
         jitter = Jitter.draw(cfg, rng) if rng.random() < cfg.jitter_p else None
         erase = erase_box(cfg.resolution, cfg.resolution, cfg, rng) if rng.random() < cfg.erase_p else None
         return RefAugment(width_frac, u, v, flip, jitter, erase)
+
+    @staticmethod
+    def identity() -> "RefAugment":
+        """No augmentation: the subject at the inference layout (``INFERENCE_WIDTH``, centred), as SubjectMask's
+        ``train`` layout shows it."""
+        return RefAugment(INFERENCE_WIDTH, None, None, False, None, None)
 
 
 def augment_reference(rgb: np.ndarray, mask: np.ndarray, cfg: AugmentConfig, aug: RefAugment) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``python -m dreamcache.data``: ``check`` a dataset, ``synth`` one (ComfyUI is imported only by ``synth``)."""
+"""``python -m dreamcache.data``: ``check`` a dataset, ``synth`` one, ``precompute`` its frozen parts (ComfyUI is
+imported only by ``synth`` and ``precompute``)."""
 from __future__ import annotations
 
 import argparse
@@ -62,9 +63,42 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_precompute(args) -> int:
+    import re
+
+    from ...core.layers import parse_layer
+    from .sharding import synth_process
+
+    shard = synth_process(args.shard, cpu=args.cpu)  # --shard I/N and/or torchrun's ranks, as synth
+    layers = [parse_layer(x) for x in re.split(r"[,\s]+", args.layers) if x] if args.layers else None
+    from ...comfy.env import import_comfyui
+
+    import_comfyui(args.comfyui, cpu=True if args.cpu else None)
+    import torch
+
+    if args.cpu or not torch.cuda.is_available():
+        torch.set_flush_denormal(True)  # denormal floats slow x86 CPUs down by orders of magnitude
+    from ...comfy.frozen import WEIGHT_DTYPES, resolve_precision
+    from ...comfy.loading import load_checkpoint
+    from .precompute import run_precompute
+
+    precision = resolve_precision(args.precision, "cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    model, clip, vae = load_checkpoint(args.checkpoint, dtype=WEIGHT_DTYPES[precision])
+    out, report = run_precompute(model, clip, vae, args.data, args.out, checkpoint_name=args.checkpoint,
+                                 resolution=args.resolution, layers=layers, variants=args.variants,
+                                 augment=not args.no_augment, seed=args.seed, precision=precision,
+                                 storage=args.dtype, chunk_size=args.chunk_size, shard=shard,
+                                 progress=not args.no_progress, validate=not args.quick)
+    print(f"{f'shard {shard[0]}/{shard[1]}: ' if shard else ''}{report['written']} chunk(s) written, "
+          f"{report['skipped']} already done, of {report['chunks']}; precomputed set at {out} "
+          f"(train with --precomputed {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreamcache.data",
-                                description="DreamCache training data: check a dataset or synthesise one.")
+                                description="DreamCache training data: check a dataset, synthesise one, or "
+                                            "precompute its frozen parts.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="validate a dataset folder and list every broken item")
     c.add_argument("root")
@@ -111,6 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
                                    "further); each shard is resumable")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_synth)
+
+    q = sub.add_parser("precompute", help="run the frozen VAE, text encoder and cache pass once over a dataset and "
+                                          "store them for training with --precomputed (resumable, --shard aware)")
+    q.add_argument("--checkpoint", required=True, help="the base checkpoint the adapters will be trained on")
+    q.add_argument("--data", required=True, help="the dataset folder (as for python -m dreamcache.train --data)")
+    q.add_argument("--out", help="folder of the set (default: beside the dataset, "
+                                 "<data>.precomputed-<family>-<size>)")
+    q.add_argument("--resolution", type=int, default=0, help="training size (default: 512 for SD1/SD2, 1024 for SDXL)")
+    q.add_argument("--layers", help="comma-separated SpatialTransformer paths whose cache is stored (default: the "
+                                    "family's set)")
+    q.add_argument("--variants", type=int, default=4, help="augmented reference variants stored per item (default 4; "
+                                                           "1 with --no-augment)")
+    q.add_argument("--no-augment", action="store_true", help="store the un-augmented reference only (train with "
+                                                             "--no-augment)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the variants' augmentations and cache-pass noise")
+    q.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="as the trainer's --precision (auto: bf16/fp16 on CUDA, fp32 on the CPU)")
+    q.add_argument("--dtype", choices=["keep", "fp16", "bf16", "fp32"], default="keep",
+                   help="storage precision of the caches (keep: as computed; fp16 halves an fp32 set)")
+    q.add_argument("--chunk-size", type=int, default=64, help="items per file (default 64)")
+    q.add_argument("--shard", help="compute only shard I of N (I/N) of the chunks, as synth --shard")
+    q.add_argument("--quick", action="store_true", help="do not open every picture to validate the dataset first")
+    q.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
+    q.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_precompute)
     return p
 
 

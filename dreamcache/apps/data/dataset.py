@@ -54,7 +54,8 @@ class TrainingData(torch.utils.data.Dataset):
         rng = rng_for(self.seed, "sample", int(position))
         item = int(rng.integers(len(self.index.objects[obj][1])))
         drop = bool(rng.random() < self.cfg.caption_dropout)
-        return SamplePlan(int(position), obj, item, drop, RefAugment.draw(self.cfg, rng))
+        augment = RefAugment.draw(self.cfg, rng)  # drawn either way, so that --no-augment changes nothing else
+        return SamplePlan(int(position), obj, item, drop, augment if self.cfg.augment else RefAugment.identity())
 
     def item(self, plan: SamplePlan) -> Item:
         return self.index.objects[plan.object_index][1][plan.item_index]
@@ -76,6 +77,10 @@ class TrainingData(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
+    if "latent" in samples[0]:  # samples of a precomputed set
+        from .precompute import collate_precomputed
+
+        return collate_precomputed(samples)
     return {
         "position": [s["position"] for s in samples],
         "name": [s["name"] for s in samples],

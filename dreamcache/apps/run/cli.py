@@ -57,10 +57,12 @@ def cmd_info(args) -> int:
         info = {"kind": "cache", "summary": c.describe(), "layers": {str(r): list(c.tokens[r].shape) for r in c.layers}}
     else:
         from ...core.adapter_io import read_adapter
+        from ...core.provenance import adapter_summary
 
         a = read_adapter(args.file)
         info = {"kind": "adapter", "family": a.family or "unknown", "parameters": a.parameter_count(),
                 "layers": {str(r): a.channels[r] for r in a.layers},
+                "training": {k: v for k, v in adapter_summary(a.metadata, a.family).items() if v is not None},
                 "metadata": {k: v for k, v in a.metadata.items() if k != "layers"}}
     print(json.dumps(info, indent=2))
     if info.get("family") == "unknown":  # on stderr, so that stdout stays one JSON document
@@ -68,6 +70,37 @@ def cmd_info(args) -> int:
               f"2.1-base: pick base_family sd2 in DreamCache Loader, or record it with `python -m dreamcache convert "
               f"{args.file} --family sd2`.", file=sys.stderr)
     return 0
+
+
+def cmd_card(args) -> int:
+    from ...core.adapter_io import read_adapter
+    from ...core.provenance import adapter_summary, model_card
+
+    a = read_adapter(args.file)
+    name = os.path.splitext(os.path.basename(args.file))[0]
+    text = model_card(name, adapter_summary(a.metadata, a.family), [str(r) for r in a.layers], a.parameter_count(),
+                      base_model=args.base_model, license=args.license)
+    if args.out is None:
+        print(text)
+        return 0
+    if os.path.exists(args.out) and not args.force:
+        raise DreamCacheError(f"'{args.out}' already exists; pass --force to overwrite it.")
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_card(sub):
+    p = sub.add_parser("card", help="write a model card (Markdown, Hugging Face front matter) from an adapter's "
+                                    "metadata")
+    p.add_argument("file", help="a trained adapter (.safetensors)")
+    p.add_argument("--out", help="Markdown file to write, e.g. README.md (default: print it)")
+    p.add_argument("--base-model", help="Hugging Face id of the base model for the front matter, e.g. "
+                                        "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    p.add_argument("--license", default="other", help="license id for the front matter (default: other)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.set_defaults(func=cmd_card)
 
 
 def _add_convert(sub):
@@ -95,7 +128,7 @@ def _add_run(sub):
 
 
 #: name -> function(subparsers) that adds the subcommand.
-COMMANDS = {"convert": _add_convert, "info": _add_info, "run": _add_run}
+COMMANDS = {"convert": _add_convert, "info": _add_info, "card": _add_card, "run": _add_run}
 
 
 def build_parser() -> argparse.ArgumentParser:

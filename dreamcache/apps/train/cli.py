@@ -41,6 +41,14 @@ def main(argv=None) -> int:
         model, clip, vae = loading.load_checkpoint(cfg.checkpoint, dtype=loop.WEIGHT_DTYPES[precision])
         t = loop.Trainer(model, clip, vae, cfg, checkpoint_name=os.path.basename(cfg.checkpoint), state=state,
                             dist=ctx)
+        if args.estimate:
+            from .estimate import estimate, report_lines
+
+            report = estimate(t, timed_steps=max(1, args.estimate_steps))
+            if ctx.is_main:
+                print("\n".join(report_lines(report)))
+            ctx.close()
+            return 0
         t.run()
         ctx.close()  # every rank waits here for the others (rank 0 may still be writing the final files)
         if ctx.is_main:

@@ -25,7 +25,7 @@ import torch
 from ... import __version__
 from ...core.errors import DreamCacheError
 from ...core.files import read_safetensors
-from ...core.layers import LayerRef
+from ...core.layers import LayerRef, parse_layer
 from .batch import resolve_batch
 
 STATE_FORMAT = "dreamcache.train_state"
@@ -64,6 +64,8 @@ class TrainConfig:
     init: str = "identity"
     init_from: str | None = None  # an adapter file (.pt or .safetensors) to fine-tune
     caption_dropout: float = 0.07
+    augment: bool = True  # False (--no-augment): one fixed, un-augmented reference per item (and its noise)
+    precomputed: str | None = None  # a set made by python -m dreamcache.data precompute (the frozen parts stored)
     save_every: int = 1000
     preview_every: int = 0
     preview_prompt: str | None = None
@@ -87,7 +89,7 @@ class TrainConfig:
     #: fields that define the optimisation; a resumed run must keep them (else it would not continue the same run)
     IDENTITY = ("data", "batch_size", "accumulate", "lr", "weight_decay", "betas", "adam_eps", "max_grad_norm",
                 "precision",
-                "seed", "resolution", "layers", "init", "init_from", "caption_dropout")
+                "seed", "resolution", "layers", "init", "init_from", "caption_dropout", "augment", "precomputed")
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -125,15 +127,6 @@ class TrainConfig:
 
     def layer_refs(self) -> list[LayerRef] | None:
         return None if self.layers is None else [parse_layer(s) for s in self.layers]
-
-
-def parse_layer(text: str) -> LayerRef:
-    """``output_blocks.4.1`` or ``output_blocks.4.1[2]`` (block index 2) or ``output_blocks.4.1:2``."""
-    m = re.fullmatch(r"\s*([\w.]+?)(?:\[(\d+)\]|:(\d+))?\s*", text)
-    if not m:
-        raise DreamCacheError(f"Layer '{text}' is not understood; write a SpatialTransformer path such as "
-                              "output_blocks.4.1 (optionally [block index]).")
-    return LayerRef(m.group(1), int(m.group(2) or m.group(3) or 0))
 
 
 def layer_names(refs) -> list[str]:
@@ -333,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(PyTorch default init)")
     _arg(g, "--init-from", "init_from", help="an existing adapter (.pt or .safetensors) to fine-tune, e.g. the "
                                              "released cross_attention-199999.pt")
+    _arg(g, "--precomputed", "precomputed",
+         help="read the frozen parts (latents, text encodings, reference caches) from this set, made by python -m "
+              "dreamcache.data precompute for this checkpoint, dataset and resolution")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=argparse.SUPPRESS,
+                   help="no reference augmentation: each item's reference is its subject centred at 85%% width, with "
+                        "one fixed cache-pass noise (what a precomputed set made with --no-augment stores)")
     g = p.add_argument_group("optimisation")
     _arg(g, "--steps", "steps", type=int, help="total optimizer steps (default 1000; resuming continues up to this)")
     _arg(g, "--batch-size", "batch_size", type=int, help="images per micro-batch (on each rank; default 1)")
@@ -376,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     _arg(g, "--eval-masks", "eval_masks", help="reference masks <subject>/<NN>_mask.png (default: the whole photo)")
     p.add_argument("--resume", help="continue a run bit-identically: a checkpoint, its .state.safetensors, or 'latest' "
                                     "(next to --out)")
+    p.add_argument("--estimate", action="store_true",
+                   help="build everything, time a few steps, print images/s, peak memory and the projected wall time "
+                        "on 1, 4 and 8 devices, and exit without writing an adapter")
+    p.add_argument("--estimate-steps", type=int, default=3, help="timed steps of --estimate (after one warm-up step)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="where to train (auto: CUDA when present)")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH or the ComfyUI this pack is installed in)")
@@ -423,7 +426,7 @@ def config_from_args(args: argparse.Namespace, saved: TrainConfig | None = None,
             a, b = given[k], getattr(saved, k)
             if k == "betas":
                 a = tuple(a)
-            if k == "data":
+            if k in ("data", "precomputed") and a and b:
                 same = os.path.abspath(a) == os.path.abspath(b)
             else:
                 same = a == b

@@ -25,18 +25,22 @@ import csv
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ...comfy.frozen import (
+    WEIGHT_DTYPES,
+    FrozenParts,
+    checkpoint_fingerprint,
+    resolve_precision,
+)
 from ...comfy.loading import check_supported
 from ...comfy.model import FAMILY_NAMES, model_channels_at
 from ...core.adapter import DreamCacheAdapter
 from ...core.adapter_io import adapter_file_of, read_adapter, save_adapter
-from ...core.cache import from_captures
-from ...core.capture import run_and_capture
 from ...core.errors import DreamCacheError
 from ...core.image import from_uint8
 from ...core.layers import NATIVE_RESOLUTION, default_layers, sort_layers
@@ -49,7 +53,6 @@ from ..data import (
     batches,
     load_mask,
     load_rgb,
-    torch_generator,
     validate_dataset,
 )
 from .batch import global_batch
@@ -63,19 +66,8 @@ from .config import (
     save_state,
     state_path_for,
 )
+from .draws import sample_noise
 from .parallel import DistContext
-
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TIMESTEPS = 1000
-
-
-def resolve_precision(precision: str, device_type: str) -> str:
-    if precision != "auto":
-        return precision
-    if device_type == "cuda" and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Gradient checkpointing of the frozen U-Net
@@ -136,17 +128,6 @@ class Prepared:
     positions: list[int]
 
 
-def _lcm_stack(conds: list[torch.Tensor]) -> torch.Tensor:
-    """Contexts of different token lengths (captions over 77 tokens) repeated to a common length, as ComfyUI does."""
-    lengths = [c.shape[1] for c in conds]
-    if len(set(lengths)) == 1:
-        return torch.cat(conds)
-    m = lengths[0]
-    for n in lengths[1:]:
-        m = m * n // math.gcd(m, n)
-    return torch.cat([c.repeat(1, m // c.shape[1], 1) for c in conds])
-
-
 class Trainer:
     """Trains the adapters of ``model`` (a ComfyUI ModelPatcher) with ``clip`` and ``vae``.
 
@@ -183,7 +164,11 @@ class Trainer:
         mm.load_models_gpu([model], force_full_load=True)
         self.unet.requires_grad_(False)
         self.compute_dtype = self.base.manual_cast_dtype or self.base.get_dtype()
+        self.frozen = FrozenParts(model, clip, vae, self.device, self.family, self.autocast_dtype)
 
+        self.init_origin = None
+        self.last_eval = None  # the latest --eval-every scores (recorded in the adapter's metadata)
+        self._step_times = []
         self.adapter = self._build_adapter(state)
         self.params = [p for _, p in self.adapter.named_parameters()]
         self.param_names = [n for n, _ in self.adapter.named_parameters()]
@@ -191,17 +176,24 @@ class Trainer:
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.step = 0
+        self.checkpoint_hash = checkpoint_fingerprint(model, clip, vae)
         if data is None:
             main = self.dist.is_main
-            index = validate_dataset(config.data, check_files=config.validate_files, progress=config.progress and main,
+            check = config.validate_files and not config.precomputed  # a precomputed run reads no picture
+            index = validate_dataset(config.data, check_files=check, progress=config.progress and main,
                                      report=f"{os.path.splitext(config.out)[0]}.dataset-problems.txt" if main else None)
-            data = TrainingData(index, AugmentConfig(resolution=config.resolution,
-                                                     caption_dropout=config.caption_dropout), seed=config.seed)
+            aug = AugmentConfig(resolution=config.resolution, caption_dropout=config.caption_dropout,
+                                augment=config.augment)
+            data = TrainingData(index, aug, seed=config.seed)
         elif data.cfg.resolution != config.resolution:
             raise DreamCacheError(f"The data is prepared at {data.cfg.resolution} px but the run trains at "
                                   f"{config.resolution} px.")
+        if config.precomputed:
+            from .precomputed import attach_precomputed
+
+            data = attach_precomputed(self, data)
         self.data = data
-        self._empty = None
+        self._dataset_hash = None
         self._stream = None
         if state is not None:
             self._restore(state)
@@ -223,10 +215,8 @@ class Trainer:
                 raise DreamCacheError(
                     f"--layers {', '.join(map(str, refs))} differ from the layers of '{af.name}' "
                     f"({', '.join(map(str, af.layers))}); drop --layers to fine-tune it.")
-            from ...comfy.model import check_adapter_fits
-
-            check_adapter_fits(self.model, af)
             refs = list(af.layers)
+            self.init_origin = self._init_origin(af, state)
         elif refs is None:
             refs = list(default_layers(self.family))
         channels = {}
@@ -251,6 +241,24 @@ class Trainer:
         module.requires_grad_(True)
         return module.train()
 
+    def _init_origin(self, af, state: TrainState | None) -> dict | None:
+        """What the run started from (recorded in every adapter it writes): ``--init-from``'s file, family and
+        step, after checking that every tensor fits (another family's adapter is accepted, with one line)."""
+        from ...comfy.model import check_adapter_fits, check_init_fits
+
+        if state is not None:  # a resumed run: its own checkpoint, which recorded the origin
+            import json
+
+            check_adapter_fits(self.model, af)
+            self.last_eval = json.loads(af.metadata.get("evaluation", "null"))  # until the next --eval-every
+            return json.loads(af.metadata.get("init_origin", "null"))
+
+        note = check_init_fits(self.model, af)
+        if note and self.dist.is_main:
+            self.log(note)
+        return {"file": os.path.basename(self.cfg.init_from), "family": af.family or "unknown",
+                "step": af.metadata.get("step", ""), "base_checkpoint": af.metadata.get("base_checkpoint", "")}
+
     def _restore(self, state: TrainState):
         if state.param_names != self.param_names:
             raise DreamCacheError("The training state's parameters do not match the adapter's; resume with the files "
@@ -268,88 +276,56 @@ class Trainer:
                 torch.cuda.set_rng_state_all(cuda)
         self.step = state.step
 
-    # ---- encoding ----------------------------------------------------------------------------------------------------
+    # ---- encoding (the frozen parts: dreamcache.comfy.frozen) --------------------------------------------------------
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.frozen.autocast()
 
     def _ensure_loaded(self):
-        import comfy.model_management as mm
-
-        mm.load_models_gpu([self.model], force_full_load=True)
+        self.frozen.ensure_loaded()
 
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, list]:
-        conds, pooled = [], []
-        for c in captions:
-            cond, pool = self.clip.encode_from_tokens(self.clip.tokenize(c), return_pooled=True)
-            conds.append(cond.float())
-            pooled.append(pool)
-        return _lcm_stack(conds), pooled
+        return self.frozen.encode_text(captions)
 
     def empty_prompt(self):
-        if self._empty is None:
-            self._empty = self.encode_text([""])
-        return self._empty
+        return self.frozen.empty_prompt()
 
     def vector_cond(self, pooled: list, geometry: list[TargetGeometry] | None, size: int) -> torch.Tensor | None:
         """SDXL's ``y``: pooled text embedding + size / crop embeddings (None for SD1/SD2)."""
-        if self.base.adm_channels == 0:
-            return None
-        ys = []
-        for i, pool in enumerate(pooled):
-            g = geometry[i] if geometry else TargetGeometry(size, size, 0, 0)
-            ys.append(self.base.encode_adm(pooled_output=pool, width=g.original_width, height=g.original_height,
-                                           crop_w=g.crop_left,
-                                           crop_h=g.crop_top, target_width=size, target_height=size,
-                                           device=self.device))
-        return torch.cat(ys).to(self.device, torch.float32)
+        return self.frozen.vector_cond(pooled, geometry, size)
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.base.process_latent_in(self.vae.encode(pixels[..., :3]).float()).to(self.device)
+        return self.frozen.encode_pixels(pixels)
 
     def unet_call(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor, y,
                   transformer_options: dict) -> torch.Tensor:
         """The raw U-Net output (eps or v) at ComfyUI sigma ``sigma`` for the noisy latent ``x``."""
-        xc = self.ms.calculate_input(sigma, x).to(self.compute_dtype)
-        ts = self.ms.timestep(sigma).float()
-        kw = {} if y is None else {"y": y.to(self.compute_dtype)}
-        return self.unet(xc, ts, context=context.to(self.compute_dtype), transformer_options=transformer_options, **kw)
+        return self.frozen.unet_call(x, sigma, context, y, transformer_options)
 
-    @torch.no_grad()
     def build_cache(self, ref_latents: torch.Tensor, ref_noise: torch.Tensor):
         """Per-image cache: the reference latents noised at t=1, empty prompt, adapters off, pass stopped early."""
-        b = ref_latents.shape[0]
-        sigma1 = self.ms.sigma(torch.ones(b, device=self.device))
-        x = ref_latents + sigma1.view(-1, 1, 1, 1) * ref_noise
-        ctx, pooled = self.empty_prompt()
-        y = self.vector_cond(pooled * b, None, self.cfg.resolution)
-        modules = {r.module: self.unet.get_submodule(r.module) for r in self.adapter.layers}
-        with self._autocast():
-            got = run_and_capture(modules, lambda: self.unet_call(x, sigma1, ctx.repeat(b, 1, 1).to(self.device), y,
-                                                                  {}))
-        return from_captures({r: got[r.module] for r in self.adapter.layers}, per_image=True, model_family=self.family,
-                             sigma=float(sigma1[0]))
+        return self.frozen.build_cache(ref_latents, ref_noise, self.adapter.layers, self.cfg.resolution)
 
     @torch.no_grad()
     def prepare(self, batch: dict) -> Prepared:
+        if "latent" in batch:  # a precomputed set's samples (--precomputed): nothing frozen runs
+            from .precomputed import stored_parts
+
+            return Prepared(**stored_parts(self, batch))
         self._ensure_loaded()
         latents = self.encode_pixels(batch["target"])
         ref_latents = self.encode_pixels(batch["reference"])
-        noise, ref_noise, ts = [], [], []
-        for p in batch["position"]:
-            g = torch_generator(self.cfg.seed, "noise", p)
-            ts.append(int(torch.randint(0, TIMESTEPS, (1,), generator=g)))
-            noise.append(torch.randn(latents.shape[1:], generator=g))
-            ref_noise.append(torch.randn(latents.shape[1:], generator=g))
-        noise = torch.stack(noise).to(self.device)
-        ref_noise = torch.stack(ref_noise).to(self.device)
+        ts, noise, ref_noise = sample_noise(self.cfg.seed, batch["position"], latents.shape[1:])
+        if not self.cfg.augment:  # one fixed reference per item: its noise too, as a precomputed set stores it
+            from ..data.precompute import reference_noise
+
+            ref_noise = torch.stack([reference_noise(self.cfg.seed, n, 0, latents.shape[1:]) for n in batch["name"]])
+        noise = noise.to(self.device)
+        ref_noise = ref_noise.to(self.device)
         self._ensure_loaded()
         cache = self.build_cache(ref_latents, ref_noise)
         ctx, pooled = self.encode_text(batch["caption"])
         y = self.vector_cond(pooled, batch.get("geometry"), self.cfg.resolution)
-        return Prepared(latents, noise, torch.tensor(ts, dtype=torch.long), ctx.to(self.device), y, cache,
-                        list(batch["position"]))
+        return Prepared(latents, noise, ts, ctx.to(self.device), y, cache, list(batch["position"]))
 
     # ---- loss and steps ---------------------------------------------------------------------------------------------
     def loss(self, prep: Prepared) -> torch.Tensor:
@@ -424,8 +400,23 @@ class Trainer:
 
     # ---- files ------------------------------------------------------------------------------------------------------
     def metadata(self) -> dict:
-        return {"step": self.step, "config": self.cfg.to_json(), "base_checkpoint": self.checkpoint_name or "",
-                "objective": "v" if self.v_prediction else "eps", "trained_by": "python -m dreamcache.train"}
+        """The adapter's metadata (beside the format's own: family, layers): what it was trained on and how, for
+        ``python -m dreamcache info`` and model cards (:mod:`dreamcache.core.provenance`)."""
+        from ...core.provenance import training_metadata
+
+        cfg = self.cfg
+        index = self.data.index
+        from ..data.precompute import dataset_fingerprint
+
+        if self._dataset_hash is None:
+            self._dataset_hash = dataset_fingerprint(index)
+        return {"step": self.step, "config": cfg.to_json(), "base_checkpoint": self.checkpoint_name or "",
+                "objective": "v" if self.v_prediction else "eps", "trained_by": "python -m dreamcache.train",
+                **training_metadata(checkpoint_hash=self.checkpoint_hash, dataset_items=len(index),
+                                    dataset_objects=len(index.objects), dataset_hash=self._dataset_hash,
+                                    steps=self.step, global_batch=global_batch(cfg, self.dist.world_size),
+                                    resolution=cfg.resolution, init_origin=self.init_origin,
+                                    evaluation=self.last_eval, precomputed=bool(cfg.precomputed))}
 
     def rng_state(self) -> dict:
         rng = {"torch_cpu": torch.get_rng_state()}
@@ -517,7 +508,20 @@ class Trainer:
         """--eval-every: DINO / CLIP-I / CLIP-T of the current adapter on a few DreamBench images (apps.eval)."""
         from .evaluation import evaluate_during_training
 
-        return evaluate_during_training(self)
+        overall = evaluate_during_training(self)
+        self.last_eval = {"step": self.step, **{k: v for k, v in dict(overall).items() if v is not None}}
+        return overall
+
+    def _eta(self, seconds: float, total: int) -> str:
+        """The rest of the run at the images/s of the last steps (the first, warm-up, step left out once there are
+        others): :func:`.estimate.projected_seconds`, as ``--estimate`` projects it."""
+        from .estimate import format_duration, projected_seconds
+
+        times = self._step_times
+        times.append(seconds)
+        recent = times[1:][-20:] or times
+        batch = global_batch(self.cfg, self.dist.world_size)
+        return format_duration(projected_seconds(batch * len(recent) / sum(recent), total - self.step, batch))
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
     def run(self, steps: int | None = None) -> list[float]:
@@ -546,7 +550,7 @@ class Trainer:
                 f.flush()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix(loss=f"{loss:.4f}", eta=self._eta(dt, total))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                     self.save()
                 if cfg.preview_every and self.step % cfg.preview_every == 0 and self.dist.is_main:
