@@ -29,7 +29,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from rss import PeakRSS  # noqa: E402
 
 from dreamcache.comfy.env import import_comfyui  # noqa: E402
 
@@ -104,32 +104,6 @@ def conditioning(family: str, batch_text: int = 1, seed: int = 1):
     dim = FAMILIES[family]["context_dim"]
     extra = {"pooled_output": torch.randn(1, 1280, generator=g)} if family == "sdxl" else {}
     return [[torch.randn(1, 77, dim, generator=g), extra]]
-
-
-class PeakRSS:
-    """Samples this process's RSS every 2 ms in a thread (CPU peak memory)."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
 
 def measure(guider, latent, sigma, warmup, repeats, device):

@@ -24,39 +24,11 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-
-
-class PeakRSSOf:
-    """Samples another process's RSS every 2 ms in a thread."""
-
-    def __init__(self, pid: int):
-        import psutil
-
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self):
-        self.start = self.peak = self.proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.end = self.proc.memory_info().rss
 
 
 def write_photo(path: Path, w: int, h: int):
@@ -108,6 +80,7 @@ def main(argv=None):
     sys.path.insert(0, str(pack))
     sys.path.insert(0, str(pack / "tests"))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from rss import PeakRSS  # benchmarks/rss.py, beside this script
     from test_e2e_server import write_tiny_adapter
 
     from dreamcache.apps.run.comfy_client import ComfyServer
@@ -135,7 +108,7 @@ def main(argv=None):
                 srv.client.wait(srv.client.queue(graph("small.jpg", direct, f"warm_{name}")), timeout=600)
                 for again, what in ((False, "with LoadImage"), (True, "pack nodes only, LoadImage cached")):
                     time.sleep(1.0)
-                    with PeakRSSOf(srv.proc.pid) as rss:
+                    with PeakRSS(srv.proc.pid) as rss:
                         srv.client.wait(srv.client.queue(graph(f"huge_{name}.jpg", direct, f"huge_{name}", again)),
                                         timeout=1200)
                     over = rss.peak - rss.start

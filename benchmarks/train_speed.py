@@ -35,7 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench import PeakRSS, build_model, random_init_  # noqa: E402
+from bench import build_model, random_init_  # noqa: E402
+from rss import PeakRSS  # noqa: E402
 
 from dreamcache.comfy.env import import_comfyui  # noqa: E402
 
