@@ -239,20 +239,27 @@ def prompts(wf, ckpt, x, y, positive, negative=NEGATIVE):
 def sample_and_save(wf, model_src, pos, neg, ckpt, x, y, prefix, steps=30, text=7.5, image=5.0, mode="combined",
                     sampler="ddim", scheduler="ddim_uniform",
                     batch=1, width=512, height=512, seed=42):
+    """Empty Latent Image -> Dual Guidance Sampler -> VAE Decode -> Save Image."""
     latent = wf.add("EmptyLatentImage", (x, y + 420), {"width": width, "height": height, "batch_size": batch})
-    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x + 360, y), {"seed": seed, "steps": steps,
-                                                                          "sampler_name": sampler,
-                                                                          "scheduler": scheduler,
-                                                                          "denoise": 1.0, "text_scale": text,
-                                                                          "image_scale": image, "mode": mode})
+    return sample_latent_and_save(wf, model_src, pos, neg, ckpt, latent, x + 360, y, prefix, steps=steps, text=text,
+                                  image=image, mode=mode, sampler=sampler, scheduler=scheduler, seed=seed)
+
+
+def sample_latent_and_save(wf, model_src, pos, neg, ckpt, latent_src, x, y, prefix, denoise=1.0, steps=30, text=7.5,
+                           image=5.0, mode="combined", sampler="ddim", scheduler="ddim_uniform", seed=42):
+    """Dual Guidance Sampler on a given latent (empty, or an encoded photo) -> VAE Decode -> Save Image."""
+    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x, y), {"seed": seed, "steps": steps,
+                                                                    "sampler_name": sampler, "scheduler": scheduler,
+                                                                    "denoise": denoise, "text_scale": text,
+                                                                    "image_scale": image, "mode": mode})
     wf.link(model_src, sampler_node, "model")
     wf.link(pos, sampler_node, "positive")
     wf.link(neg, sampler_node, "negative")
-    wf.link(latent, sampler_node, "latent_image")
-    decode = wf.add("VAEDecode", (x + 720, y))
+    wf.link(latent_src, sampler_node, "latent_image")
+    decode = wf.add("VAEDecode", (x + 360, y))
     wf.link(sampler_node, decode, "samples")
     wf.link(ckpt.out("VAE"), decode, "vae")
-    save = wf.add("SaveImage", (x + 960, y), {"filename_prefix": prefix}, size=(420, 460))
+    save = wf.add("SaveImage", (x + 600, y), {"filename_prefix": prefix}, size=(420, 460))
     wf.link(decode, save, "images")
     return sampler_node, save
 
@@ -593,24 +600,6 @@ def photo_and_mask(wf, x, y, with_mask=True):
     mask = wf.add("ImageToMask", (x + 360, y + 420), {"channel": "red"}, title="Mask (white = subject)")
     wf.link(mask_image.out("IMAGE"), mask, "image")
     return photo, mask
-
-
-def sample_latent_and_save(wf, model_src, pos, neg, ckpt, latent_src, x, y, prefix, denoise=1.0, steps=30):
-    """Dual Guidance Sampler on a given latent (an encoded photo) -> VAE Decode -> Save Image."""
-    sampler_node = wf.add("DreamCacheDualGuidanceSampler", (x, y), {"seed": 42, "steps": steps, "sampler_name": "ddim",
-                                                                    "scheduler": "ddim_uniform", "denoise": denoise,
-                                                                    "text_scale": 7.5, "image_scale": 5.0,
-                                                                    "mode": "combined"})
-    wf.link(model_src, sampler_node, "model")
-    wf.link(pos, sampler_node, "positive")
-    wf.link(neg, sampler_node, "negative")
-    wf.link(latent_src, sampler_node, "latent_image")
-    decode = wf.add("VAEDecode", (x + 360, y))
-    wf.link(sampler_node, decode, "samples")
-    wf.link(ckpt.out("VAE"), decode, "vae")
-    save = wf.add("SaveImage", (x + 600, y), {"filename_prefix": prefix}, size=(420, 460))
-    wf.link(decode, save, "images")
-    return sampler_node, save
 
 
 def masked_latent(wf, ckpt, image_src, mask_src, pos):
